@@ -1,0 +1,51 @@
+"""Tiny random models of every supported family, built offline from configs, for fast exact tests."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    GemmaConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
+    Phi3Config, Qwen2Config, Qwen3Config,
+)
+
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 32, 96, 4, 4, 160
+
+_COMMON = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+CONFIGS: dict[str, PretrainedConfig] = {
+    "llama": LlamaConfig(**_COMMON),
+    "mistral": MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": Qwen2Config(**_COMMON),
+    "qwen3": Qwen3Config(**_COMMON, head_dim=8),
+    "gemma": GemmaConfig(**_COMMON, head_dim=8),
+    "gemma2": Gemma2Config(**_COMMON, head_dim=8),
+    "gemma3_text": Gemma3TextConfig(**_COMMON, head_dim=8),
+    "phi3": Phi3Config(**_COMMON),
+    "gpt2": GPT2Config(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
+                       n_positions=256, bos_token_id=1, eos_token_id=2),
+    "opt": OPTConfig(hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=HIDDEN,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                              num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=256,
+                              bos_token_id=1, eos_token_id=2),
+}
+FAMILIES = sorted(CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialised model of `family`, in eval mode, with weights large enough to give varied outputs."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family], dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
