@@ -1,0 +1,127 @@
+"""`DartConfig`: every parameter of the algorithm (../SPEC sections 1-5), validated once, in one place."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+METHODS = ("dense", "dart", "static", "random", "griffin", "wanda-static", "threshold")
+ALLOCATIONS = ("dart", "uniform")
+IMPORTANCES = ("residual", "ffn-vs-input")
+SCORES = ("l2", "ema")
+PRIORS = (None, "vocab-max", "vocab-mean")
+RETRACE_MODES = ("buffer", "dense-steps")
+PATHS = ("compact", "mask")
+
+
+class ConfigError(ValueError):
+    """A DartConfig value or key is not valid."""
+
+
+@dataclass
+class DartConfig:
+    """How to prune. Defaults follow SPEC; `method` selects DART or a baseline run by the same engine.
+
+    sparsity: fraction of FFN neurons removed, averaged over layers, in [0, 1).
+    allocation: "dart" (sensitivity and depth-aware budgets from the prompt) or "uniform".
+    importance: layer importance signal: "residual" = (1 - cos(h, h + f)) * |f| / |h| (SPEC), or
+        "ffn-vs-input" = the authors' (1 - cos(h, f)) * |f| / |h|, kept for ablation.
+    early_width/late_width/early_floor/late_floor: depth protection w_e, w_l, a, b.
+    p_min/p_max: per-layer pruning-ratio clip bounds.
+    score: "l2" (sqrt of summed squares over traced tokens) or "ema" (exponential decay `ema_decay` over tokens).
+    prior: optional static per-neuron prior multiplied into the scores.
+    prune_prefill: also prune the prompt's forward (costs a dense tracing pass first).
+    window/delta/floor/trigger_count/cooldown: drift monitor W, delta, floor, c0 and windows ignored after a
+        re-trace.
+    monitored_layers: layer indices whose attention output is watched (negative counts from the end).
+    ring_size: R, tokens of FFN inputs kept per layer for re-tracing.
+    retrace: "buffer" (score the ring buffer with full weights) or "dense-steps" (the authors': run dense for
+        `dense_steps` tokens, then rebuild).
+    retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset).
+    retrace_reallocate: recompute layer budgets on a re-trace instead of keeping them.
+    path: "compact" (gathered smaller weights: really faster) or "mask" (multiply by a 0/1 mask: reference).
+    seed: for the random method.
+    calibration_file: saved calibration for wanda-static and threshold.
+    """
+
+    method: str = "dart"
+    sparsity: float = 0.5
+    allocation: Literal["dart", "uniform"] = "dart"
+    importance: Literal["residual", "ffn-vs-input"] = "residual"
+    early_width: float = 0.3
+    late_width: float = 0.15
+    early_floor: float = 0.25
+    late_floor: float = 0.35
+    p_min: float = 0.1
+    p_max: float = 0.9
+    score: Literal["l2", "ema"] = "l2"
+    ema_decay: float = 0.9
+    prior: str | None = None
+    prune_prefill: bool = False
+    window: int = 5
+    delta: float = 0.1
+    floor: float = 0.1
+    trigger_count: int = 2
+    cooldown: int = 2
+    monitored_layers: tuple[int, ...] = field(default=(-1,))
+    ring_size: int = 16
+    retrace: Literal["buffer", "dense-steps"] = "buffer"
+    dense_steps: int = 16
+    retrace_blend: float = 0.0
+    retrace_reallocate: bool = False
+    path: Literal["compact", "mask"] = "compact"
+    seed: int = 0
+    calibration_file: str | None = None
+
+    def __post_init__(self) -> None:
+        self.monitored_layers = tuple(self.monitored_layers)
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("importance", self.importance, IMPORTANCES)
+        _choice("score", self.score, SCORES)
+        _choice("prior", self.prior, PRIORS)
+        _choice("retrace", self.retrace, RETRACE_MODES)
+        _choice("path", self.path, PATHS)
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        for name in ("early_width", "late_width", "early_floor", "late_floor", "p_min", "p_max", "ema_decay",
+                     "retrace_blend"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+        if self.early_width <= 0 or self.late_width <= 0:
+            raise ConfigError("early_width and late_width must be > 0")
+        if self.p_min > self.p_max:
+            raise ConfigError(f"p_min ({self.p_min}) must not exceed p_max ({self.p_max})")
+        for name in ("window", "trigger_count", "ring_size", "dense_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.cooldown, int) or self.cooldown < 0:
+            raise ConfigError(f"cooldown must be an integer >= 0, got {self.cooldown!r}")
+        if self.delta < 0 or self.floor < 0:
+            raise ConfigError("delta and floor must be >= 0")
+        if not self.monitored_layers:
+            raise ConfigError("monitored_layers must name at least one layer")
+        if self.method in ("wanda-static", "threshold") and self.calibration_file is None:
+            raise ConfigError(f"method {self.method!r} needs calibration_file (make one with "
+                              f"`dartprune calibrate --method {self.method}`)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DartConfig:
+        """Build from user input (CLI, lm-eval model_args), naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown DartConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> DartConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,105 @@
+"""Drift monitor (SPEC section 4): compare windows of the attention output with the context's mean direction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_EPS = 1e-12
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over monitored layers of cos(a_l, b_l); a, b: [layers, hidden]."""
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=_EPS).mean())
+
+
+@dataclass
+class WindowRecord:
+    """One monitored window, for stats and plots."""
+
+    position: int
+    cosine: float
+    threshold: float
+    pressure: int
+
+
+@dataclass
+class DriftMonitor:
+    """One sequence's drift state. Signals are [monitored layers, tokens, hidden] float32 tensors."""
+
+    window: int
+    delta: float
+    floor: float
+    trigger_count: int
+    cooldown: int
+    reference: torch.Tensor | None = None
+    mu: float = 0.0
+    sigma: float = 0.0
+    threshold: float = float("-inf")
+    pressure: int = 0
+    cooldown_left: int = 0
+    records: list[WindowRecord] = field(default_factory=list)
+    _baseline: list[torch.Tensor] = field(default_factory=list)
+    _pending: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def fitted(self) -> bool:
+        return self.reference is not None
+
+    def fit(self, signal: torch.Tensor) -> None:
+        """Start over from the tokens a mask was traced on; with fewer than 2 windows, wait for more tokens."""
+        self.reference = None
+        self._baseline = [signal.float()]
+        self._pending = []
+        self.pressure = 0
+        self.cooldown_left = 0
+        self._try_fit()
+
+    def _try_fit(self) -> None:
+        tokens = torch.cat(self._baseline, dim=1)
+        windows = tokens.shape[1] // self.window
+        if windows < 2:
+            return
+        self.reference = tokens.mean(dim=1)
+        cosines = torch.tensor([_cos(w.mean(dim=1), self.reference)
+                                for w in tokens[:, : windows * self.window].split(self.window, dim=1)])
+        self.mu = float(cosines.mean())
+        self.sigma = float(cosines.std(unbiased=False))
+        self.threshold = self.mu - max(self.delta * self.sigma, self.floor)
+        self._baseline = []
+
+    def observe(self, signal: torch.Tensor, end_position: int) -> bool:
+        """Take the attention outputs of new tokens; True when a re-trace is due.
+
+        end_position: the sequence position just after the last of these tokens (for the records).
+        """
+        if not self.fitted:
+            self._baseline.append(signal.float())
+            self._try_fit()
+            return False
+        self._pending.append(signal.float())
+        pending = torch.cat(self._pending, dim=1)
+        trigger = False
+        while pending.shape[1] >= self.window and not trigger:
+            window, pending = pending[:, : self.window], pending[:, self.window:]
+            cosine = _cos(window.mean(dim=1), self.reference)
+            if self.cooldown_left > 0:
+                self.cooldown_left -= 1
+            elif cosine < self.threshold:
+                self.pressure += 1
+            else:
+                self.pressure = max(0, self.pressure - 1)
+            self.records.append(WindowRecord(end_position - pending.shape[1], cosine, self.threshold,
+                                             self.pressure))
+            trigger = self.pressure >= self.trigger_count
+        self._pending = [pending] if pending.shape[1] else []
+        return trigger
+
+    def refit(self, signal: torch.Tensor) -> None:
+        """After a re-trace: new baseline from the buffer, pressure reset, a cooldown before the next trigger."""
+        self.fit(signal)
+        self.cooldown_left = self.cooldown
+
+    def state_bytes(self) -> int:
+        tensors = [t for t in (self.reference, *self._baseline, *self._pending) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,42 @@
+"""Neuron scores (SPEC section 1 and the baselines' variants), accumulated in float32 whatever the model dtype."""
+from __future__ import annotations
+
+import torch
+
+_EPS = 1e-12
+
+
+def squared_activations(u: torch.Tensor, valid: torch.Tensor, kind: str, ema_decay: float = 0.9) -> torch.Tensor:
+    """Per row, the sum over valid tokens of u^2 (what s_i is the square root of).
+
+    u: [batch, tokens, I]; valid: [batch, tokens] bool. kind: "l2" (plain sum), "ema" (weights (1-g) g^(T-1-t),
+    newest token heaviest), "griffin" (each token's u divided by its L2 norm first).
+    """
+    u = u.float()
+    if kind == "griffin":
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    weights = valid.float()
+    if kind == "ema":
+        ages = valid.flip(1).cumsum(1).flip(1) - 1
+        weights = weights * (1 - ema_decay) * ema_decay ** ages.clamp_min(0).float()
+    return torch.einsum("bti,bt->bi", u.square(), weights)
+
+
+def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, ties broken by the lower index (a stable sort), in ascending order."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return order.sort().values
+
+
+@torch.no_grad()
+def vocab_prior(down: torch.Tensor, output_embeddings: torch.Tensor, reduce: str, chunk: int = 4096) -> torch.Tensor:
+    """max or mean over the vocabulary of |E_v . W_down[:, i]| per neuron i, never building the I x V matrix."""
+    down = down.float()
+    result = torch.zeros(down.shape[1]) if reduce == "vocab-mean" else torch.full((down.shape[1],), -1.0)
+    for start in range(0, output_embeddings.shape[0], chunk):
+        block = (output_embeddings[start:start + chunk].float() @ down).abs()
+        if reduce == "vocab-mean":
+            result += block.sum(dim=0)
+        else:
+            result = torch.maximum(result, block.max(dim=0).values)
+    return result / output_embeddings.shape[0] if reduce == "vocab-mean" else result

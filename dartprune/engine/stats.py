@@ -1,0 +1,62 @@
+"""What a run reports (SPEC section 6): re-traces, drift windows, budgets, executed sparsity, state bytes and
+overhead FLOPs relative to the dense forward."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from dartprune.engine.drift import WindowRecord
+
+
+@dataclass
+class RetraceRecord:
+    position: int
+    seconds: float
+    neurons_changed: list[int]
+
+
+@dataclass
+class SequenceStats:
+    """One sequence (batch row) of one run."""
+
+    method: str
+    sparsity: float
+    tokens: int
+    prompt_tokens: int
+    keep_counts: list[int]
+    intermediate_sizes: list[int]
+    retraces: list[RetraceRecord] = field(default_factory=list)
+    windows: list[WindowRecord] = field(default_factory=list)
+    executed_sparsity: float = 0.0
+    state_bytes: int = 0
+    compact_weight_bytes: int = 0
+    overhead_flops: dict[str, float] = field(default_factory=dict)
+    dense_flops: float = 0.0
+    retrace_seconds: float = 0.0
+
+    @property
+    def retrace_count(self) -> int:
+        return len(self.retraces)
+
+    @property
+    def retrace_positions(self) -> list[int]:
+        return [r.position for r in self.retraces]
+
+    @property
+    def layer_sparsity(self) -> list[float]:
+        return [1 - k / size for k, size in zip(self.keep_counts, self.intermediate_sizes)]
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Tracing + monitoring + re-trace FLOPs over the dense forward FLOPs of the same tokens."""
+        return sum(self.overhead_flops.values()) / self.dense_flops if self.dense_flops else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(retrace_count=self.retrace_count, retrace_positions=self.retrace_positions,
+                   overhead_fraction=self.overhead_fraction, layer_sparsity=self.layer_sparsity)
+        return out
+
+    def summary(self) -> str:
+        return (f"{self.method} sparsity {self.sparsity:.2f} | executed {self.executed_sparsity:.1%} | "
+                f"re-traces {self.retrace_count} | state {self.state_bytes / 1e6:.2f} MB | "
+                f"overhead {self.overhead_fraction:.3%} FLOPs")
