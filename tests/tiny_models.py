@@ -11,7 +11,7 @@ from transformers import (
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 32, 96, 4, 4, 160
 
 _COMMON = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-               num_attention_heads=HEADS, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+               num_attention_heads=HEADS, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=4096,
                pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 CONFIGS: dict[str, PretrainedConfig] = {
@@ -24,12 +24,12 @@ CONFIGS: dict[str, PretrainedConfig] = {
     "gemma3_text": Gemma3TextConfig(**_COMMON, head_dim=8),
     "phi3": Phi3Config(**_COMMON),
     "gpt2": GPT2Config(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
-                       n_positions=256, bos_token_id=1, eos_token_id=2),
+                       n_positions=4096, bos_token_id=1, eos_token_id=2),
     "opt": OPTConfig(hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                     vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=HIDDEN,
+                     vocab_size=VOCAB, max_position_embeddings=4096, word_embed_proj_dim=HIDDEN,
                      pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt_neox": GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                              num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=256,
+                              num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=4096,
                               bos_token_id=1, eos_token_id=2),
 }
 FAMILIES = sorted(CONFIGS)

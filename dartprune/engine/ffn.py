@@ -19,6 +19,7 @@ class CompactWeights:
     """One layer's kept neurons in slots: gate and up fused into one [2k, hidden] matrix (gated families),
     down as [hidden, k]. A re-trace rewrites only the slots whose neuron changed."""
 
+    @torch.no_grad()
     def __init__(self, parts: FFNParts, kept: torch.Tensor):
         self.parts = parts
         self.slots = kept.clone()
@@ -29,6 +30,7 @@ class CompactWeights:
         self.w_out = parts.down[:, kept].contiguous()
         self.k = k
 
+    @torch.no_grad()
     def update(self, kept: torch.Tensor) -> int:
         """Swap in the new kept set, copying only entering neurons into the slots of leaving ones."""
         new = kept[~torch.isin(kept, self.slots)]

@@ -155,6 +155,7 @@ class DartHandle:
                 self._set_tracing(True)
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ran_dense = self._phase == "trace" or self._dense_now
         if self._phase == "trace":
             self._set_tracing(False)
             self._finish_trace()
@@ -163,7 +164,7 @@ class DartHandle:
                 self._set_tracing(False)
                 self._finish_dense_steps()
             self._monitor()
-        self._account_forward()
+        self._account_forward(ran_dense)
         self._ring_next = int(self._ring_slots[-1] + 1) % self.config.ring_size if self._ring_take else self._ring_next
         self._ring_valid[:, self._ring_slots] = self._valid[:, -self._ring_take:]
         self._ring_written = min(self.config.ring_size, self._ring_written + self._ring_take)
@@ -188,7 +189,8 @@ class DartHandle:
             return
         h = self._pending_h.pop(layer) if self._norms[layer] is not None else x
         f = self._out_norms[layer](y) if self._out_norms[layer] is not None else y
-        self._importance[layer] = layer_importance(h.reshape(f.shape), f, self._valid, self.config.importance)
+        self._importance[layer] = layer_importance(h.reshape(f.shape).detach(), f.detach(), self._valid,
+                                                   self.config.importance)
 
     # ----------------------------------------------------------------- tracing
     def _start_sequence(self, batch: int) -> None:
@@ -244,6 +246,7 @@ class DartHandle:
                 self._ring_a[j].index_copy_(1, self._ring_slots, a[:, -self._ring_take:])
         return hook
 
+    @torch.no_grad()
     def _finish_trace(self) -> None:
         """End of the prompt: budgets, scores and masks for every row; drift baselines."""
         valid_counts = self._valid.sum(dim=1).tolist()
@@ -361,6 +364,7 @@ class DartHandle:
             ffn.mask[b, 0, kept] = 1
         return changed
 
+    @torch.no_grad()
     def _finish_dense_steps(self) -> None:
         """The authors' re-trace: after `dense_steps` dense tokens, rebuild from what they activated."""
         for b, row in enumerate(self.rows):
@@ -380,8 +384,7 @@ class DartHandle:
             self._sumsq = {}
 
     # ----------------------------------------------------------------- accounting
-    def _account_forward(self) -> None:
-        dense = self._phase == "trace" or self._dense_now
+    def _account_forward(self, dense: bool) -> None:
         for b, row in enumerate(self.rows):
             tokens = int(self._valid[b].sum())
             row.position += tokens

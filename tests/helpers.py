@@ -1,0 +1,19 @@
+"""Shared test helpers: teacher-forced decoding through the KV cache, the way the engine sees generation."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, ids: torch.Tensor, prefix: int, chunk: int = 1,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill `prefix` tokens, then feed the rest `chunk` tokens at a time; logits of every position."""
+    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+    out = model(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True)
+    logits = [out.logits]
+    for start in range(prefix, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], cache=out.past_key_values,
+                    use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)

@@ -1,0 +1,289 @@
+import math
+
+import pytest
+import torch
+
+import dartprune
+from dartprune import ConfigError, DartConfig
+from dartprune.engine.budgets import depth_protection, keep_counts, pruning_ratios
+from dartprune.engine.drift import DriftMonitor
+from dartprune.engine.ffn import CompactWeights
+from dartprune.engine.scoring import top_neurons
+from tests.helpers import teacher_forced_logits
+from tests.tiny_models import FAMILIES, INTERMEDIATE, LAYERS, random_ids, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_sparsity_is_bit_identical(family):
+    model = tiny_model(family)
+    ids = random_ids(1, 12)
+    dense = teacher_forced_logits(model, ids, prefix=6)
+    with dartprune.attach(model, DartConfig(sparsity=0.0)):
+        pruned = teacher_forced_logits(model, ids, prefix=6)
+    assert torch.equal(dense, pruned)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prune_prefill", [False, True])
+def test_compact_path_matches_mask_path(family, prune_prefill):
+    model = tiny_model(family)
+    ids = random_ids(1, 40, seed=1)
+    results = {}
+    for path in ("compact", "mask"):
+        with dartprune.attach(model, DartConfig(sparsity=0.6, path=path, prune_prefill=prune_prefill,
+                                                floor=0.0, delta=0.0, trigger_count=1, cooldown=0)) as handle:
+            results[path] = teacher_forced_logits(model, ids, prefix=12)
+            stats = handle.stats()[0]
+        results[path + "_retraces"] = stats.retrace_positions
+    dense = teacher_forced_logits(model, ids, prefix=12)
+    assert (results["compact"] - results["mask"]).abs().max() <= 1e-4
+    assert results["compact_retraces"] == results["mask_retraces"]
+    assert not torch.allclose(results["compact"][:, 12:], dense[:, 12:], atol=1e-3)
+    prefill_equal = torch.equal(results["compact"][:, :12], dense[:, :12])
+    assert prefill_equal != prune_prefill
+
+
+def test_detach_restores_model_and_weights():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    ids = random_ids(1, 16)
+    dense = model.generate(ids, max_new_tokens=12, do_sample=False)
+    handle = dartprune.attach(model, DartConfig(sparsity=0.7))
+    pruned = model.generate(ids, max_new_tokens=12, do_sample=False)
+    handle.detach()
+    after = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(dense, after)
+    assert not torch.equal(dense, pruned)
+    assert [type(m) for m in model.modules()] == modules_before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_attach_twice_is_refused():
+    model = tiny_model("llama")
+    handle = dartprune.attach(model, DartConfig())
+    with pytest.raises(RuntimeError, match="already attached"):
+        dartprune.attach(model, DartConfig())
+    handle.detach()
+    dartprune.attach(model, DartConfig()).detach()
+
+
+def test_budgets_average_to_sparsity_and_respect_bounds():
+    config = DartConfig()
+    generator = torch.Generator().manual_seed(0)
+    for sparsity in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95):
+        for layers in (2, 12, 30):
+            importance = torch.rand(layers, generator=generator)
+            ratios = pruning_ratios(importance, sparsity, config)
+            assert abs(float(ratios.mean()) - sparsity) < 1e-6
+            lo, hi = min(config.p_min, sparsity), max(config.p_max, sparsity)
+            assert float(ratios.min()) >= lo - 1e-9 and float(ratios.max()) <= hi + 1e-9
+            keep = keep_counts(ratios, [1536] * layers)
+            realised = sum(1 - k / 1536 for k in keep) / layers
+            assert abs(realised - sparsity) <= 1 / 1536
+
+
+def test_budget_formula_and_first_layer_gets_its_own_budget():
+    """Without clipping, p_l = rho L P_l / sum P with P = (1 - minmax(S)) D; layer 0 is not given layer L-1's."""
+    config = DartConfig(p_min=0.0, p_max=1.0)
+    importance = torch.tensor([0.2, 0.5, 0.1, 0.4, 0.3, 0.9], dtype=torch.float64)
+    ratios = pruning_ratios(importance, 0.3, config)
+    normalised = (importance - importance.min()) / (importance.max() - importance.min())
+    weight = (1 - normalised) * depth_protection(6, config)
+    expected = 0.3 * 6 * weight / weight.sum()
+    torch.testing.assert_close(ratios, expected)
+    assert ratios[0] != ratios[-1]
+    # depth protection: first layer at a, last at b
+    d = depth_protection(11, config)
+    assert d[0] == pytest.approx(config.early_floor) and d[-1] == pytest.approx(config.late_floor)
+    assert d[5] == 1.0
+
+
+def test_uniform_allocation_and_zero_sparsity():
+    ratios = pruning_ratios(torch.rand(8), 0.4, DartConfig(allocation="uniform"))
+    assert torch.all(ratios == 0.4)
+    assert torch.all(pruning_ratios(torch.rand(8), 0.0, DartConfig()) == 0)
+    flat = pruning_ratios(torch.ones(5), 0.5, DartConfig())
+    assert not torch.isnan(flat).any() and abs(float(flat.mean()) - 0.5) < 1e-6
+
+
+def test_top_neurons_breaks_ties_by_lower_index():
+    scores = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 0.0])
+    assert top_neurons(scores, 2).tolist() == [1, 2]
+    assert top_neurons(scores, 4).tolist() == [1, 2, 3, 4]
+
+
+def test_masks_are_deterministic_and_layer_budgets_follow_the_prompt():
+    model = tiny_model("qwen2")
+    ids = random_ids(1, 30, seed=3)
+    kept = []
+    for _ in range(2):
+        with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
+            model(ids)
+            kept.append([k.clone() for k in handle.rows[0].kept])
+            keep = handle.rows[0].keep
+    assert all(torch.equal(a, b) for a, b in zip(*kept))
+    assert len(set(keep)) > 1
+    assert abs(sum(1 - k / INTERMEDIATE for k in keep) / LAYERS - 0.5) <= 1 / INTERMEDIATE
+
+
+def test_scores_accumulate_in_float32_without_overflow():
+    """fp16 activations whose squares overflow fp16 still give finite float32 scores."""
+    from dartprune.engine.scoring import squared_activations
+    u = torch.full((1, 4, 3), 300.0, dtype=torch.float16)
+    sumsq = squared_activations(u, torch.ones(1, 4, dtype=torch.bool), "l2")
+    assert sumsq.dtype == torch.float32 and torch.isfinite(sumsq).all()
+    assert sumsq[0, 0].item() == pytest.approx(4 * 300.0 ** 2)
+
+
+def test_compact_update_copies_only_changed_neurons():
+    model = tiny_model("llama")
+    parts = dartprune.architectures.get_adapter(model).ffn_parts(model.model.layers[0])
+    old = torch.arange(0, 40)
+    new = torch.cat([torch.arange(0, 30), torch.arange(60, 70)])
+    compact = CompactWeights(parts, old)
+    w_in = compact.w_in
+    assert compact.update(new) == 10
+    assert compact.w_in is w_in
+    x = torch.randn(2, 3, parts.up.shape[1])
+    torch.testing.assert_close(compact.forward(x), CompactWeights(parts, new).forward(x), rtol=1e-5, atol=1e-6)
+    assert sorted(compact.slots.tolist()) == new.tolist()
+
+
+def test_batch_rows_equal_single_runs():
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    prompts = [random_ids(1, 14, seed=5)[0], random_ids(1, 9, seed=6)[0]]
+    singles = []
+    config = DartConfig(sparsity=0.5, floor=0.0, delta=0.0, trigger_count=1, cooldown=0)
+    for prompt in prompts:
+        with dartprune.attach(model, config) as handle:
+            out = model.generate(prompt[None], max_new_tokens=25, do_sample=False, pad_token_id=0)
+            singles.append((out[0, prompt.numel():], handle.stats()[0]))
+    width = max(p.numel() for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        ids[b, width - prompt.numel():] = prompt
+        mask[b, width - prompt.numel():] = 1
+    with dartprune.attach(model, config) as handle:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False, pad_token_id=0)
+        stats = handle.stats()
+    for b, (tokens, single) in enumerate(singles):
+        assert torch.equal(out[b, width:], tokens)
+        assert stats[b].keep_counts == single.keep_counts
+        assert stats[b].prompt_tokens == prompts[b].numel()
+        assert stats[b].retrace_positions == single.retrace_positions
+
+
+def test_one_token_prompt_and_sampling_work_without_nan():
+    model = tiny_model("gpt2")
+    with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
+        torch.manual_seed(0)
+        out = model.generate(random_ids(1, 1), max_new_tokens=40, do_sample=True, top_p=0.9, temperature=0.8)
+        stats = handle.stats()[0]
+    assert out.shape == (1, 41)
+    assert stats.prompt_tokens == 1 and stats.tokens == 40
+    assert all(math.isfinite(w.cosine) and math.isfinite(w.threshold) for w in stats.windows)
+    assert stats.windows, "the baseline must be completed from decode tokens and monitoring must start"
+
+
+def test_state_does_not_grow_with_generation_length():
+    model = tiny_model("llama")
+    ids = random_ids(1, 20)
+    with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
+        model.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100)
+        short = handle.stats()[0].state_bytes
+        model.generate(ids, max_new_tokens=2000, do_sample=False, min_new_tokens=2000)
+        stats = handle.stats()[0]
+    assert stats.tokens == 20 + 1999  # tokens fed through the model: the prompt, then every generated token but the last
+    assert stats.state_bytes == short
+
+
+def test_streamer_and_stopping_criteria_work():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.chunks.append(None)
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 15, dtype=torch.bool)
+
+    model = tiny_model("mistral")
+    streamer = Collect()
+    with dartprune.attach(model, DartConfig(sparsity=0.5)):
+        out = model.generate(random_ids(1, 8), max_new_tokens=30, do_sample=False, streamer=streamer,
+                             stopping_criteria=StoppingCriteriaList([StopAfter()]))
+    assert out.shape[1] == 15
+    assert streamer.chunks[-1] is None and len(streamer.chunks) == 1 + 7 + 1
+
+
+def test_executed_sparsity_counts_the_dense_prefill():
+    model = tiny_model("llama")
+    with dartprune.attach(model, DartConfig(sparsity=0.5, method="static")) as handle:
+        model.generate(random_ids(1, 10), max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        stats = handle.stats()[0]
+    # 10 prompt tokens dense, then 29 pruned forwards of one token (the last generated token is never fed)
+    expected = 29 * 0.5 / 39
+    assert stats.executed_sparsity == pytest.approx(expected, abs=1 / INTERMEDIATE)
+    assert stats.retrace_count == 0 and stats.overhead_fraction > 0
+
+
+def test_dense_steps_retrace_mode_runs_dense_then_rebuilds():
+    model = tiny_model("llama")
+    config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=4, floor=0.0, delta=0.0,
+                        trigger_count=1, cooldown=0)
+    with dartprune.attach(model, config) as handle:
+        model.generate(random_ids(1, 20, seed=2), max_new_tokens=60, min_new_tokens=60, do_sample=False)
+        stats = handle.stats()[0]
+    assert stats.retrace_count >= 1
+    static_like = 59 * 0.5 / 79
+    assert stats.executed_sparsity < static_like - 1e-3
+
+
+def test_drift_monitor_waits_for_two_windows_and_triggers_on_pressure():
+    monitor = DriftMonitor(window=5, delta=0.1, floor=0.1, trigger_count=2, cooldown=1)
+    base = torch.randn(1, 1, 16)
+    monitor.fit(base.expand(1, 3, 16) + 0.01 * torch.randn(1, 3, 16))
+    assert not monitor.fitted
+    assert not monitor.observe(base.expand(1, 7, 16) + 0.01 * torch.randn(1, 7, 16), end_position=10)
+    assert monitor.fitted and math.isfinite(monitor.threshold)
+    assert monitor.threshold == pytest.approx(monitor.mu - 0.1)
+    away = -base.expand(1, 5, 16)
+    assert not monitor.observe(away, end_position=15)
+    assert monitor.pressure == 1
+    assert monitor.observe(away, end_position=20)
+    assert [r.position for r in monitor.records] == [15, 20]
+    monitor.refit(base.expand(1, 10, 16) + 0.01 * torch.randn(1, 10, 16))
+    assert monitor.pressure == 0 and monitor.cooldown_left == 1
+    assert not monitor.observe(away, end_position=25)
+    assert monitor.pressure == 0
+
+
+@pytest.mark.parametrize("bad", [dict(sparsity=1.0), dict(sparsity=-0.1), dict(method="magic"),
+                                 dict(allocation="greedy"), dict(window=0), dict(p_min=0.8, p_max=0.2),
+                                 dict(method="threshold")])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ConfigError):
+        DartConfig(**bad)
+
+
+def test_config_from_dict_names_unknown_keys():
+    with pytest.raises(ConfigError, match="sparsty"):
+        DartConfig.from_dict({"sparsty": 0.5})
+    assert DartConfig.from_dict({"sparsity": 0.3}).sparsity == 0.3
+
+
+def test_monitored_layer_out_of_range():
+    with pytest.raises(ConfigError, match="out of range"):
+        dartprune.attach(tiny_model("llama"), DartConfig(monitored_layers=(LAYERS,)))
