@@ -1,0 +1,123 @@
+"""`dartprune generate`: stream a continuation from a model, dense or pruned, and summarise the run."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from transformers import TextStreamer
+
+from dartprune.engine import METHOD_REGISTRY, DartConfig, attach
+from dartprune.engine.config import ConfigError
+from dartprune.models import DEFAULT_MODEL, load_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt, dense or pruned",
+                              description="Generate a continuation of PROMPT (or --prompt-file, or stdin).")
+    p.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted reads stdin")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
+    p.add_argument("--method", default="dart", choices=sorted(METHOD_REGISTRY))
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of FFN neurons removed, in [0, 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    p.add_argument("--calibration-file", help="for wanda-static and threshold (see `dartprune calibrate`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other DartConfig field, e.g. --set window=8 --set trigger_count=3")
+    p.add_argument("--trace-plot", help="write a PNG of the drift monitor's window cosines and re-traces")
+    p.set_defaults(run=run)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    elif args.prompt is None or args.prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ValueError("no prompt: give it as an argument, with --prompt-file, or on stdin")
+        prompt = sys.stdin.read()
+    else:
+        prompt = args.prompt
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    return prompt
+
+
+def parse_settings(settings: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs with Python-literal values where they parse (numbers, booleans, tuples)."""
+    import ast
+    values: dict[str, object] = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values[key.strip()] = raw
+    return values
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat: this model's tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    return ids
+
+
+def context_length(model) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    prompt = read_prompt(args)
+    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
+                                   "calibration_file": args.calibration_file, **parse_settings(args.set)})
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    ids = encode_prompt(tokenizer, prompt, args.chat)
+    limit = context_length(model)
+    if limit is not None and ids.shape[1] + args.max_new_tokens > limit:
+        raise ValueError(f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {args.max_new_tokens} "
+                         f"that exceeds the model's context of {limit} tokens")
+    handle = attach(model, config)
+    torch.manual_seed(args.seed)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling)
+    seconds = time.perf_counter() - start
+    new_tokens = out.shape[1] - ids.shape[1]
+    if args.no_stream:
+        print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    stats = handle.stats()[0]
+    handle.detach()
+    print(f"\n[{new_tokens} tokens in {seconds:.2f} s, {new_tokens / seconds:.1f} tokens/s | {stats.summary()}]",
+          file=sys.stderr)
+    if args.trace_plot:
+        from dartprune.plots import plot_drift_trace
+        print(f"[drift trace written to {plot_drift_trace(stats, args.trace_plot)}]", file=sys.stderr)
+    return 0
