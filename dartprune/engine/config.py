@@ -32,7 +32,9 @@ class DartConfig:
     prior: optional static per-neuron prior multiplied into the scores.
     prune_prefill: also prune the prompt's forward (costs a dense tracing pass first).
     window/delta/floor/trigger_count/cooldown: drift monitor W, delta, floor, c0 and windows ignored after a
-        re-trace.
+        re-trace. c0 = 3 and cooldown = 4 were chosen by benchmarks/drift_tuning.py (results in
+        benchmarks/results/drift_tuning.md): c0 = 1 re-traced 7-16 times inside one unchanged text on
+        SmolLM2 and made its perplexity worse; c0 = 3 did not re-trace there and still followed a switch.
     monitored_layers: layer indices whose attention output is watched (negative counts from the end).
     ring_size: R, tokens of FFN inputs kept per layer for re-tracing.
     retrace: "buffer" (score the ring buffer with full weights) or "dense-steps" (the authors': run dense for
@@ -61,8 +63,8 @@ class DartConfig:
     window: int = 5
     delta: float = 0.1
     floor: float = 0.1
-    trigger_count: int = 2
-    cooldown: int = 2
+    trigger_count: int = 3
+    cooldown: int = 4
     monitored_layers: tuple[int, ...] = field(default=(-1,))
     ring_size: int = 16
     retrace: Literal["buffer", "dense-steps"] = "buffer"

@@ -46,6 +46,10 @@ class _Row:
     dense_flops: float = 0.0
 
 
+def _unit(scores: torch.Tensor) -> torch.Tensor:
+    return scores / scores.norm().clamp_min(1e-12)
+
+
 class DartHandle:
     """Owns the hooks, the replaced FFNs and the per-sequence state of one attached model."""
 
@@ -352,7 +356,10 @@ class DartHandle:
         row = self.rows[b]
         fresh = self._neuron_scores(layer, sumsq)
         blend = self.config.retrace_blend
-        row.scores[layer] = (1 - blend) * fresh + blend * row.scores[layer] if blend else fresh
+        if blend:
+            # unit-normalise first: the old scores summed over the prompt, the fresh ones over R tokens
+            fresh = (1 - blend) * _unit(fresh) + blend * _unit(row.scores[layer])
+        row.scores[layer] = fresh
         kept = top_neurons(row.scores[layer], row.keep[layer])
         changed = int((~torch.isin(kept, row.kept[layer])).sum())
         row.kept[layer] = kept
