@@ -1,0 +1,70 @@
+import io
+
+import pytest
+
+from dartprune.cli.main import main
+
+
+def run_cli(argv, capsys, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_streams_a_continuation_and_summarises(capsys):
+    code, out, err = run_cli(["generate", "The capital of France is", "--max-new-tokens", "12",
+                              "--method", "dart", "--sparsity", "0.5"], capsys)
+    assert code == 0
+    assert len(out.strip()) > 0
+    assert "tokens/s" in err and "dart sparsity 0.50" in err and "re-traces" in err
+
+
+def test_generate_dense_reads_stdin_and_prompt_file(capsys, monkeypatch, tmp_path):
+    code, out_stdin, _ = run_cli(["generate", "--method", "dense", "--max-new-tokens", "8", "--no-stream"],
+                                 capsys, stdin="Once upon a time", monkeypatch=monkeypatch)
+    assert code == 0
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time")
+    code, out_file, _ = run_cli(["generate", "--prompt-file", str(prompt), "--method", "dense",
+                                 "--max-new-tokens", "8", "--no-stream"], capsys)
+    assert code == 0 and out_file == out_stdin and out_file.strip()
+
+
+def test_generate_chat_and_trace_plot(capsys, tmp_path):
+    plot = tmp_path / "trace.png"
+    code, out, err = run_cli(["generate", "Name three colours.", "--chat", "--max-new-tokens", "30",
+                              "--trace-plot", str(plot)], capsys)
+    assert code == 0 and plot.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "   "], "prompt is empty"),
+    (["generate", "hi", "--sparsity", "1.0"], "sparsity"),
+    (["generate", "hi", "--set", "windw=3"], "windw"),
+    (["generate", "hi", "--set", "window"], "KEY=VALUE"),
+    (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+])
+def test_generate_rejects_bad_input_before_loading(capsys, argv, message):
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and message in err
+
+
+def test_generate_rejects_prompt_longer_than_context(capsys, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("word " * 9000)
+    code, _, err = run_cli(["generate", "--prompt-file", str(prompt), "--max-new-tokens", "4"], capsys)
+    assert code == 2 and "exceeds the model's context" in err
+
+
+def test_unknown_method_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "hi", "--method", "magic"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_models_lists_aliases(capsys):
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out and "gpt_neox" in out

@@ -1,0 +1,69 @@
+"""The engine on the real SmolLM2-135M: exactness, and the drift monitor on a text that changes domain."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import dartprune
+from dartprune import DartConfig
+from tests.helpers import teacher_forced_logits
+
+GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
+PREFIX, SWITCH, END = 256, 512, 768
+
+
+def tokens(tokenizer, name: str, start: int, count: int) -> list[int]:
+    text = (GUTENBERG / name).read_text(encoding="utf-8", errors="ignore")[start:start + 30000]
+    return tokenizer(text).input_ids[:count]
+
+
+@pytest.fixture(scope="module")
+def texts(smollm2):
+    _, tokenizer = smollm2
+    austen = tokens(tokenizer, "austen-emma.txt", 5000, END)
+    bible = tokens(tokenizer, "bible-kjv.txt", 5000, END - SWITCH)
+    return {"switch": torch.tensor([austen[:SWITCH] + bible]), "homogeneous": torch.tensor([austen])}
+
+
+def run(model, ids, config):
+    with dartprune.attach(model, config) as handle:
+        logits = teacher_forced_logits(model, ids, prefix=PREFIX, chunk=config.window)
+        return logits, handle.stats()[0]
+
+
+def test_zero_sparsity_and_compact_vs_mask_on_smollm2(smollm2, texts):
+    model, _ = smollm2
+    ids = texts["switch"][:, :300]
+    dense = teacher_forced_logits(model, ids, prefix=200, chunk=5)
+    zero, _ = run(model, ids, DartConfig(sparsity=0.0))
+    assert torch.equal(dense, zero)
+    compact, stats_compact = run(model, ids, DartConfig(sparsity=0.7))
+    mask, stats_mask = run(model, ids, DartConfig(sparsity=0.7, path="mask"))
+    assert (compact - mask).abs().max() <= 1e-4
+    assert stats_compact.keep_counts == stats_mask.keep_counts
+
+
+def test_domain_switch_triggers_retrace_after_the_switch_only(smollm2, texts):
+    model, _ = smollm2
+    _, switch = run(model, texts["switch"], DartConfig(sparsity=0.5))
+    _, homogeneous = run(model, texts["homogeneous"], DartConfig(sparsity=0.5))
+    before = [p for p in switch.retrace_positions if p <= SWITCH]
+    after = [p for p in switch.retrace_positions if p > SWITCH]
+    assert len(after) >= 1
+    assert len(before) <= 1
+    assert homogeneous.retrace_count < switch.retrace_count
+    assert all(sum(r.neurons_changed) > 0 for r in switch.retraces), "a re-trace must change the masks"
+
+
+def test_dart_follows_the_switch_better_than_static(smollm2, texts):
+    """After the switch, the re-traced masks predict the new text better than the prompt's static mask."""
+    model, _ = smollm2
+    ids = texts["switch"]
+
+    def nll(logits, lo, hi):
+        logp = torch.log_softmax(logits[0, lo - 1:hi - 1].float(), dim=-1)
+        return float(-logp.gather(-1, ids[0, lo:hi, None]).mean())
+
+    dart, _ = run(model, ids, DartConfig(sparsity=0.5))
+    static, _ = run(model, ids, DartConfig(sparsity=0.5, method="static"))
+    assert nll(dart, SWITCH, END) < nll(static, SWITCH, END)
