@@ -25,20 +25,20 @@ def texts(smollm2):
     return {"switch": torch.tensor([austen[:SWITCH] + bible]), "homogeneous": torch.tensor([austen])}
 
 
-def run(model, ids, config):
+def run(model, ids, config, prefix: int = PREFIX):
     with dartprune.attach(model, config) as handle:
-        logits = teacher_forced_logits(model, ids, prefix=PREFIX, chunk=config.window)
+        logits = teacher_forced_logits(model, ids, prefix=prefix, chunk=config.window)
         return logits, handle.stats()[0]
 
 
 def test_zero_sparsity_and_compact_vs_mask_on_smollm2(smollm2, texts):
     model, _ = smollm2
     ids = texts["switch"][:, :300]
-    dense = teacher_forced_logits(model, ids, prefix=200, chunk=5)
-    zero, _ = run(model, ids, DartConfig(sparsity=0.0))
+    dense = teacher_forced_logits(model, ids, prefix=200, chunk=DartConfig().window)
+    zero, _ = run(model, ids, DartConfig(sparsity=0.0), prefix=200)
     assert torch.equal(dense, zero)
-    compact, stats_compact = run(model, ids, DartConfig(sparsity=0.7))
-    mask, stats_mask = run(model, ids, DartConfig(sparsity=0.7, path="mask"))
+    compact, stats_compact = run(model, ids, DartConfig(sparsity=0.7), prefix=200)
+    mask, stats_mask = run(model, ids, DartConfig(sparsity=0.7, path="mask"), prefix=200)
     assert (compact - mask).abs().max() <= 1e-4
     assert stats_compact.keep_counts == stats_mask.keep_counts
 

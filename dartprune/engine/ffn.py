@@ -24,36 +24,72 @@ class CompactWeights:
         self.parts = parts
         self.slots = kept.clone()
         k = kept.numel()
-        rows = torch.cat([parts.gate[kept], parts.up[kept]]) if parts.gated else parts.up[kept]
-        self.w_in = rows.contiguous()
-        self.b_in = parts.up_bias[kept].clone() if parts.up_bias is not None else None
-        self.w_out = parts.down[:, kept].contiguous()
         self.k = k
+        self.gated = parts.gated
+        self.act = parts.act
+        self.down_bias = parts.down_bias
+        index = kept.to(parts.up.device)
+        # index_select into preallocated buffers: about 3x faster than advanced indexing plus cat (this runs once
+        # per sequence, inside the time to first token)
+        self.w_in = torch.empty(2 * k if parts.gated else k, parts.up.shape[1], dtype=parts.up.dtype,
+                                device=parts.up.device)
+        if parts.gated:
+            torch.index_select(parts.gate, 0, index, out=self.w_in[:k])
+            torch.index_select(parts.up, 0, index, out=self.w_in[k:])
+        else:
+            torch.index_select(parts.up, 0, index, out=self.w_in)
+        self.b_in = parts.up_bias.index_select(0, index) if parts.up_bias is not None else None
+        self.w_out = parts.down.index_select(1, index).contiguous()
+        # transposed views, so each forward is one `mm` per matrix (F.linear on a [1, 1, H] input dispatches
+        # through matmul, reshapes and a transpose first: about 6 extra ops per call). `update` writes into
+        # w_in/w_out in place, so these views stay current.
+        self.w_in_t = self.w_in.t()
+        self.w_out_t = self.w_out.t()
 
     @torch.no_grad()
     def update(self, kept: torch.Tensor) -> int:
         """Swap in the new kept set, copying only entering neurons into the slots of leaving ones."""
-        new = kept[~torch.isin(kept, self.slots)]
-        free = (~torch.isin(self.slots, kept)).nonzero().flatten()
+        # membership through boolean masks over the layer's neurons: torch.isin sorts, ~30x slower at this size
+        size = self.parts.intermediate_size
+        was_kept = torch.zeros(size, dtype=torch.bool)
+        was_kept[self.slots] = True
+        now_kept = torch.zeros(size, dtype=torch.bool)
+        now_kept[kept] = True
+        new = kept[~was_kept[kept]]
+        free = (~now_kept[self.slots]).nonzero().flatten()
         if new.numel():
+            # index_select + index_copy_: the down columns especially are several times faster this way than
+            # with advanced indexing (a re-trace rewrites up to every layer)
             parts = self.parts
-            self.w_in[free] = parts.gate[new] if parts.gated else parts.up[new]
+            device = self.w_in.device
+            new_d, free_d = new.to(device), free.to(device)
             if parts.gated:
-                self.w_in[free + self.k] = parts.up[new]
+                self.w_in.index_copy_(0, free_d, parts.gate.index_select(0, new_d))
+                self.w_in.index_copy_(0, free_d + self.k, parts.up.index_select(0, new_d))
+            else:
+                self.w_in.index_copy_(0, free_d, parts.up.index_select(0, new_d))
             if self.b_in is not None:
-                self.b_in[free] = parts.up_bias[new]
-            self.w_out[:, free] = parts.down[:, new]
+                self.b_in.index_copy_(0, free_d, parts.up_bias.index_select(0, new_d))
+            self.w_out.index_copy_(1, free_d, parts.down.index_select(1, new_d))
             self.slots[free] = new
         return int(new.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x, self.w_in, self.b_in)
-        if self.parts.gated:
-            gate, up = hidden.split(self.k, dim=-1)
-            u = self.parts.act(gate) * up
+        """Two matmuls over the kept neurons. Every op here is paid once per layer per decoded token (about
+        1-3 us each on a CPU, whatever the size), so the body is the minimum: 2-D `mm` on transposed views,
+        slices instead of `split`, the gate product written into the activation."""
+        flat = x.reshape(-1, x.shape[-1])
+        if self.b_in is None:
+            hidden = torch.mm(flat, self.w_in_t)
         else:
-            u = self.parts.act(hidden)
-        return F.linear(u, self.w_out, self.parts.down_bias)
+            hidden = torch.addmm(self.b_in, flat, self.w_in_t)
+        if self.gated:
+            u = self.act(hidden[:, : self.k])
+            u.mul_(hidden[:, self.k:])
+        else:
+            u = self.act(hidden)
+        y = torch.mm(u, self.w_out_t) if self.down_bias is None else torch.addmm(self.down_bias, u, self.w_out_t)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def nbytes(self) -> int:
         tensors = [self.w_in, self.w_out, self.slots] + ([self.b_in] if self.b_in is not None else [])
@@ -85,19 +121,23 @@ class PrunedFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
-        x3 = x.reshape(rt.batch, rt.tokens, x.shape[-1])
+        shaped = x.dim() == 3 and x.shape[0] == rt.batch and x.shape[1] == rt.tokens
+        x3 = x if shaped else x.reshape(rt.batch, rt.tokens, x.shape[-1])
         rt.remember_ffn_input(self.index, x3)
         path = rt.path_for(self.index)
+        if path == "compact":
+            y = self.compact.forward(x3)
+            return y if shaped else y.reshape(*x.shape[:-1], y.shape[-1])
         if path == "dense":
             y = self.original(x)
             if rt.tracing:
                 rt.record_ffn_output(self.index, x3, y.reshape(x3.shape))
             return y
-        if path == "compact":
-            y = self.compact.forward(x3)
-        elif path == "threshold":
+        if path == "threshold":
             u = activations(self.parts, x3)
-            y = F.linear(u * (u.abs() >= rt.thresholds[self.index]), self.parts.down, self.parts.down_bias)
+            active = u.abs() >= rt.thresholds[self.index]
+            rt.record_active(self.index, active)
+            y = F.linear(u * active, self.parts.down, self.parts.down_bias)
         else:
             y = masked_ffn(self.parts, x3, self.mask)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -58,6 +58,9 @@ class DartHandle:
         self.config = config
         self.adapter = get_adapter(model)
         self.method = make_method(config)
+        # At sparsity 0 nothing is replaced and only the two model-level hooks (for stats) are installed, so the
+        # forward runs the untouched model's code and costs nothing extra.
+        self.prunes = self.method.prunes and config.sparsity > 0
         self.layers = self.adapter.layers()
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers]
         self.sizes = [p.intermediate_size for p in self.parts]
@@ -71,7 +74,7 @@ class DartHandle:
         self._dense_flops_per_token = 2.0 * (sum(p.numel() for p in nn.ModuleList(self.layers).parameters())
                                              + self.adapter.output_embeddings().numel())
         self.ffns: list[PrunedFFN] = []
-        if self.method.prunes:
+        if self.prunes:
             for i, layer in enumerate(self.layers):
                 ffn = PrunedFFN(i, self._originals[i], self.parts[i], self)
                 self.adapter.set_ffn(layer, ffn)
@@ -79,8 +82,10 @@ class DartHandle:
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ] + [self.adapter.attention(self.layers[layer]).register_forward_hook(self._attention_hook(j))
-             for j, layer in enumerate(self.monitored)]
+        ]
+        if self.prunes and self.method.follows_drift:
+            self._hooks += [self.adapter.attention(self.layers[layer]).register_forward_hook(self._attention_hook(j))
+                            for j, layer in enumerate(self.monitored)]
         self._trace_hooks: list[Any] = []
         self.rows: list[_Row] = []
         self.batch = self.tokens = 0
@@ -136,9 +141,10 @@ class DartHandle:
         start = 0 if new_sequence else self._ring_next
         self._ring_slots = (start + torch.arange(self._ring_take)) % self.config.ring_size
         self._attn_now: list[torch.Tensor | None] = [None] * len(self.monitored)
+        self._active: dict[int, torch.Tensor] = {}
         if new_sequence:
             self._start_sequence(batch)
-            if self.config.prune_prefill and self.method.prunes:
+            if self.config.prune_prefill and self.prunes:
                 self._phase = "trace"
                 self._set_tracing(True)
                 with torch.no_grad():
@@ -150,7 +156,7 @@ class DartHandle:
                 self._phase = "pruned-prefill"
             else:
                 self._phase = "trace"
-                self._set_tracing(self.method.prunes or self.method.follows_drift)
+                self._set_tracing(self.prunes)
         else:
             self._phase = "decode"
             dense_rows = [r.dense_left > 0 for r in self.rows]
@@ -182,6 +188,10 @@ class DartHandle:
         if self.method.per_token:
             return "threshold"
         return "compact" if self._compact else "mask"
+
+    def record_active(self, layer: int, active: torch.Tensor) -> None:
+        """Threshold path: which neurons ran in this forward ([batch, tokens, I] bool), for executed sparsity."""
+        self._active[layer] = active.sum(dim=-1)
 
     def remember_ffn_input(self, layer: int, x: torch.Tensor) -> None:
         if self._phase != "pruned-prefill" and self._ring_take:
@@ -256,7 +266,8 @@ class DartHandle:
         valid_counts = self._valid.sum(dim=1).tolist()
         importance = torch.stack([self._importance.get(i, torch.zeros(self.batch)) for i in range(len(self.layers))],
                                  dim=1)
-        sparsity = self.config.sparsity if self.method.prunes else 0.0
+        importance = self.method.layer_importance(importance)
+        sparsity = self.config.sparsity if self.prunes else 0.0
         alloc_config = self.config.replace(allocation="uniform") if self.method.uniform_budgets else self.config
         for b in range(self.batch):
             ratios = pruning_ratios(importance[b], sparsity, alloc_config)
@@ -392,13 +403,19 @@ class DartHandle:
 
     # ----------------------------------------------------------------- accounting
     def _account_forward(self, dense: bool) -> None:
+        active = None
+        if self._active and not dense:  # threshold path: count the neurons that really ran, token by token
+            per_token = torch.stack([a.cpu() for a in self._active.values()]).sum(dim=0)
+            per_token = per_token + sum(s for i, s in enumerate(self.sizes) if i not in self._active)
+            active = (per_token * self._valid).sum(dim=1).tolist()
         for b, row in enumerate(self.rows):
             tokens = int(self._valid[b].sum())
             row.position += tokens
             row.dense_flops += tokens * self._dense_flops_per_token
             row.neurons_total += tokens * sum(self.sizes)
-            row.neurons_executed += tokens * (sum(self.sizes) if dense or not self.method.prunes else sum(
-                size if full else k for size, full, k in zip(self.sizes, self._full, row.keep)))
+            row.neurons_executed += active[b] if active is not None else tokens * (
+                sum(self.sizes) if dense or not self.prunes else sum(
+                    size if full else k for size, full, k in zip(self.sizes, self._full, row.keep)))
 
     def _row_stats(self, row: _Row) -> SequenceStats:
         ring_bytes = (self._ring_x.numel() * self._ring_x.element_size() + self._ring_a.numel() * 4
