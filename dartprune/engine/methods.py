@@ -6,6 +6,8 @@ from typing import ClassVar
 
 import torch
 
+from dartprune.engine.calibration import load_calibration, wanda_scores
+
 METHOD_REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -35,6 +37,10 @@ class Method:
     def setup(self, handle) -> list[torch.Tensor] | None:
         """Load what the method needs before the first forward (per-layer thresholds for per-token methods)."""
         return None
+
+    def layer_importance(self, importance: torch.Tensor) -> torch.Tensor:
+        """Layer importances S_l the budgets are allocated from ([batch, layers]); default: the prompt's own."""
+        return importance
 
 
 @register_method
@@ -76,6 +82,56 @@ class RandomMask(Method):
     def neuron_scores(self, layer: int, traced: torch.Tensor | None, size: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + layer)
         return torch.rand(size, generator=generator)
+
+
+@register_method
+class WandaStatic(Method):
+    """A calibrated static mask: Wanda's |W| x ||X||, summed over every weight of a neuron (see
+    `calibration.wanda_scores` for the exact formula), with the norms measured once on a calibration text.
+
+    Budgets are uniform or DART-allocated (`config.allocation`); DART allocation uses the layer importance
+    measured on the calibration text, not the prompt's, so the mask is the same for every prompt and never
+    changes during a generation.
+    """
+
+    name = "wanda-static"
+    description = "calibrated static mask: Wanda |W| x ||X|| summed per neuron over a calibration text"
+    trace_kind = None
+
+    def setup(self, handle) -> None:
+        calibration = load_calibration(self.config.calibration_file)
+        calibration.check(handle.model, self.name, handle.parts)
+        self._scores = [wanda_scores(parts, *calibration.wanda_norms(i)) for i, parts in enumerate(handle.parts)]
+        self._importance = calibration.importance(self.config.importance)
+        return None
+
+    def neuron_scores(self, layer: int, traced: torch.Tensor | None, size: int) -> torch.Tensor:
+        return self._scores[layer]
+
+    def layer_importance(self, importance: torch.Tensor) -> torch.Tensor:
+        return self._importance.to(importance.device, importance.dtype).expand(importance.shape[0], -1)
+
+
+@register_method
+class Threshold(Method):
+    """TEAL/CATS-style per-token activation sparsity: in layer l, activation u_{t,i} is zeroed when
+    |u_{t,i}| < tau_l, with tau_l calibrated offline so that a fraction `sparsity` of the activations of layer l
+    on the calibration text falls below it. Which neurons run changes with every token, so it runs on the mask
+    path only (u is computed in full, then thresholded): it saves no FLOPs here and is the token-level quality
+    reference. Executed sparsity in `handle.stats()` is the fraction actually zeroed.
+    """
+
+    name = "threshold"
+    description = "TEAL/CATS-style per-token |u| threshold per layer, calibrated offline (mask path only)"
+    trace_kind = None
+    uniform_budgets = True
+    per_token = True
+
+    def setup(self, handle) -> list[torch.Tensor]:
+        calibration = load_calibration(self.config.calibration_file)
+        calibration.check(handle.model, self.name, handle.parts)
+        taus = calibration.thresholds(self.config.sparsity)
+        return [taus[i].clone() for i in range(taus.numel())]
 
 
 def make_method(config) -> Method:

@@ -1,0 +1,430 @@
+"""Offline calibration for the two calibrated baselines (SPEC "Baselines"): `wanda-static` and `threshold`.
+
+DART itself needs no calibration; these baselines do, and their statistics come from the dense model run over a
+calibration text (by default 128 windows of 512 tokens of a Gutenberg book that no evaluation uses). The result is
+one small safetensors file: per-layer tensors plus a JSON header (under the metadata key "dartprune") naming the
+method, the model's identity (family, sizes and a fingerprint of its weights), the calibration text's path and
+sha256, the number of windows and their length. The methods load the file in `setup()` and refuse one made for
+another model or another method.
+
+Statistics, all accumulated in float32 over every calibration token (no padding: all windows are full):
+- wanda-static: `x_norm.{l}` [hidden]: ||X_j||, the L2 norm over tokens of FFN input channel j (the input of
+  W_gate/W_up/W_1, after the layer's norm); `u_norm.{l}` [I_l]: ||u_i||, the L2 norm over tokens of neuron i's
+  activation (the input of W_down/W_2); `importance.residual` and `importance.ffn-vs-input` [L]: the layer
+  importance S_l of SPEC section 2 averaged over the calibration tokens, so DART-style budgets are calibrated too
+  and the mask is the same for every prompt.
+- threshold: `thresholds` [S, L]: per sparsity s of `sparsities` [S] and layer l, tau such that a fraction s of
+  the |u| values of layer l on the calibration text is below tau (read from a log2 histogram of |u| with 256
+  bins per octave, interpolated in the bin: no sort or quantile over 10^8 values); `zero_fraction` [L]: the
+  fraction of exact zeros (ReLU families: a threshold cannot zero fewer than these).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dartprune.architectures import FFNParts, get_adapter
+from dartprune.engine.budgets import layer_importance
+
+FORMAT = "dartprune-calibration"
+VERSION = 1
+CALIBRATED_METHODS = ("wanda-static", "threshold")
+DEFAULT_TEXT = "melville-moby_dick"
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQ_LEN = 512
+DEFAULT_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00, 0.05, ..., 0.95
+IMPORTANCE_VARIANTS = ("residual", "ffn-vs-input")
+# |u| histogram: log2 range and resolution (2^(1/256) = 0.27% wide bins from 3.6e-15 to 65536)
+HIST_LOW, HIST_HIGH, BINS_PER_OCTAVE = -48.0, 16.0, 256
+HIST_BINS = int((HIST_HIGH - HIST_LOW) * BINS_PER_OCTAVE)
+_FINGERPRINT_POINTS = 16
+_SPARSITY_TOLERANCE = 1e-6
+
+
+class CalibrationError(ValueError):
+    """A calibration file is missing, malformed, or made for another model, method or sparsity."""
+
+
+# ----------------------------------------------------------------------------------------------- texts
+def text_sha256(path: str | Path) -> str:
+    """sha256 of a text file's bytes (what a calibration file records about its text)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def calibration_text_sha(path: str | Path) -> str:
+    """The sha256 of the calibration text recorded in calibration file `path` (compare with `text_sha256` of an
+    evaluation text: calibration and evaluation texts must differ)."""
+    return load_calibration(path).text_sha256
+
+
+def check_text_differs(calibration_file: str | Path, text_path: str | Path) -> None:
+    """Raise CalibrationError if `text_path` is the text the calibration file was made from."""
+    if text_sha256(text_path) == calibration_text_sha(calibration_file):
+        raise CalibrationError(f"{text_path} is the calibration text of {calibration_file}; evaluate on another text")
+
+
+def text_windows(tokenizer, path: str | Path, samples: int, seq_len: int) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens, evenly spaced over the whole text and never overlapping ([N, T]).
+
+    Each window starts with the special tokens the tokenizer puts at the start of a text (e.g. BOS for Gemma and
+    Llama 3; none for SmolLM2), then continues with text tokens.
+    """
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    head = list(tokenizer("", add_special_tokens=True).input_ids)
+    body = seq_len - len(head)
+    ids = _tokenize(tokenizer, text)
+    if len(ids) < samples * body:
+        raise ValueError(f"{path} has {len(ids)} tokens, fewer than {samples} windows x {body} text tokens")
+    stride = (len(ids) - body) // (samples - 1) if samples > 1 else 0
+    return torch.tensor([head + ids[k * stride:k * stride + body] for k in range(samples)], dtype=torch.long)
+
+
+def _tokenize(tokenizer, text: str, chunk: int = 200_000) -> list[int]:
+    """Token ids of a long text, tokenized in chunks cut at line ends (no over-length warnings)."""
+    ids: list[int] = []
+    start = 0
+    while start < len(text):
+        end = len(text) if start + chunk >= len(text) else text.rfind("\n", start, start + chunk) + 1 or start + chunk
+        ids += tokenizer(text[start:end], add_special_tokens=False).input_ids
+        start = end
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------- model identity
+def model_identity(model: nn.Module, parts: list[FFNParts] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+    """(structure, fingerprint): family and sizes, and 16 weights sampled from every FFN matrix and the embedding.
+
+    `parts` may be given when the model's FFNs are already replaced (an attached handle has them).
+    """
+    adapter = get_adapter(model)
+    if parts is None:
+        parts = [adapter.ffn_parts(layer) for layer in adapter.layers()]
+    matrices = [m for p in parts for m in (p.gate, p.up, p.down) if m is not None]
+    matrices.append(model.get_input_embeddings().weight)
+    with torch.no_grad():
+        fingerprint = torch.cat([_sample(m) for m in matrices])
+    structure = {
+        "model_type": model.config.model_type,
+        "num_layers": len(parts),
+        "hidden_size": int(parts[0].up.shape[1]),
+        "intermediate_sizes": [p.intermediate_size for p in parts],
+        "gated": parts[0].gated,
+        # informative: a hash of the sampled weights rounded to bfloat16 (the check itself compares the values)
+        "weights_sha256": hashlib.sha256(fingerprint.bfloat16().view(torch.int16).numpy().tobytes()).hexdigest(),
+        "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+    }
+    return structure, fingerprint
+
+
+def _sample(matrix: torch.Tensor) -> torch.Tensor:
+    rows, cols = matrix.shape
+    r = torch.linspace(0, rows - 1, _FINGERPRINT_POINTS).round().long()
+    c = (r * 7919 + 13) % cols
+    return matrix[r.to(matrix.device), c.to(matrix.device)].detach().float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+class _Collector:
+    """Forward hooks on the dense model that accumulate one method's statistics."""
+
+    def __init__(self, model: nn.Module, method: str):
+        if getattr(model, "_dartprune_handle", None) is not None:
+            raise RuntimeError("calibrate the dense model: detach the dartprune handle first")
+        self.method = method
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.layers()
+        self.count = 0  # tokens seen
+        num = len(self.layers)
+        self.x_sumsq: list[torch.Tensor | float] = [0.0] * num
+        self.u_sumsq: list[torch.Tensor | float] = [0.0] * num
+        self.importance = {v: torch.zeros(num, dtype=torch.float64) for v in IMPORTANCE_VARIANTS}
+        self.hist: list[torch.Tensor | float] = [0.0] * num
+        self.zeros = torch.zeros(num, dtype=torch.float64)
+        self._h: dict[int, torch.Tensor] = {}
+        self.hooks = []
+        self.originals: list[nn.Module] = []
+        for i, layer in enumerate(self.layers):
+            self.hooks.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._u_hook(i)))
+            if method == "wanda-static":
+                # the FFN as the engine sees it (OPT has no FFN module: the adapter installs one, as for PrunedFFN)
+                original = self.adapter.ffn(layer)
+                self.originals.append(original)
+                self.adapter.set_ffn(layer, _Tap(original, self._ffn_tap(i)))
+                norm = self.adapter.ffn_input_norm(layer)
+                if norm is not None:
+                    self.hooks.append(norm.register_forward_pre_hook(self._h_hook(i)))
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for layer, original in zip(self.layers, self.originals):
+            self.adapter.set_ffn(layer, original)
+        self.hooks, self.originals = [], []
+
+    def _u_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            u = args[0].detach().float()
+            u = u.reshape(-1, u.shape[-1])
+            if self.method == "wanda-static":
+                self.u_sumsq[i] = self.u_sumsq[i] + u.square().sum(0)
+            else:
+                magnitude = u.abs()
+                self.zeros[i] += float((magnitude == 0).sum())
+                logs = magnitude.log2().clamp_(HIST_LOW, HIST_HIGH - 1e-3)
+                self.hist[i] = self.hist[i] + torch.histc(logs, HIST_BINS, HIST_LOW, HIST_HIGH).double()
+        return hook
+
+    def _h_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._h[i] = args[0].detach()
+        return hook
+
+    def _ffn_tap(self, i: int):
+        def tap(x: torch.Tensor, y: torch.Tensor) -> None:
+            x = x.detach().reshape(1, -1, x.shape[-1])  # tokens of every row in one row (OPT flattens anyway)
+            y = y.detach().reshape(x.shape[0], x.shape[1], -1)
+            self.x_sumsq[i] = self.x_sumsq[i] + x[0].float().square().sum(0)
+            h = self._h.pop(i, x).reshape(y.shape)
+            out_norm = self.adapter.ffn_output_norm(self.layers[i])
+            f = out_norm(y) if out_norm is not None else y
+            valid = torch.ones(y.shape[:-1], dtype=torch.bool, device=y.device)
+            tokens = y.shape[1]
+            for variant in IMPORTANCE_VARIANTS:
+                self.importance[variant][i] += float(layer_importance(h, f, valid, variant)[0]) * tokens
+        return tap
+
+    def tensors(self, sparsities: Iterable[float]) -> dict[str, torch.Tensor]:
+        if self.method == "wanda-static":
+            out = {f"x_norm.{i}": torch.as_tensor(s).sqrt().cpu() for i, s in enumerate(self.x_sumsq)}
+            out |= {f"u_norm.{i}": torch.as_tensor(s).sqrt().cpu() for i, s in enumerate(self.u_sumsq)}
+            out |= {f"importance.{v}": (imp / self.count).float() for v, imp in self.importance.items()}
+            return out
+        grid = torch.tensor(sorted(set(float(s) for s in sparsities)), dtype=torch.float64)
+        taus = torch.stack([histogram_quantiles(h.cpu(), grid) for h in self.hist], dim=1)  # [S, L]
+        totals = torch.stack([h.sum() for h in self.hist]).cpu()
+        return {"sparsities": grid.float(), "thresholds": taus.float(), "zero_fraction": (self.zeros / totals).float()}
+
+
+class _Tap(nn.Module):
+    """Stands in for an FFN during calibration: runs it unchanged and shows its input and output."""
+
+    def __init__(self, original: nn.Module, tap):
+        super().__init__()
+        self.original = original
+        self.tap = tap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.original(x)
+        self.tap(x, y)
+        return y
+
+
+def histogram_quantiles(hist: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """tau per fraction q such that a fraction q of the counted |u| lies below tau, from the log2 histogram
+    (linear interpolation of log2 tau inside the bin; q = 0 gives tau = 0, which zeroes nothing)."""
+    cumulative = hist.double().cumsum(0)
+    total = cumulative[-1]
+    width = (HIST_HIGH - HIST_LOW) / HIST_BINS
+    taus = []
+    for q in fractions.tolist():
+        if q <= 0:
+            taus.append(0.0)
+            continue
+        target = q * total
+        k = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64)).clamp(max=HIST_BINS - 1))
+        below = float(cumulative[k - 1]) if k > 0 else 0.0
+        inside = (target - below) / max(float(hist[k]), 1e-30)
+        taus.append(2.0 ** (HIST_LOW + (k + min(max(inside, 0.0), 1.0)) * width))
+    return torch.tensor(taus, dtype=torch.float64)
+
+
+@torch.no_grad()
+def collect_statistics(model: nn.Module, method: str, windows: torch.Tensor, batch_size: int = 8,
+                       sparsities: Iterable[float] = DEFAULT_SPARSITIES, progress: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """Run the dense model over `windows` ([N, T] token ids) and return the method's per-layer statistics."""
+    _check_method(method)
+    collector = _Collector(model, method)
+    device = next(model.parameters()).device
+    batches = range(0, windows.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=f"calibrating {method}", unit="batch")
+    try:
+        for start in batches:
+            ids = windows[start:start + batch_size].to(device)
+            collector.count += ids.numel()
+            model.base_model(input_ids=ids, use_cache=False)  # no logits: the statistics end at the last FFN
+    finally:
+        collector.remove()
+    return collector.tensors(sparsities)
+
+
+# ----------------------------------------------------------------------------------------------- the file
+@dataclass
+class Calibration:
+    """A loaded calibration file."""
+
+    path: str
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    @property
+    def text_sha256(self) -> str:
+        return self.meta["text"]["sha256"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta["model"]["num_layers"]
+
+    def check(self, model: nn.Module, method: str, parts: list[FFNParts] | None = None) -> None:
+        """Refuse (CalibrationError) a file made for another method or another model."""
+        if self.method != method:
+            raise CalibrationError(f"calibration file {self.path} was made for method {self.method!r}, not "
+                                   f"{method!r}; make one with `dartprune calibrate --method {method}`")
+        structure, fingerprint = model_identity(model, parts)
+        saved = self.meta["model"]
+        for key in ("model_type", "num_layers", "hidden_size", "intermediate_sizes"):
+            if saved[key] != structure[key]:
+                raise CalibrationError(f"calibration file {self.path} was made for another model: {key} is "
+                                       f"{saved[key]!r} there and {structure[key]!r} here")
+        stored = self.tensors["fingerprint"]
+        # bfloat16 models round the weights by <= 2^-9 relative: a looser check would still separate models
+        if stored.shape != fingerprint.shape or not torch.allclose(stored, fingerprint, rtol=2 ** -7, atol=1e-6):
+            raise CalibrationError(f"calibration file {self.path} was made for another model: same "
+                                   f"{structure['model_type']} sizes but different weights (fingerprint "
+                                   f"{saved['weights_sha256'][:12]} there, {structure['weights_sha256'][:12]} here)")
+
+    # wanda-static
+    def wanda_norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensors[f"x_norm.{layer}"], self.tensors[f"u_norm.{layer}"]
+
+    def importance(self, variant: str) -> torch.Tensor:
+        return self.tensors[f"importance.{variant}"]
+
+    # threshold
+    @property
+    def sparsities(self) -> list[float]:
+        return [round(float(s), 6) for s in self.tensors["sparsities"]]
+
+    def thresholds(self, sparsity: float) -> torch.Tensor:
+        """[L] per-layer tau for `sparsity`; refuses a sparsity the file was not calibrated for."""
+        grid = self.tensors["sparsities"].double()
+        match = ((grid - sparsity).abs() < _SPARSITY_TOLERANCE).nonzero().flatten()
+        if match.numel() == 0:
+            raise CalibrationError(f"calibration file {self.path} has no thresholds for sparsity {sparsity}; it "
+                                   f"has {self.sparsities} (recalibrate with --sparsities including {sparsity})")
+        return self.tensors["thresholds"][int(match[0])]
+
+
+def save_calibration(path: str | Path, method: str, model: nn.Module, tensors: dict[str, torch.Tensor],
+                     **meta: Any) -> Path:
+    """Write `tensors` and the header (method, model identity, `meta`) as one safetensors file."""
+    _check_method(method)
+    structure, fingerprint = model_identity(model)
+    header = {"format": FORMAT, "version": VERSION, "method": method, "model": structure, **meta}
+    out = {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
+    out["fingerprint"] = fingerprint
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata={"dartprune": json.dumps(header)})
+    return path
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} not found; make one with `dartprune calibrate`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a non-safetensors file
+        raise CalibrationError(f"{path} is not a calibration file (not safetensors: {err})") from err
+    try:
+        meta = json.loads(metadata["dartprune"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CalibrationError(f"{path} is not a dartprune calibration file (no 'dartprune' header)") from err
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CalibrationError(f"{path}: unsupported calibration format {meta.get('format')!r} "
+                               f"version {meta.get('version')!r} (this dartprune reads version {VERSION})")
+    return Calibration(str(path), meta, tensors)
+
+
+def calibrate(model: nn.Module, tokenizer, method: str, text: str | Path, out: str | Path,
+              samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
+              sparsities: Iterable[float] = DEFAULT_SPARSITIES, progress: bool = False,
+              windows: torch.Tensor | None = None) -> Calibration:
+    """Calibrate `method` for `model` on `samples` windows of `seq_len` tokens of `text` and write `out`.
+
+    `windows` ([samples, seq_len] ids) replaces the tokenizer (tiny test models have no tokenizer); the text's
+    path and sha256 are recorded either way.
+    """
+    _check_method(method)
+    sparsities = list(sparsities)
+    if method == "threshold" and (not sparsities or not all(0.0 <= s < 1.0 for s in sparsities)):
+        raise ValueError(f"sparsities must be in [0, 1), got {sparsities}")
+    if windows is None:
+        windows = text_windows(tokenizer, text, samples, seq_len)
+    samples, seq_len = windows.shape
+    start = time.perf_counter()
+    tensors = collect_statistics(model, method, windows, batch_size, sparsities, progress)
+    seconds = time.perf_counter() - start
+    meta: dict[str, Any] = {
+        "text": {"path": str(Path(text).resolve()), "sha256": text_sha256(text)},
+        "samples": samples, "seq_len": seq_len, "tokens": samples * seq_len,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if method == "threshold":
+        meta["sparsities"] = [round(float(s), 6) for s in tensors["sparsities"]]
+    save_calibration(out, method, model, tensors, **meta)
+    return load_calibration(out)
+
+
+def _check_method(method: str) -> None:
+    if method not in CALIBRATED_METHODS:
+        raise ValueError(f"calibration is for methods {list(CALIBRATED_METHODS)}, not {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def wanda_scores(parts: FFNParts, x_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda-style neuron score (float32, [I]), summing |W| x ||X|| over every weight of neuron i:
+
+        s_i = sum_j |W_gate[i, j]| ||X_j|| + sum_j |W_up[i, j]| ||X_j|| + ||u_i|| sum_j |W_down[j, i]|
+
+    where ||X_j|| is the norm over calibration tokens of FFN input channel j and ||u_i|| that of neuron i's
+    activation (the input of W_down). Non-gated FFNs drop the W_gate term (W_up = W_1, W_down = W_2); biases are
+    not weights of a channel and are left out.
+    """
+    device = parts.up.device
+    x = x_norm.to(device=device, dtype=torch.float32)
+    score = parts.up.float().abs() @ x
+    if parts.gated:
+        score += parts.gate.float().abs() @ x
+    score += u_norm.to(device=device, dtype=torch.float32) * parts.down.float().abs().sum(dim=0)
+    return score.cpu()
+
+
+__all__ = ["CALIBRATED_METHODS", "Calibration", "CalibrationError", "DEFAULT_SPARSITIES", "calibrate",
+           "calibration_text_sha", "check_text_differs", "collect_statistics", "histogram_quantiles",
+           "load_calibration", "model_identity", "save_calibration", "text_sha256", "text_windows", "wanda_scores"]
