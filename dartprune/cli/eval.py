@@ -1,0 +1,132 @@
+"""`dartprune eval`: perplexity, drift, multiple choice, XSum and two-topic generation for dense and pruned
+methods at several sparsities; writes results.json, results.md (printed), details.jsonl and PNG plots."""
+from __future__ import annotations
+
+import argparse
+import ast
+
+from dartprune.engine.config import ConfigError
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(v) for v in values]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return parse
+
+
+def _settings(items: list[str]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values[key.strip()] = raw
+    return values
+
+
+def _limit(text: str) -> int | dict[str, int]:
+    if "=" not in text:
+        return int(text)
+    limits = {}
+    for item in _csv(str)(text):
+        task, sep, count = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--limit item {item!r} must look like TASK=N")
+        limits[task.strip()] = int(count)
+    return limits
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in _csv(str)(text):
+        a, sep, b = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"drift pair {item!r} must look like A:B (Gutenberg names)")
+        pairs.append((a, b))
+    return pairs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from dartprune.evaluation.registry import EvalSettings
+    d = EvalSettings()
+    p = subparsers.add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, topics)",
+                              description=__doc__)
+    p.add_argument("--model", default=d.model, help="alias, local folder or Hugging Face id")
+    p.add_argument("--methods", type=_csv(str), default=d.methods,
+                   help="comma-separated methods (dense always runs once, as the reference)")
+    p.add_argument("--sparsity", type=_csv(float), default=d.sparsities, help="comma-separated FFN sparsities")
+    p.add_argument("--tasks", type=_csv(str), default=d.tasks, help="comma-separated: ppl,drift,mc,xsum,topics")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--limit", type=_limit, help="items per task: N for every task, or TASK=N,... (mc: per set; "
+                                                "ppl: windows; drift: pairs; xsum: articles; topics: prompts)")
+    p.add_argument("--text", help="ppl: a UTF-8 text file instead of the default Gutenberg book")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--prefix", type=int, default=d.prefix, help="ppl/drift: traced prefix tokens per window")
+    p.add_argument("--ppl-window", type=int, default=d.ppl_window, help="ppl: tokens per window, prefix included")
+    p.add_argument("--ppl-windows", type=int, default=d.ppl_windows, help="ppl: windows (without --limit)")
+    p.add_argument("--drift-segment", type=int, default=d.drift_segment,
+                   help="drift: tokens of A's continuation and of B")
+    p.add_argument("--drift-pairs", type=_pairs, default=d.drift_pairs,
+                   help="drift: comma-separated A:B Gutenberg names, e.g. austen-emma:bible-kjv")
+    p.add_argument("--mc-sets", type=_csv(str), default=d.mc_sets, help="mc: comma-separated sets")
+    p.add_argument("--xsum-file", help="xsum: another jsonl in the same layout")
+    p.add_argument("--topic-tokens", type=int, default=d.topic_tokens, help="topics: tokens generated per prompt")
+    p.add_argument("--chat", default=d.chat, choices=["auto", "yes", "no"], help="topics: use the chat template")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster "
+                                              "for batch-1 decoding on a busy 2-core machine)")
+    p.add_argument("--calibration-file", action="append", default=[], metavar="[METHOD=]FILE",
+                   help="for wanda-static and threshold (see `dartprune calibrate`): METHOD=FILE, repeatable; "
+                        "a bare FILE applies to every calibrated method")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other DartConfig field for every pruned method, e.g. --set window=8")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dartprune.evaluation.registry import EvalSettings
+    from dartprune.evaluation.runner import run_evaluation
+    extra = _settings(args.set)
+    calibration: dict[str, str] = {}
+    for item in args.calibration_file:
+        method, sep, path = item.partition("=")
+        if sep:
+            calibration[method] = path
+        else:
+            calibration.update({m: item for m in args.methods if m in ("wanda-static", "threshold")})
+    for name, value in (("--prefix", args.prefix), ("--ppl-window", args.ppl_window),
+                        ("--ppl-windows", args.ppl_windows), ("--drift-segment", args.drift_segment),
+                        ("--topic-tokens", args.topic_tokens), ("--threads", args.threads or 1)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1")
+    settings = EvalSettings(model=args.model, dtype=args.dtype, methods=args.methods, sparsities=args.sparsity,
+                            tasks=args.tasks, out=args.out, limit=args.limit, seed=args.seed, extra=extra,
+                            text=args.text, prefix=args.prefix, ppl_window=args.ppl_window,
+                            ppl_windows=args.ppl_windows, drift_segment=args.drift_segment,
+                            drift_pairs=args.drift_pairs, mc_sets=args.mc_sets, xsum_file=args.xsum_file,
+                            topic_tokens=args.topic_tokens, chat=args.chat, threads=args.threads,
+                            calibration=calibration)
+    run_evaluation(settings)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dartprune.cli.eval ARGS` = `dartprune eval ARGS`."""
+    import sys
+    parser = argparse.ArgumentParser(prog="dartprune")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return args.run(args) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""What every evaluation task shares: loading, method specs, attaching the engine, the teacher-forced scoring
+protocol (SPEC 7), versions, and progress bars."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from dartprune.engine import METHOD_REGISTRY, DartConfig, DartHandle, attach
+from dartprune.engine.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def versions() -> dict[str, str]:
+    import transformers
+
+    import dartprune
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "dartprune": dartprune.__version__}
+    for name in ("lm_eval", "rouge_score"):
+        try:
+            from importlib.metadata import version
+            out[name] = version(name.replace("_", "-") if name == "lm_eval" else name)
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    return out
+
+
+def git_state() -> str:
+    """`git describe --always --dirty` of the source tree, or "unknown" outside a checkout."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, leave: bool = False,
+             disable: bool | None = None, **kwargs: Any):
+    """A tqdm bar on stderr, also when stderr is a log file; DARTPRUNE_NO_PROGRESS=1 turns them off."""
+    if os.environ.get("DARTPRUNE_NO_PROGRESS"):
+        disable = True
+    elif disable is None:
+        disable = False
+    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True, file=sys.stderr,
+                disable=disable, **kwargs)
+
+
+def load_for_eval(name: str, dtype: str = "float32"):
+    """(model, tokenizer) for an alias / local folder / Hub id, through dartprune.models when it is there."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    try:
+        from dartprune.models import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        model, tokenizer = load_model(name, dtype=dtype)
+    elif Path(name).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    else:
+        raise ValueError(f"cannot load {name!r}: dartprune.models is not available; give a local model folder")
+    model.eval()
+    return model, tokenizer
+
+
+def needs_bos_every_window(model, name: str | None = None) -> bool:
+    """Gemma is trained with BOS first and degrades badly without it; every window/sequence then starts with BOS."""
+    if name:
+        try:
+            from dartprune.models import alias_for
+            alias = alias_for(name)
+            if alias is not None and hasattr(alias, "needs_bos_every_window"):
+                return bool(alias.needs_bos_every_window)
+        except (ImportError, KeyError, ValueError):
+            pass
+    return str(getattr(model.config, "model_type", "")).startswith("gemma")
+
+
+def context_limit(model) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if value:
+            return int(value)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class MethodSpec:
+    """One evaluated configuration: a method at a sparsity, with the DartConfig it runs."""
+
+    method: str
+    sparsity: float
+    config: DartConfig = field(compare=False, hash=False)
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.method}@{self.sparsity:g}"
+
+
+def method_specs(methods: list[str], sparsities: list[float], extra: dict[str, Any] | None = None,
+                 include_dense: bool = True, calibration: dict[str, str] | None = None) -> list[MethodSpec]:
+    """Dense first (once, sparsity 0: it does not depend on the sparsity), then every method at every sparsity.
+
+    calibration: method -> calibration file, for the calibrated baselines (wanda-static, threshold)."""
+    extra = dict(extra or {})
+    calibration = calibration or {}
+    for key in ("method", "sparsity"):
+        if key in extra:
+            raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
+    unknown = [m for m in methods if m not in METHOD_REGISTRY]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(METHOD_REGISTRY)}")
+    specs = []
+    if include_dense or "dense" in methods:
+        specs.append(MethodSpec("dense", 0.0, DartConfig.from_dict({**extra, "method": "dense", "sparsity": 0.0})))
+    for method in methods:
+        if method == "dense":
+            continue
+        for sparsity in sparsities:
+            values = {**extra, "method": method, "sparsity": float(sparsity)}
+            if method in calibration:
+                values["calibration_file"] = calibration[method]
+            specs.append(MethodSpec(method, float(sparsity), DartConfig.from_dict(values)))
+    return specs
+
+
+@contextlib.contextmanager
+def attached(model, spec: MethodSpec) -> Iterator[DartHandle]:
+    handle = attach(model, spec.config)
+    try:
+        yield handle
+    finally:
+        handle.detach()
+
+
+def summarise_stats(stats: list) -> dict[str, float]:
+    """Mean engine statistics over the sequences of one run (SPEC 6)."""
+    if not stats:
+        return {}
+    n = len(stats)
+    return {
+        "retraces_mean": sum(s.retrace_count for s in stats) / n,
+        "executed_sparsity": sum(s.executed_sparsity for s in stats) / n,
+        "overhead_fraction": sum(s.overhead_fraction for s in stats) / n,
+        "state_bytes_max": max(s.state_bytes for s in stats),
+        "sequences": n,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- scoring protocol
+@dataclass
+class Scored:
+    """Per-target-token log-probabilities and whether each target was the argmax."""
+
+    logprobs: torch.Tensor
+    greedy: torch.Tensor
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.sum())
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool(self.greedy.all())
+
+
+PROTOCOL_TEACHER_FORCED = (
+    "prefill ids[:P] as a new sequence (dense, traced: the mask comes from these tokens only), then feed "
+    "ids[P:-1] through the KV cache in chunks of <= W tokens with the drift monitor live; every scored token "
+    "ids[P+1:] is predicted by a pruned forward (W = DartConfig.window)")
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, ids: list[int] | torch.Tensor, traced: int, chunk: int,
+                            on_traced: Callable[[], None] | None = None) -> Scored:
+    """log p(ids[t] | ids[:t]) for t in traced+1 .. len(ids)-1 (see PROTOCOL_TEACHER_FORCED).
+
+    traced = 0 (a one-token context) prefills ids[:1] and, as the only exception, takes the prediction of ids[1]
+    from that dense prefill. `on_traced` is called right after the traced prefill (tests read the mask there).
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    total = ids.shape[1]
+    if total < 2 or not 0 <= traced < total - 1:
+        raise ValueError(f"need at least one scored token: {total} tokens, traced prefix {traced}")
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    first = max(traced, 1)
+    out = model(input_ids=ids[:, :first], attention_mask=torch.ones(1, first, dtype=torch.long), use_cache=True)
+    if on_traced is not None:
+        on_traced()
+    logits = [out.logits[:, -1:].float()] if traced == 0 else []
+    cache = out.cache
+    for start in range(first, total - 1, chunk):
+        end = min(start + chunk, total - 1)
+        out = model(input_ids=ids[:, start:end], attention_mask=torch.ones(1, end, dtype=torch.long), cache=cache,
+                    use_cache=True)
+        cache = out.cache
+        logits.append(out.logits.float())
+    logp = torch.cat(logits, dim=1)[0].log_softmax(-1)
+    targets = ids[0, traced + 1:]
+    return Scored(logp.gather(1, targets[:, None])[:, 0], logp.argmax(-1) == targets)
+
+
+@torch.no_grad()
+def dense_reference_logprobs(model, ids: list[int] | torch.Tensor, traced: int) -> torch.Tensor:
+    """The same targets from one plain forward over the whole sequence (no cache): the dense ground truth."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    logp = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
+    targets = ids[0, traced + 1:]
+    return logp[traced:-1].gather(1, targets[:, None])[:, 0]
+
+
+def encode_pair(tokenizer, context: str, continuation: str, bos: bool = False) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing context spaces move to the continuation; encode the whole, cut at the context."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    prefix = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    return prefix + ctx, whole[len(ctx):]

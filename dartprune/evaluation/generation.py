@@ -1,0 +1,138 @@
+"""`xsum` and `topics`: greedy generation, scored by ROUGE against references and against the dense output."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dartprune.evaluation.core import MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats
+from dartprune.evaluation.data import TOPIC_PROMPTS, load_xsum
+from dartprune.evaluation.registry import Task, register_task
+
+_SCORER = None
+
+
+def rouge(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (rouge-score, Porter stemmer), 0..1."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+        _SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = _SCORER.score(reference, prediction)
+    return {k: v.fmeasure for k, v in scores.items()}
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, stop: list[str] | None = None) -> tuple[str, int]:
+    """Greedy continuation of `ids` ([1, T]); returns (text cut at the first stop string, new token count)."""
+    extra = {"stop_strings": stop, "tokenizer": tokenizer} if stop else {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, pad_token_id=pad, **extra)
+    new = out[0, ids.shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    for s in stop or []:
+        text = text.split(s)[0]
+    return text.strip(), int(new.numel())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+class _GenerationTask(Task):
+    """Dense runs first; its outputs become the reference for ROUGE-L vs dense."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dense_outputs: list[str] | None = None
+
+    def _prompts(self) -> list[tuple[torch.Tensor, int, str | None]]:
+        """(ids, max_new_tokens, reference or None) per item."""
+        raise NotImplementedError
+
+    def evaluate(self, spec: MethodSpec, handle) -> list:
+        started = time.perf_counter()
+        outputs, stats, scores, new_tokens = [], [], [], 0
+        for i, (ids, max_new, reference) in enumerate(progress(self.items, f"{self.name} {spec.label}")):
+            text, count = greedy(self.model, self.tokenizer, ids, max_new, self.stop)
+            new_tokens += count
+            stats += handle.stats()
+            outputs.append(text)
+            row: dict[str, float] = {}
+            if reference is not None:
+                row.update(rouge(text, reference))
+            if self.dense_outputs is not None:
+                row["rougeL_vs_dense"] = rouge(text, self.dense_outputs[i])["rougeL"]
+            elif spec.method == "dense":
+                row["rougeL_vs_dense"] = 1.0
+            scores.append(row)
+            self.details.append({"task": self.name, "index": i, "method": spec.method, "sparsity": spec.sparsity,
+                                 "output": text, "reference": reference, "scores": row,
+                                 "retrace_positions": stats[-1].retrace_positions if stats else []})
+        if spec.method == "dense":
+            self.dense_outputs = outputs
+        metrics = {k: _mean([r[k] for r in scores if k in r]) for k in (scores[0] if scores else {})}
+        metrics["new_tokens_mean"] = new_tokens / max(1, len(outputs))
+        seconds = time.perf_counter() - started
+        return [self.result(spec, self.subtask, metrics, len(outputs),
+                            round(_mean([float(ids.shape[1]) for ids, _, _ in self.items]), 1),
+                            summarise_stats(stats), seconds, tokens_per_second=new_tokens / seconds if seconds else 0,
+                            **self.extra_fields)]
+
+
+@register_task
+class XSum(_GenerationTask):
+    name = "xsum"
+    description = "XSum 1-shot summaries (HELM prompts), greedy, ROUGE-1/2/L vs reference and ROUGE-L vs dense"
+    primary = ("rougeL", True)
+    protocol = ("xsum: `article` fed verbatim (1-shot HELM prompt; prompt = traced prefix), greedy decoding of up "
+                "to the item's max_tokens, cut at '###'; ROUGE F1 (rouge-score, stemmer) vs summary_gt and "
+                "ROUGE-L vs the dense model's output for the same item")
+    stop = ["###"]
+    subtask = "xsum_1shot"
+
+    def prepare(self) -> None:
+        limit = context_limit(self.model)
+        bos = needs_bos_every_window(self.model, self.settings.model)
+        self.items = []
+        for doc in load_xsum(self.settings.limit_for("xsum"), self.settings.xsum_file):
+            ids = self.tokenizer(doc["article"], return_tensors="pt").input_ids
+            if bos and ids[0, 0] != self.tokenizer.bos_token_id:
+                ids = torch.cat([torch.tensor([[self.tokenizer.bos_token_id]]), ids], dim=1)
+            if limit is not None and ids.shape[1] + int(doc["max_tokens"]) > limit:
+                raise ValueError(f"an XSum prompt of {ids.shape[1]} tokens does not fit the context of {limit}")
+            self.items.append((ids, int(doc["max_tokens"]), doc["summary_gt"]))
+        self.extra_fields = {"data": "xsum_1shot.jsonl", "stop": self.stop}
+
+
+@register_task
+class Topics(_GenerationTask):
+    name = "topics"
+    description = "two-topic prompts, greedy; ROUGE-L vs the dense output and re-trace counts"
+    primary = ("rougeL_vs_dense", True)
+    protocol = ("topics: project-written two-topic prompts (dartprune.evaluation.data.TOPIC_PROMPTS), in the "
+                "tokenizer's chat template when it has one (--chat auto), greedy decoding of --topic-tokens "
+                "tokens; ROUGE-L F1 vs the dense model's output")
+    stop = None
+    subtask = "two_topic_prompts"
+
+    def prepare(self) -> None:
+        prompts = TOPIC_PROMPTS[:self.settings.limit_for("topics")]
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if self.settings.chat == "yes" and not has_template:
+            raise ValueError("--chat yes: this tokenizer has no chat template")
+        self.chat = self.settings.chat == "yes" or (self.settings.chat == "auto" and has_template)
+        bos = needs_bos_every_window(self.model, self.settings.model)
+        self.items = []
+        for prompt in prompts:
+            if self.chat:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)["input_ids"]
+            else:
+                ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+                if bos and ids[0, 0] != self.tokenizer.bos_token_id:
+                    ids = torch.cat([torch.tensor([[self.tokenizer.bos_token_id]]), ids], dim=1)
+            self.items.append((ids, self.settings.topic_tokens, None))
+        self.extra_fields = {"prompt_format": "chat" if self.chat else "plain", "prompts": prompts}

@@ -1,0 +1,123 @@
+"""`ppl` and `drift`: perplexity by SPEC 7's protocol (traced prefix, teacher-forced chunks <= W, drift monitor
+live), on one long text, and across a text switch A -> B."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from dartprune.evaluation.core import (
+    PROTOCOL_TEACHER_FORCED, MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats,
+    teacher_forced_logprobs,
+)
+from dartprune.evaluation.data import gutenberg_path, read_text
+from dartprune.evaluation.registry import Task, register_task
+
+DEFAULT_PPL_TEXT = "austen-persuasion"
+TEXT_START = 2000  # characters skipped at the start of a book (title page, contents)
+
+
+def _ppl(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / count) if count else float("nan")
+
+
+def text_tokens(tokenizer, path: Path, count: int, start: int = TEXT_START) -> list[int]:
+    """The first `count` tokens of a text (after `start` characters); errors if the text is too short."""
+    chars = count * 8 + 1000
+    ids = tokenizer(read_text(path, start, chars), add_special_tokens=False).input_ids
+    if len(ids) < count:
+        ids = tokenizer(read_text(path, start), add_special_tokens=False).input_ids
+    if len(ids) < count:
+        raise ValueError(f"{path} has only {len(ids)} tokens after character {start}; {count} are needed")
+    return ids[:count]
+
+
+@register_task
+class Perplexity(Task):
+    name = "ppl"
+    description = "perplexity of a long real text in windows: traced prefix, then teacher-forced chunks <= W"
+    primary = ("ppl", False)
+    protocol = ("ppl windows: non-overlapping windows of the text; in each, " + PROTOCOL_TEACHER_FORCED
+                + "; ppl = exp(mean NLL over all scored tokens of all windows)")
+
+    def prepare(self) -> None:
+        s = self.settings
+        windows = s.limit_for("ppl") if s.limit_for("ppl") is not None else s.ppl_windows
+        if s.prefix < 1 or s.ppl_window < s.prefix + 2:
+            raise ValueError(f"--prefix ({s.prefix}) must be >= 1 and leave >= 2 tokens in the window "
+                             f"({s.ppl_window})")
+        limit = context_limit(self.model)
+        if limit is not None and s.ppl_window > limit:
+            raise ValueError(f"ppl window {s.ppl_window} exceeds the model's context {limit}")
+        self.path = Path(s.text) if s.text else gutenberg_path(DEFAULT_PPL_TEXT)
+        self.bos = needs_bos_every_window(self.model, s.model)
+        body = s.ppl_window - (1 if self.bos else 0)
+        start = 0 if s.text else TEXT_START
+        ids = text_tokens(self.tokenizer, self.path, windows * body, start)
+        head = [self.tokenizer.bos_token_id] if self.bos else []
+        self.windows = [head + ids[i * body:(i + 1) * body] for i in range(windows)]
+        self.source = self.path.name if not s.text else str(self.path)
+
+    def evaluate(self, spec: MethodSpec, handle) -> list:
+        started = time.perf_counter()
+        nll, count, stats, per_window = 0.0, 0, [], []
+        for ids in progress(self.windows, f"ppl {spec.label}"):
+            scored = teacher_forced_logprobs(self.model, ids, self.settings.prefix, spec.config.window)
+            nll -= scored.total
+            count += scored.logprobs.numel()
+            per_window.append(_ppl(-scored.total, scored.logprobs.numel()))
+            stats += handle.stats()
+        self.details.append({"task": self.name, "method": spec.method, "sparsity": spec.sparsity,
+                             "window_ppl": per_window,
+                             "retrace_positions": [s.retrace_positions for s in stats]})
+        return [self.result(spec, self.source, {"ppl": _ppl(nll, count), "scored_tokens": count},
+                            len(self.windows), self.settings.prefix, summarise_stats(stats),
+                            time.perf_counter() - started, window_tokens=self.settings.ppl_window,
+                            bos_every_window=self.bos, text=self.source)]
+
+
+@register_task
+class Drift(Task):
+    name = "drift"
+    description = "text A's prefix and continuation, then text B, teacher-forced: ppl on A and on B, re-traces"
+    primary = ("ppl_b", False)
+    protocol = ("drift: ids = A[:P] + A[P:P+S] + B[:S] (S = --drift-segment); " + PROTOCOL_TEACHER_FORCED
+                + "; ppl_a over A's scored continuation, ppl_b over B (switch at token P+S)")
+
+    def prepare(self) -> None:
+        s = self.settings
+        pairs = s.drift_pairs[:s.limit_for("drift")]
+        self.bos = needs_bos_every_window(self.model, s.model)
+        head = [self.tokenizer.bos_token_id] if self.bos else []
+        self.sequences = []
+        for a, b in pairs:
+            ids_a = head + text_tokens(self.tokenizer, gutenberg_path(a), s.prefix + s.drift_segment - len(head))
+            ids_b = text_tokens(self.tokenizer, gutenberg_path(b), s.drift_segment)
+            self.sequences.append((f"{a}->{b}", ids_a + ids_b, len(ids_a)))
+        self.traces: dict[tuple[str, str, float], object] = {}
+
+    def evaluate(self, spec: MethodSpec, handle) -> list:
+        out = []
+        prefix = self.settings.prefix
+        for name, ids, switch in progress(self.sequences, f"drift {spec.label}"):
+            started = time.perf_counter()
+            scored = teacher_forced_logprobs(self.model, ids, prefix, spec.config.window)
+            stats = handle.stats()
+            # scored target t (0-based) is token prefix + 1 + t; A's tokens end at `switch`
+            split = switch - (prefix + 1)
+            lp_a, lp_b = scored.logprobs[:split], scored.logprobs[split:]
+            positions = stats[0].retrace_positions if stats else []
+            after = [p - switch for p in positions if p >= switch]
+            metrics = {"ppl_a": _ppl(-float(lp_a.sum()), lp_a.numel()),
+                       "ppl_b": _ppl(-float(lp_b.sum()), lp_b.numel()),
+                       "retraces": len(positions), "retraces_before_switch": len(positions) - len(after),
+                       "first_retrace_after_switch": after[0] if after else float("nan")}
+            self.traces[(name, spec.method, spec.sparsity)] = stats[0] if stats else None
+            self.details.append({"task": self.name, "pair": name, "method": spec.method, "sparsity": spec.sparsity,
+                                 "switch_at": switch, "retrace_positions": positions,
+                                 "windows": [[w.position, w.cosine, w.threshold, w.pressure]
+                                             for w in (stats[0].windows if stats else [])]})
+            out.append(self.result(spec, name, metrics, 1, prefix, summarise_stats(stats),
+                                   time.perf_counter() - started, switch_at=switch, tokens=len(ids),
+                                   retrace_positions=positions, bos_every_window=self.bos))
+        return out

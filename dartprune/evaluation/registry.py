@@ -1,0 +1,118 @@
+"""Task registry in the lm-eval style: a name maps to a Task class; `dartprune eval --tasks a,b` looks them up."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from dartprune.evaluation.core import MethodSpec
+
+TASK_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    TASK_REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> type[Task]:
+    if name not in TASK_REGISTRY:
+        raise ValueError(f"unknown task {name!r}; available: {sorted(TASK_REGISTRY)}")
+    return TASK_REGISTRY[name]
+
+
+@dataclass
+class EvalSettings:
+    """Everything one `dartprune eval` run needs; tasks read the fields that concern them."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    methods: list[str] = field(default_factory=lambda: ["dense", "dart", "static", "griffin", "random"])
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7])
+    tasks: list[str] = field(default_factory=lambda: ["ppl", "drift", "mc", "xsum", "topics"])
+    out: str = "eval_out"
+    limit: int | dict[str, int] | None = None  # one count for every task, or per task name
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # other DartConfig fields
+    text: str | None = None  # ppl: a text file instead of the default Gutenberg book
+    prefix: int = 128  # ppl/drift: traced tokens before scoring starts
+    ppl_window: int = 512  # ppl: tokens per window (prefix included)
+    ppl_windows: int = 8  # ppl: number of windows (--limit overrides)
+    drift_segment: int = 256  # drift: tokens of A's continuation and of B
+    drift_pairs: list[tuple[str, str]] = field(default_factory=lambda: [
+        ("austen-emma", "bible-kjv"), ("shakespeare-hamlet", "carroll-alice"),
+        ("whitman-leaves", "chesterton-thursday")])
+    mc_sets: list[str] = field(default_factory=lambda: [
+        "piqa", "arc_easy", "arc_challenge", "boolq", "copa", "openbookqa", "winogrande", "siqa", "commonsenseqa"])
+    xsum_file: str | None = None
+    topic_tokens: int = 128  # topics: greedy tokens generated per prompt
+    chat: str = "auto"  # topics: "auto" (chat template when the tokenizer has one), "yes", "no"
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    calibration: dict[str, str] = field(default_factory=dict)  # method -> calibration file (wanda-static, threshold)
+
+    def limit_for(self, task: str) -> int | None:
+        """Items for `task`: mc items per set, ppl windows, drift pairs, xsum items, topic prompts."""
+        if isinstance(self.limit, dict):
+            return self.limit.get(task)
+        return self.limit
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Result:
+    """One (task, subtask, method, sparsity) measurement, with everything needed to read it (SPEC 7)."""
+
+    task: str
+    subtask: str
+    model: str
+    dtype: str
+    method: str
+    sparsity: float
+    metrics: dict[str, float]
+    items: int
+    prefix_length: float | str
+    protocol: str
+    versions: dict[str, str]
+    config: dict[str, Any]
+    engine: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Task:
+    """A task prepares its data once (`prepare`), then `evaluate` runs it for one method spec with the engine
+    attached; specs come dense first, so generation tasks can keep the dense outputs as a reference."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    primary: ClassVar[tuple[str, bool]] = ("", True)  # (metric, higher is better) for summary tables and plots
+    protocol: ClassVar[str] = ""
+
+    def __init__(self, settings: EvalSettings, model, tokenizer, versions: dict[str, str]):
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.versions = versions
+        self.details: list[dict] = []  # per-item outputs, written to details.jsonl
+
+    def prepare(self) -> None:
+        """Load and tokenise the data (honouring settings.limit)."""
+
+    def evaluate(self, spec: MethodSpec, handle) -> list[Result]:
+        raise NotImplementedError
+
+    def result(self, spec: MethodSpec, subtask: str, metrics: dict[str, float], items: int,
+               prefix_length: float | str, engine: dict[str, float], seconds: float, **extra: Any) -> Result:
+        import dataclasses
+        return Result(task=self.name, subtask=subtask, model=self.settings.model, dtype=self.settings.dtype,
+                      method=spec.method, sparsity=spec.sparsity, metrics=metrics, items=items,
+                      prefix_length=prefix_length, protocol=self.protocol, versions=self.versions,
+                      config=dataclasses.asdict(spec.config), engine=engine, seconds=round(seconds, 3),
+                      seed=self.settings.seed, extra=extra)

@@ -1,0 +1,160 @@
+"""Write an evaluation: results.json, details.jsonl, results.md (also printed) and PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dartprune.evaluation.registry import Result, get_task  # noqa: E402
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:.4g}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def _label(r: Result) -> str:
+    return "dense" if r.method == "dense" else f"{r.method}@{r.sparsity:g}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_json(path: Path, meta: dict, results: list[Result]) -> None:
+    path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=1,
+                               default=str) + "\n")
+
+
+def write_details(path: Path, details: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in details:
+            f.write(json.dumps(row, default=str) + "\n")
+
+
+def _summary_columns(results: list[Result]) -> list[tuple[str, str, str]]:
+    """(task, subtask or '*', metric) columns for the summary table, in task order."""
+    columns = []
+    for task in dict.fromkeys(r.task for r in results):
+        metric = get_task(task).primary[0]
+        subtasks = list(dict.fromkeys(r.subtask for r in results if r.task == task))
+        if task == "mc":
+            columns.append((task, "mean" if "mean" in subtasks else subtasks[0], "acc_norm"))
+            columns.append((task, "mean" if "mean" in subtasks else subtasks[0], "acc"))
+        elif task == "drift":
+            columns += [(task, "*", "ppl_a"), (task, "*", "ppl_b"), (task, "*", "retraces")]
+        elif task == "xsum":
+            columns += [(task, "*", "rougeL"), (task, "*", "rougeL_vs_dense")]
+        elif task == "topics":
+            columns += [(task, "*", "rougeL_vs_dense")]
+        else:
+            columns.append((task, "*", metric))
+    return columns
+
+
+def _value(results: list[Result], label: str, task: str, subtask: str, metric: str) -> float:
+    values = [r.metrics[metric] for r in results if r.task == task and _label(r) == label
+              and (subtask == "*" or r.subtask == subtask) and metric in r.metrics]
+    if metric.startswith("ppl") and values:  # geometric mean over subtasks
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+    return sum(values) / len(values) if values else float("nan")
+
+
+def markdown(meta: dict, results: list[Result]) -> str:
+    lines = [f"# dartprune eval: {meta['model']} ({meta['dtype']})", "",
+             f"Command: `{meta.get('command', '')}`  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+             f"Seed {meta['seed']}; DartConfig overrides: {meta.get('extra') or 'none'}", ""]
+    labels = list(dict.fromkeys(_label(r) for r in results))
+    columns = _summary_columns(results)
+    if columns:
+        lines += ["## Summary", "",
+                  "Drift ppl columns: geometric mean over the pairs; mc: unweighted mean over the sets; "
+                  "retraces: mean per sequence.", "",
+                  "| method | " + " | ".join(f"{t}{'' if s in ('*', 'mean') else ':' + s} {m}" for t, s, m in columns)
+                  + " |", "|---" * (len(columns) + 1) + "|"]
+        for label in labels:
+            lines.append(f"| {label} | " + " | ".join(_fmt(_value(results, label, *c)) for c in columns) + " |")
+        lines.append("")
+    for task in dict.fromkeys(r.task for r in results):
+        rows = [r for r in results if r.task == task]
+        metrics = list(dict.fromkeys(k for r in rows for k in r.metrics))
+        items = {r.subtask: r.items for r in rows}
+        prefix = {r.subtask: r.prefix_length for r in rows}
+        lines += [f"## {task}", "", f"Protocol: {rows[0].protocol}", "",
+                  "Items: " + ", ".join(f"{s} {n} (prefix {prefix[s]})" for s, n in items.items()), "",
+                  "| subtask | method | " + " | ".join(metrics) + " | executed sparsity | re-traces/seq | s |",
+                  "|---" * (len(metrics) + 5) + "|"]
+        for r in rows:
+            lines.append(f"| {r.subtask} | {_label(r)} | " + " | ".join(_fmt(r.metrics.get(m, float('nan')))
+                                                                       for m in metrics)
+                         + f" | {_fmt(r.engine.get('executed_sparsity', float('nan')))}"
+                         + f" | {_fmt(r.engine.get('retraces_mean', float('nan')))} | {r.seconds:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_quality(results: list[Result], out: Path) -> list[Path]:
+    """One figure per task: its primary metric vs sparsity, a line per method, dense as a dashed line."""
+    paths = []
+    for task in dict.fromkeys(r.task for r in results):
+        metric, _ = get_task(task).primary
+        rows = [r for r in results if r.task == task and metric in r.metrics]
+        subtasks = list(dict.fromkeys(r.subtask for r in rows))
+        if not subtasks:
+            continue
+        cols = min(3, len(subtasks))
+        nrows = math.ceil(len(subtasks) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+        for ax, subtask in zip(axes.flat, subtasks):
+            by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for r in rows:
+                if r.subtask == subtask:
+                    by_method[r.method].append((r.sparsity, r.metrics[metric]))
+            for n, (method, points) in enumerate(by_method.items()):
+                points.sort()
+                if method == "dense":
+                    ax.axhline(points[0][1], color="black", ls="--", lw=1, label="dense")
+                else:  # distinct markers and sizes, so methods with equal values stay visible
+                    ax.plot(*zip(*points), marker="osD^vP*X"[n % 8], ms=9 - n % 5, alpha=0.85, label=method)
+            if metric.startswith("ppl"):
+                ax.set_yscale("log")
+            ax.set_title(subtask, fontsize=9)
+            ax.set_xlabel("FFN sparsity")
+            ax.set_ylabel(metric)
+        for ax in list(axes.flat)[len(subtasks):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{task}: {metric} vs sparsity ({rows[0].model})")
+        fig.tight_layout()
+        path = out / f"plot_{task}_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_drift_traces(traces: dict, switches: dict[str, int], out: Path) -> list[Path]:
+    """The drift monitor's window cosines for every method that follows drift, per pair, switch marked."""
+    from dartprune.plots import plot_drift_trace
+    paths = []
+    for (pair, method, sparsity), stats in traces.items():
+        if stats is None or not stats.windows:
+            continue
+        path = out / f"drift_trace_{_safe(pair)}_{method}_{sparsity:g}.png"
+        title = (f"{pair}: {method} @ {sparsity:g}, {stats.retrace_count} re-traces "
+                 f"(switch at {switches[pair]})")
+        paths.append(plot_drift_trace(stats, path, title=title, switch_at=switches[pair]))
+    return paths

@@ -1,0 +1,62 @@
+"""Run tasks x method specs on one model and write the report."""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dartprune.evaluation import generation, mc, ppl  # noqa: F401  (registers the tasks)
+from dartprune.evaluation.core import attached, git_state, load_for_eval, method_specs, progress, versions
+from dartprune.evaluation.registry import EvalSettings, Result, get_task
+from dartprune.evaluation.report import markdown, plot_drift_traces, plot_quality, write_details, write_json
+
+
+def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: str | None = None,
+                   echo: bool = True) -> tuple[list[Result], Path]:
+    """Evaluate; returns the results and the output folder (results.json, results.md, details.jsonl, *.png)."""
+    task_classes = [get_task(name) for name in settings.tasks]  # fail fast on unknown names
+    specs = method_specs(settings.methods, settings.sparsities, settings.extra, calibration=settings.calibration)
+    limits = settings.limit.values() if isinstance(settings.limit, dict) else [settings.limit]
+    if any(n is not None and n < 1 for n in limits):
+        raise ValueError("--limit must be >= 1")
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, tokenizer = load_for_eval(settings.model, settings.dtype)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    meta = {"model": settings.model, "dtype": settings.dtype, "seed": settings.seed, "versions": versions(),
+            "git": git_state(), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+            "settings": settings.to_dict(),
+            "extra": settings.extra, "threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: list[Result] = []
+    details: list[dict] = []
+    plots: list[Path] = []
+    started = time.perf_counter()
+    for cls in progress(task_classes, "tasks", leave=True):
+        task = cls(settings, model, tokenizer, meta["versions"])
+        task.prepare()
+        for spec in progress(specs, f"{cls.name} methods", leave=True):
+            with attached(model, spec) as handle:
+                results += task.evaluate(spec, handle)
+            write_json(out / "results.json", meta, results)  # partial results survive an interrupted run
+        details += task.details
+        if cls.name == "drift":
+            switches = {name: switch for name, _, switch in task.sequences}
+            plots += plot_drift_traces(task.traces, switches, out)
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(out / "results.json", meta, results)
+    write_details(out / "details.jsonl", details)
+    plots += plot_quality(results, out)
+    table = markdown(meta, results)
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    if echo:
+        print(table)
+        print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'details.jsonl'} and "
+              f"{len(plots)} plot(s) in {meta['seconds']} s")
+    return results, out

@@ -1,0 +1,285 @@
+"""Evaluation (dartprune eval, its tasks, and the lm-eval backend) on a tiny random Llama with a tiny BPE
+tokenizer trained here, on a few items of the shared data."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from dartprune import DartConfig, attach
+from dartprune.evaluation import EvalSettings, run_evaluation
+from dartprune.evaluation.core import (
+    MethodSpec, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs, versions,
+)
+from dartprune.evaluation.data import MCItem, data_dir, gutenberg_path, load_mc
+from dartprune.evaluation.mc import score_item
+from dartprune.evaluation.ppl import Drift, Perplexity
+from tests.tiny_models import VOCAB, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDED = ("task", "subtask", "model", "dtype", "method", "sparsity", "metrics", "items", "prefix_length",
+            "protocol", "versions", "config", "engine", "seconds", "seed")
+
+pytestmark = pytest.mark.skipif(not (REPO.parent / "shared" / "data").is_dir() and not os.environ.get("DARTPRUNE_DATA"),
+                                reason="needs the shared evaluation data (shared/data beside the repository)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batch-1 decoding of a tiny model is far faster on one thread (and the machine has two cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_tokenizer():
+    """A 160-token BPE (the tiny models' vocabulary) over printable ASCII, trained on a little Austen."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation) + ["\u2581", "\n"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
+    tok.train_from_iterator([gutenberg_path("austen-emma").read_text(encoding="utf-8")[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, tokenizer, folder): a tiny random Llama saved with its tokenizer, loadable by name."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    assert len(tokenizer) == VOCAB and tokenizer.bos_token_id == 1 and tokenizer.pad_token_id == 0
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer, folder
+
+
+def spec(method: str, sparsity: float = 0.5, **extra) -> MethodSpec:
+    return MethodSpec(method, sparsity, DartConfig(method=method, sparsity=sparsity, **extra))
+
+
+def check_recorded(result: dict) -> None:
+    for key in RECORDED:
+        assert key in result, key
+    for package in ("torch", "transformers", "dartprune"):
+        assert result["versions"][package]
+    assert result["items"] >= 1 and result["protocol"]
+
+
+# ----------------------------------------------------------------------------------------------- protocol
+def test_teacher_forced_dense_equals_plain_forward(tiny):
+    model, _, _ = tiny
+    ids = torch.randint(3, VOCAB, (70,), generator=torch.Generator().manual_seed(0))
+    for traced, chunk in ((20, 5), (1, 3), (0, 5)):
+        with attach(model, DartConfig(method="dense")):
+            scored = teacher_forced_logprobs(model, ids, traced, chunk)
+        reference = dense_reference_logprobs(model, ids, traced)
+        assert scored.logprobs.shape == (70 - traced - 1,)
+        assert torch.allclose(scored.logprobs, reference, atol=1e-4, rtol=0)
+
+
+def test_teacher_forced_prunes_every_scored_token(tiny):
+    """Under a pruned method the first scored token already differs from dense: it comes from a pruned forward."""
+    model, _, _ = tiny
+    ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(1))
+    with attach(model, DartConfig(method="static", sparsity=0.7)) as handle:
+        scored = teacher_forced_logprobs(model, ids, 20, 5)
+        stats = handle.stats()[0]
+    assert stats.prompt_tokens == 20 and stats.tokens == 39
+    dense = dense_reference_logprobs(model, ids, 20)
+    assert not torch.isclose(scored.logprobs[0], dense[0], atol=1e-4)
+
+
+def test_method_specs_dense_once_and_unknown_method():
+    specs = method_specs(["dense", "dart", "griffin"], [0.5, 0.7])
+    assert [s.label for s in specs] == ["dense", "dart@0.5", "dart@0.7", "griffin@0.5", "griffin@0.7"]
+    with pytest.raises(ValueError, match="unknown method"):
+        method_specs(["nope"], [0.5])
+    with pytest.raises(ValueError, match="unknown DartConfig key"):
+        method_specs(["dart"], [0.5], {"windw": 3})
+
+
+# ----------------------------------------------------------------------------------------------- ppl and drift
+def test_ppl_dense_matches_direct_computation(tiny):
+    model, tokenizer, _ = tiny
+    settings = EvalSettings(model="tiny", limit=2, prefix=16, ppl_window=64)
+    task = Perplexity(settings, model, tokenizer, versions())
+    task.prepare()
+    assert len(task.windows) == 2 and all(len(w) == 64 for w in task.windows)
+    with attach(model, DartConfig(method="dense")) as handle:
+        [result] = task.evaluate(spec("dense", 0.0), handle)
+    nll = torch.cat([-dense_reference_logprobs(model, w, 16) for w in task.windows])
+    assert result.metrics["scored_tokens"] == nll.numel() == 2 * (64 - 17)
+    assert math.log(result.metrics["ppl"]) == pytest.approx(float(nll.mean()), abs=1e-4)
+    check_recorded(result.to_dict())
+    assert result.prefix_length == 16 and result.method == "dense"
+
+
+def test_drift_splits_a_and_b_at_the_switch(tiny):
+    model, tokenizer, _ = tiny
+    settings = EvalSettings(model="tiny", limit=1, prefix=16, drift_segment=24)
+    task = Drift(settings, model, tokenizer, versions())
+    task.prepare()
+    [(name, ids, switch)] = task.sequences
+    assert name == "austen-emma->bible-kjv" and switch == 16 + 24 and len(ids) == 16 + 48
+    with attach(model, DartConfig(method="dense")) as handle:
+        [result] = task.evaluate(spec("dense", 0.0), handle)
+    lp = dense_reference_logprobs(model, ids, 16)
+    split = switch - 17
+    assert math.log(result.metrics["ppl_a"]) == pytest.approx(-float(lp[:split].mean()), abs=1e-4)
+    assert math.log(result.metrics["ppl_b"]) == pytest.approx(-float(lp[split:].mean()), abs=1e-4)
+    assert result.metrics["retraces"] == 0 and result.extra["switch_at"] == switch
+
+
+# ----------------------------------------------------------------------------------------------- multiple choice
+def test_mc_sets_follow_the_data_readme():
+    copa = load_mc("copa", 1)[0]
+    assert copa.pairs[0] == ("The man turned on the faucet therefore", " the toilet filled with water.")
+    assert copa.label == 1
+    wino = load_mc("winogrande", 1)[0]
+    assert not wino.shared_context and wino.pairs[0][1] == wino.pairs[1][1] == " always got the easier cases."
+    assert wino.pairs[1][0].endswith("so Maria") and wino.label == 1
+    boolq = load_mc("boolq", 1)[0]
+    assert boolq.choices == ["no", "yes"] and boolq.pairs[0][0].endswith("?\nAnswer:")
+    for name in ("piqa", "arc_easy", "arc_challenge", "openbookqa", "siqa", "commonsenseqa"):
+        item = load_mc(name, 2)[1]
+        assert 0 <= item.label < len(item.choices) and item.shared_context
+    assert len(load_mc("openbookqa", 3)[2].choices) == 4 and len(load_mc("commonsenseqa", 1)[0].choices) == 5
+
+
+@pytest.mark.parametrize("method", ["dart", "griffin"])
+def test_mc_mask_is_traced_from_the_context_only(tiny, method):
+    """The kept neurons after the context prefill are the same whichever choice is then scored."""
+    model, tokenizer, _ = tiny
+    item = MCItem("test", 0, ["a cat", "the big dog ran far away, and then came back home", "x"], 0,
+                  [("Question: what did she see in the garden?\nAnswer:", c) for c in
+                   (" a cat", " the big dog ran far away, and then came back home", " x")])
+    kept: dict[int, list[torch.Tensor]] = {}
+    with attach(model, DartConfig(method=method, sparsity=0.5, window=3)) as handle:
+        lls = score_item(model, tokenizer, item, 3, on_traced=lambda c: kept.__setitem__(
+            c, [k.clone() for k in handle.rows[0].kept]))
+    assert len(lls) == 3 and sorted(kept) == [0, 1, 2]
+    for layer in range(len(kept[0])):
+        assert torch.equal(kept[0][layer], kept[1][layer]) and torch.equal(kept[0][layer], kept[2][layer])
+    assert any(k.numel() < 96 for k in kept[0])  # something was pruned
+
+
+def test_mc_dense_scores_match_plain_forward(tiny):
+    model, tokenizer, _ = tiny
+    item = load_mc("copa", 1)[0]
+    with attach(model, DartConfig(method="dense")):
+        lls = score_item(model, tokenizer, item, 5)
+    for ll, (context, continuation) in zip(lls, item.pairs):
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        assert ll == pytest.approx(float(dense_reference_logprobs(model, ctx + cont, len(ctx) - 1).sum()), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- the command
+def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
+    from dartprune.cli.eval import main
+    _, _, folder = tiny
+    out = tmp_path / "eval"
+    assert main(["--model", str(folder), "--methods", "dart,static", "--sparsity", "0.5,0.7",
+                 "--tasks", "ppl,drift,mc,xsum,topics", "--out", str(out), "--limit", "2",
+                 "--mc-sets", "copa,winogrande", "--ppl-window", "64", "--prefix", "16", "--drift-segment", "32",
+                 "--topic-tokens", "12", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Summary" in printed and "dart@0.7" in printed
+    data = json.loads((out / "results.json").read_text())
+    results = data["results"]
+    assert data["meta"]["model"] == str(folder) and data["meta"]["versions"]["torch"] == torch.__version__
+    for r in results:
+        check_recorded(r)
+        assert r["seed"] == 3 and r["dtype"] == "float32"
+    labels = {(r["method"], r["sparsity"]) for r in results}
+    assert labels == {("dense", 0.0), ("dart", 0.5), ("dart", 0.7), ("static", 0.5), ("static", 0.7)}
+    by = {(r["task"], r["subtask"], r["method"], r["sparsity"]): r for r in results}
+    assert by[("mc", "copa", "dart", 0.5)]["items"] == 2 and by[("mc", "mean", "dense", 0.0)]["items"] == 4
+    assert by[("xsum", "xsum_1shot", "dense", 0.0)]["metrics"]["rougeL_vs_dense"] == 1.0
+    assert set(by[("xsum", "xsum_1shot", "static", 0.5)]["metrics"]) >= {"rouge1", "rouge2", "rougeL",
+                                                                        "rougeL_vs_dense"}
+    assert by[("topics", "two_topic_prompts", "dart", 0.7)]["items"] == 2
+    assert "retraces_mean" in by[("topics", "two_topic_prompts", "dart", 0.7)]["engine"]
+    assert by[("drift", "shakespeare-hamlet->carroll-alice", "dart", 0.5)]["metrics"]["ppl_b"] > 0
+    assert (out / "results.md").read_text().startswith("# dartprune eval")
+    pngs = {p.name for p in out.glob("*.png")}
+    assert {"plot_ppl_ppl.png", "plot_drift_ppl_b.png", "plot_mc_acc_norm.png", "plot_xsum_rougeL.png",
+            "plot_topics_rougeL_vs_dense.png"} <= pngs
+    assert (out / "details.jsonl").read_text().count("\n") > 10
+
+
+def test_eval_command_errors(tmp_path):
+    from dartprune.cli.eval import main
+    with pytest.raises(ValueError, match="unknown task"):
+        main(["--model", "x", "--tasks", "nope", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown method"):
+        main(["--model", "x", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_per_task_limits(tiny, tmp_path):
+    model, tokenizer, _ = tiny
+    settings = EvalSettings(model="tiny", methods=["random"], sparsities=[0.5], tasks=["topics"], out=str(tmp_path),
+                            limit={"topics": 1, "mc": 5}, topic_tokens=4)
+    results, _ = run_evaluation(settings, model, tokenizer, command="test", echo=False)
+    assert [r.items for r in results] == [1, 1]
+
+
+# ----------------------------------------------------------------------------------------------- lm-eval backend
+@pytest.fixture(scope="module")
+def lm_eval_backend():
+    pytest.importorskip("lm_eval")
+    from dartprune.evaluation import lm_eval_backend
+    return lm_eval_backend
+
+
+def test_lm_eval_backend_local_copa(tiny, tmp_path, monkeypatch, lm_eval_backend):
+    """`--model dartprune` on a local COPA YAML: per-request scores equal the mc task's context-only scores."""
+    _, tokenizer, folder = tiny
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yaml = (REPO / "tests" / "data" / "copa_local.yaml").read_text()
+    yaml = yaml.replace("../shared/data/copa/val.jsonl", str(data_dir() / "copa" / "val.jsonl"))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "copa_local.yaml").write_text(yaml)
+    lm_eval_backend.main(["run", "--model", "dartprune", "--model_args",
+                          f"pretrained={folder},method=dart,sparsity=0.5,window=4", "--include_path",
+                          str(tmp_path / "tasks"), "--tasks", "dartprune_copa_local", "--limit", "3",
+                          "--output_path", str(tmp_path / "out"), "--log_samples"])
+    [results_file] = (tmp_path / "out").rglob("results_*.json")
+    acc = json.loads(results_file.read_text())["results"]["dartprune_copa_local"]
+    assert 0.0 <= acc["acc,none"] <= 1.0 and "acc_norm,none" in acc
+    [samples_file] = (tmp_path / "out").rglob("samples_dartprune_copa_local_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(samples) == 3
+    model = tiny_model("llama")  # a fresh copy: the backend loaded its own from the folder
+    with attach(model, DartConfig(method="dart", sparsity=0.5, window=4)):
+        for sample, item in zip(sorted(samples, key=lambda s: s["doc_id"]), load_mc("copa", 3)):
+            ours = score_item(model, tokenizer, item, 4)
+            theirs = [float(r[0][0]) for r in sample["resps"]]
+            assert theirs == pytest.approx(ours, abs=1e-4)
+
+
+def test_lm_eval_backend_model_args(tiny, lm_eval_backend):
+    from dartprune.engine.config import ConfigError
+    _, _, folder = tiny
+    with pytest.raises(ConfigError, match="unknown DartConfig key"):
+        lm_eval_backend.DartLM(pretrained=str(folder), method="dart", sparsity=0.5, windw=3)
+    lm = lm_eval_backend.DartLM(pretrained=str(folder), method="static", sparsity=0.7, monitored_layers="-1;-2",
+                                batch_size=1)
+    assert lm.dart_config.monitored_layers == (-1, -2) and lm.handle.config.sparsity == 0.7
+    request = (("Question: why?\nAnswer:", " because"), *encode_pair(lm.tokenizer, "Question: why?\nAnswer:",
+                                                                     " because"))
+    first, second = lm._loglikelihood_tokens([request, request], disable_tqdm=True)
+    assert first == second  # every request starts a new sequence: no state leaks between requests
+    assert lm.stats_summary()["sequences"] == 2
+    lm.handle.detach()
