@@ -1,0 +1,215 @@
+"""What pruning can buy at most, and what DART costs (SPEC section 6), from parameter counts.
+
+Byte ceiling: decoding one token of a batch-1 sequence reads every weight once (attention, FFN, norms, the
+output projection) plus one row of each embedding table. Pruning FFN neurons removes their rows of W_gate/W_up
+and columns of W_down, so with keep counts k_l the bytes read per token shrink, and
+
+    ceiling = bytes per token (dense) / bytes per token (pruned)
+
+is the speedup a bandwidth-bound decode step could reach. The achieved share of the possible gain is
+(speedup - 1) / (ceiling - 1). The KV cache read is left out of both (it grows with the context; it is reported
+separately, and is small for the prompt lengths benchmarked here).
+
+Overhead: the same formulas the engine's `SequenceStats` uses for state bytes and overhead FLOPs, as functions of
+the model's shapes, so they can be evaluated for a model too large to run here (Llama-3.1-8B).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dartprune.architectures import get_adapter
+
+
+@dataclass
+class DecodeBytes:
+    """Weight bytes read to decode one token, by part."""
+
+    attention: int
+    ffn: int
+    norms: int
+    lm_head: int
+    embedding_rows: int
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.ffn + self.norms + self.lm_head + self.embedding_rows + self.other
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def _unique_params(module: nn.Module) -> dict[int, nn.Parameter]:
+    return {id(p): p for p in module.parameters()}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def decode_bytes(model: nn.Module, keep_counts: list[int] | None = None) -> DecodeBytes:
+    """Weight bytes read per decoded token; FFN neurons kept per layer from `keep_counts` (None: all).
+
+    Works on a model with or without an attached handle (a `PrunedFFN` holds the same parameters)."""
+    adapter = get_adapter(model)
+    layers = adapter.layers()
+    if keep_counts is not None and len(keep_counts) != len(layers):
+        raise ValueError(f"keep_counts has {len(keep_counts)} entries for {len(layers)} layers")
+    attention = ffn = norms = 0
+    seen: set[int] = set()
+    for i, layer in enumerate(layers):
+        parts = adapter.ffn_parts(layer)
+        size = parts.intermediate_size
+        keep = size if keep_counts is None else keep_counts[i]
+        per_neuron = [parts.gate, parts.up, parts.up_bias, parts.down]
+        ffn_full = sum(_nbytes(t) for t in per_neuron)
+        ffn += ffn_full * keep // size + _nbytes(parts.down_bias)
+        ffn_ids = {id(t) for t in per_neuron + [parts.down_bias] if t is not None}
+        # FFN tensors may be views (Conv1D transposes, slices of a fused gate_up): match by memory overlap too
+        ffn_spans = [_span(t) for t in per_neuron + [parts.down_bias] if t is not None]
+        norm_ids = {id(p) for m in layer.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+        for pid, p in _unique_params(layer).items():
+            seen.add(pid)
+            if pid in ffn_ids or any(_overlaps(_span(p), span) for span in ffn_spans):
+                continue
+            if pid in norm_ids:
+                norms += _nbytes(p)
+            else:
+                attention += _nbytes(p)
+    head = adapter.output_embeddings()
+    lm_head = _nbytes(head)
+    seen.add(id(head))
+    embedding_rows = other = 0
+    embedding_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and id(module.weight) not in seen:
+            embedding_ids.add(id(module.weight))
+            embedding_rows += module.weight.shape[1] * module.weight.element_size()
+    if id(head) in {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}:
+        embedding_rows += head.shape[1] * head.element_size()          # tied: the lookup still reads a row
+    for pid, p in _unique_params(model).items():
+        if pid in seen or pid in embedding_ids:
+            continue
+        seen.add(pid)
+        other += _nbytes(p)                                              # final norm(s), projections
+    return DecodeBytes(attention, ffn, norms, lm_head, embedding_rows, other)
+
+
+def byte_ceiling(model: nn.Module, keep_counts: list[int]) -> float:
+    """Dense bytes per decoded token over pruned bytes per decoded token."""
+    return decode_bytes(model).total / decode_bytes(model, keep_counts).total
+
+
+def share_of_gain(speedup: float | None, ceiling: float | None) -> float | None:
+    """(speedup - 1) / (ceiling - 1); None when nothing is pruned (ceiling 1)."""
+    if speedup is None or ceiling is None or ceiling <= 1.0 + 1e-9:
+        return None
+    return (speedup - 1.0) / (ceiling - 1.0)
+
+
+def kv_cache_bytes(model: nn.Module, tokens: int) -> int:
+    """Bytes of keys and values read by one decode step over a context of `tokens`."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    element = next(model.parameters()).element_size()
+    return 2 * layers * kv * head_dim * tokens * element
+
+
+# ----------------------------------------------------------------------------- shapes-only formulas
+@dataclass(frozen=True)
+class Shapes:
+    """A gated decoder's sizes (Llama layout)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    dtype_bytes: int = 2
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_params(self) -> dict[str, int]:
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return {"attention": attention, "ffn": 3 * self.hidden * self.intermediate, "norms": 2 * self.hidden}
+
+
+LLAMA_3_1_8B = Shapes(layers=32, hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8, dtype_bytes=2)
+
+
+def shapes_decode_bytes(shapes: Shapes, keep: int | list[int] | None = None) -> DecodeBytes:
+    """`decode_bytes` from shapes alone (keep: neurons kept per layer, one number or one per layer)."""
+    per = shapes.layer_params()
+    keeps = [shapes.intermediate] * shapes.layers if keep is None else (
+        [keep] * shapes.layers if isinstance(keep, int) else list(keep))
+    b = shapes.dtype_bytes
+    return DecodeBytes(attention=per["attention"] * shapes.layers * b,
+                       ffn=sum(3 * shapes.hidden * k for k in keeps) * b,
+                       norms=per["norms"] * shapes.layers * b,
+                       lm_head=shapes.vocab * shapes.hidden * b,
+                       embedding_rows=shapes.hidden * b, other=shapes.hidden * b)
+
+
+def dart_state_bytes(shapes: Shapes, sparsity: float, ring_size: int = 16, monitored_layers: int = 1,
+                     window: int = 5, pending_tokens: int | None = None) -> dict[str, int]:
+    """Bytes of one sequence's DART state, by the formula `SequenceStats.state_bytes` uses: ring buffer of FFN
+    inputs (model dtype) and monitored attention outputs (float32), per-layer scores (float32), kept indices
+    (int64), drift reference and the window being collected (at most window - 1 tokens, float32).
+    Compact weights are reported apart: they are a copy of the kept weights, not state."""
+    keep = round((1.0 - sparsity) * shapes.intermediate)
+    pending = window - 1 if pending_tokens is None else pending_tokens
+    parts = {
+        "ring_ffn_inputs": shapes.layers * ring_size * shapes.hidden * shapes.dtype_bytes,
+        "ring_attention": monitored_layers * ring_size * shapes.hidden * 4,
+        "ring_valid": ring_size,
+        "scores": shapes.layers * shapes.intermediate * 4,
+        "kept_indices": shapes.layers * keep * 8,
+        "drift": monitored_layers * shapes.hidden * 4 * (1 + pending),
+    }
+    parts["total"] = sum(parts.values())
+    parts["compact_weights"] = shapes.layers * 3 * shapes.hidden * keep * shapes.dtype_bytes
+    return parts
+
+
+def overhead_flops(shapes: Shapes, prompt_tokens: int, new_tokens: int, retraces: int = 0, ring_size: int = 16,
+                   monitored_layers: int = 1, window: int = 5) -> dict[str, float]:
+    """Tracing + monitoring + re-trace FLOPs over the dense forward FLOPs of the same tokens, by the formulas
+    the engine's stats use (tracing: squares and sums of u per prompt token plus the layer-importance
+    reductions; monitoring: one window mean and cosine per W tokens; re-trace: R tokens through the full
+    gate and up projections)."""
+    per = shapes.layer_params()
+    dense_per_token = 2.0 * ((per["attention"] + per["ffn"] + per["norms"]) * shapes.layers
+                             + shapes.vocab * shapes.hidden)
+    tokens = prompt_tokens + new_tokens
+    tracing = prompt_tokens * shapes.layers * (3.0 * shapes.intermediate + 12.0 * shapes.hidden)
+    monitoring = new_tokens * monitored_layers * shapes.hidden * (1 + 3 / window)
+    retrace = retraces * ring_size * shapes.layers * shapes.intermediate * (2.0 * shapes.hidden * 2 + 5.0)
+    dense = tokens * dense_per_token
+    per_retrace = ring_size * shapes.layers * shapes.intermediate * (2.0 * shapes.hidden * 2 + 5.0)
+    return {"tracing": tracing, "monitoring": monitoring, "retrace": retrace, "dense": dense,
+            "fraction": (tracing + monitoring + retrace) / dense,
+            "fraction_per_retrace": per_retrace / dense,
+            "retrace_in_dense_tokens": per_retrace / dense_per_token}
