@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 import dartprune
+from dartprune.paths import data_dir
 from dartprune import DartConfig
 from dartprune.models import load_model
 
-GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
+GUTENBERG = data_dir() / "gutenberg"
 PREFIX, SWITCH, END = 256, 512, 768
 PAIRS = {
     "austen > bible": (("austen-emma.txt", 5000), ("bible-kjv.txt", 5000)),

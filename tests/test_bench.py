@@ -18,10 +18,11 @@ from dartprune.benchmarks.lean import LeanDecoder
 from dartprune.benchmarks.speed import BenchSettings, markdown_table, run_speed_benchmark, write_results
 from dartprune.cli.main import main
 from dartprune.engine.ffn import CompactWeights
+from dartprune.paths import data_dir
 from tests.tiny_models import CONFIGS, FAMILIES, VOCAB, random_ids, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-GUTENBERG = ROOT.parent / "shared" / "data" / "gutenberg"
+GUTENBERG = data_dir() / "gutenberg"
 
 
 @pytest.fixture(autouse=True)

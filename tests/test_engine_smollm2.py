@@ -1,14 +1,14 @@
 """The engine on the real SmolLM2-135M: exactness, and the drift monitor on a text that changes domain."""
-from pathlib import Path
 
 import pytest
 import torch
 
 import dartprune
+from dartprune.paths import data_dir
 from dartprune import DartConfig
 from tests.helpers import teacher_forced_logits
 
-GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
+GUTENBERG = data_dir() / "gutenberg"
 PREFIX, SWITCH, END = 256, 512, 768
 
 

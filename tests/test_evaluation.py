@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import string
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from dartprune.evaluation import EvalSettings, run_evaluation
 from dartprune.evaluation.core import (
     MethodSpec, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs, versions,
 )
-from dartprune.evaluation.data import MCItem, data_dir, gutenberg_path, load_mc
+from dartprune.evaluation.data import MCItem, load_mc
+from dartprune.paths import data_dir, gutenberg_path
 from dartprune.evaluation.mc import score_item
 from dartprune.evaluation.ppl import Drift, Perplexity
 from tests.tiny_models import VOCAB, tiny_model
@@ -25,8 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECORDED = ("task", "subtask", "model", "dtype", "method", "sparsity", "metrics", "items", "prefix_length",
             "protocol", "versions", "config", "engine", "seconds", "seed")
 
-pytestmark = pytest.mark.skipif(not (REPO.parent / "shared" / "data").is_dir() and not os.environ.get("DARTPRUNE_DATA"),
-                                reason="needs the shared evaluation data (shared/data beside the repository)")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import dartprune
+from dartprune.paths import data_dir
 from dartprune import ConfigError, DartConfig
 from dartprune.architectures import get_adapter
 from dartprune.engine import METHOD_REGISTRY
@@ -23,7 +24,7 @@ from dartprune.engine.ffn import activations
 from dartprune.engine.scoring import top_neurons
 from tests.tiny_models import FAMILIES, VOCAB, random_ids, tiny_model
 
-GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
+GUTENBERG = data_dir() / "gutenberg"
 CAL_TEXT = GUTENBERG / "carroll-alice.txt"
 EVAL_TEXT = GUTENBERG / "austen-emma.txt"
 SAMPLES, SEQ_LEN = 8, 64

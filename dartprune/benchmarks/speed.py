@@ -31,12 +31,11 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
 import dartprune
-from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, byte_ceiling, dart_state_bytes, decode_bytes,
+from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, dart_state_bytes, decode_bytes,
                                           kv_cache_bytes, overhead_flops, share_of_gain)
 from dartprune.engine import DartConfig, attach
+from dartprune.paths import gutenberg_path
 
-GUTENBERG = Path(os.environ.get("DARTPRUNE_GUTENBERG",
-                                Path(__file__).resolve().parents[3] / "shared" / "data" / "gutenberg"))
 DEFAULT_TEXT = "austen-emma.txt"
 LOOPS = ("hf", "lean")
 
@@ -57,9 +56,12 @@ class BenchSettings:
 
 # ----------------------------------------------------------------------------- prompt
 def gutenberg_text(name: str = DEFAULT_TEXT, folder: Path | None = None) -> str:
-    path = Path(name) if Path(name).is_file() else (folder or GUTENBERG) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt text {path} not found (the shared Gutenberg texts live in {GUTENBERG})")
+    if Path(name).is_file():
+        path = Path(name)
+    elif folder is not None:
+        path = folder / name
+    else:
+        path = gutenberg_path(name)
     return path.read_text(encoding="utf-8", errors="ignore")
 
 

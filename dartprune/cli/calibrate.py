@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--samples and --batch-size must be >= 1 and --seq-len >= 2")
     sparsities = parse_sparsities(args.sparsities)
     if args.text is None:
-        from dartprune.evaluation.data import gutenberg_path
+        from dartprune.paths import gutenberg_path
         text = gutenberg_path(DEFAULT_TEXT)
     else:
         text = Path(args.text)

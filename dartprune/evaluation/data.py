@@ -9,29 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def data_dir() -> Path:
-    """$DARTPRUNE_DATA, else shared/data beside the repository (where the project and CI lay it)."""
-    env = os.environ.get("DARTPRUNE_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
-    if not path.is_dir():
-        raise FileNotFoundError(f"evaluation data folder {path} not found; set DARTPRUNE_DATA to shared/data")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------- Gutenberg
-def gutenberg_path(name: str) -> Path:
-    stem = name[:-4] if name.endswith(".txt") else name
-    path = data_dir() / "gutenberg" / f"{stem}.txt"
-    if not path.is_file():
-        names = sorted(p.stem for p in (data_dir() / "gutenberg").glob("*.txt"))
-        raise FileNotFoundError(f"no Gutenberg text {name!r}; available: {names}")
-    return path
+from dartprune.paths import data_dir
 
 
 def read_text(path: str | Path, start: int = 0, chars: int | None = None) -> str:

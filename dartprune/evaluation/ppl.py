@@ -10,7 +10,8 @@ from dartprune.evaluation.core import (
     PROTOCOL_TEACHER_FORCED, MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats,
     teacher_forced_logprobs,
 )
-from dartprune.evaluation.data import gutenberg_path, read_text
+from dartprune.evaluation.data import read_text
+from dartprune.paths import gutenberg_path
 from dartprune.evaluation.registry import Task, register_task
 
 DEFAULT_PPL_TEXT = "austen-persuasion"
