@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import string
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,9 @@ from dartprune.benchmarks.lean import LeanDecoder
 from dartprune.benchmarks.speed import BenchSettings, markdown_table, run_speed_benchmark, write_results
 from dartprune.cli.main import main
 from dartprune.engine.ffn import CompactWeights
-from dartprune.paths import data_dir
-from tests.tiny_models import CONFIGS, FAMILIES, VOCAB, random_ids, tiny_model
+from tests.tiny_models import CONFIGS, FAMILIES, random_ids, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-GUTENBERG = data_dir() / "gutenberg"
 
 
 @pytest.fixture(autouse=True)
@@ -103,25 +100,10 @@ def test_bench_skips_the_lean_loop_for_other_families():
     assert {r["loop"] for r in result["rows"]} == {"hf"} and any("lean loop skipped" in m for m in messages)
 
 
-def _tiny_tokenizer():
-    """A BPE with the tiny models' vocabulary size, trained on a little Austen."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
-    alphabet = list(string.ascii_letters + string.digits + string.punctuation) + ["\u2581", "\n"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
-    tok.train_from_iterator([(GUTENBERG / "austen-emma.txt").read_text(encoding="utf-8")[:20000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, capsys):
     folder = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     out = tmp_path / "results"
     code = main(["bench", "--model", str(folder), "--methods", "dense,dart,static", "--sparsity", "0,0.5",
                  "--prompt-len", "32", "--new-tokens", "5", "--dtype", "float32,bfloat16", "--repeats", "2",

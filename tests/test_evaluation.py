@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,10 @@ from dartprune.evaluation.core import (
     MethodSpec, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs, versions,
 )
 from dartprune.evaluation.data import MCItem, load_mc
-from dartprune.paths import data_dir, gutenberg_path
+from dartprune.paths import data_dir
 from dartprune.evaluation.mc import score_item
 from dartprune.evaluation.ppl import Drift, Perplexity
-from tests.tiny_models import VOCAB, tiny_model
+from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDED = ("task", "subtask", "model", "dtype", "method", "sparsity", "metrics", "items", "prefix_length",
@@ -34,21 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_tokenizer():
-    """A 160-token BPE (the tiny models' vocabulary) over printable ASCII, trained on a little Austen."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
-    alphabet = list(string.ascii_letters + string.digits + string.punctuation) + ["\u2581", "\n"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
-    tok.train_from_iterator([gutenberg_path("austen-emma").read_text(encoding="utf-8")[:20000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,16 @@
 """Tiny random models of every supported family, built offline from configs, for fast exact tests."""
 from __future__ import annotations
 
+import string
+
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers import (
     GemmaConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
     Phi3Config, Qwen2Config, Qwen3Config,
 )
+
+from dartprune.paths import gutenberg_path
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 32, 96, 4, 4, 160
 
@@ -49,3 +53,18 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def tiny_tokenizer():
+    """A 160-token BPE (the tiny models' vocabulary) over printable ASCII, trained on a little Austen."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation) + ["\u2581", "\n"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
+    tok.train_from_iterator([gutenberg_path("austen-emma").read_text(encoding="utf-8")[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

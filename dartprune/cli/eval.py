@@ -3,9 +3,8 @@ methods at several sparsities; writes results.json, results.md (printed), detail
 from __future__ import annotations
 
 import argparse
-import ast
 
-from dartprune.engine.config import ConfigError
+from dartprune.cli.generate import parse_settings
 
 
 def _csv(kind):
@@ -18,19 +17,6 @@ def _csv(kind):
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from err
     return parse
-
-
-def _settings(items: list[str]) -> dict[str, object]:
-    values: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            values[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            values[key.strip()] = raw
-    return values
 
 
 def _limit(text: str) -> int | dict[str, int]:
@@ -95,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dartprune.evaluation.registry import EvalSettings
     from dartprune.evaluation.runner import run_evaluation
-    extra = _settings(args.set)
+    extra = parse_settings(args.set)
     calibration: dict[str, str] = {}
     for item in args.calibration_file:
         method, sep, path = item.partition("=")
