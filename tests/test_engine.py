@@ -251,6 +251,20 @@ def test_dense_steps_retrace_mode_runs_dense_then_rebuilds():
     assert stats.executed_sparsity < static_like - 1e-3
 
 
+def test_dense_steps_count_tokens_when_forwards_carry_several():
+    """Teacher-forced chunks of 5 tokens: a re-trace ends exactly `dense_steps` tokens after its trigger."""
+    model = tiny_model("llama")
+    config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=10, floor=0.0, delta=0.0,
+                        trigger_count=1, cooldown=0)
+    with dartprune.attach(model, config) as handle:
+        teacher_forced_logits(model, random_ids(1, 140, seed=3), prefix=20, chunk=5)
+        stats = handle.stats()[0]
+    triggers = [w.position for w in stats.windows if w.pressure >= config.trigger_count]
+    assert stats.retrace_count >= 1
+    for retrace in stats.retraces:
+        assert retrace.position - config.dense_steps in triggers
+
+
 def test_drift_monitor_waits_for_two_windows_and_triggers_on_pressure():
     monitor = DriftMonitor(window=5, delta=0.1, floor=0.1, trigger_count=2, cooldown=1)
     base = torch.randn(1, 1, 16)

@@ -388,7 +388,7 @@ class DartHandle:
         for b, row in enumerate(self.rows):
             if row.dense_left == 0:
                 continue
-            row.dense_left -= 1
+            row.dense_left = max(0, row.dense_left - int(self._valid[b].sum()))  # tokens, not forward calls
             if row.dense_left == 0:
                 start = time.perf_counter()
                 changed = [self._replace_scores(b, i, self._sumsq[i][b]) for i in range(len(self.layers))]
