@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dartprune import DartConfig, attach
+from dartprune.cli.main import main as cli_main
 from dartprune.evaluation import EvalSettings, run_evaluation
 from dartprune.evaluation.core import (
     MethodSpec, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs, versions,
@@ -225,7 +227,8 @@ def lm_eval_backend():
 
 
 def test_lm_eval_backend_local_copa(tiny, tmp_path, monkeypatch, lm_eval_backend):
-    """`--model dartprune` on a local COPA YAML: per-request scores equal the mc task's context-only scores."""
+    """`dartprune lm-eval --model dartprune` on a local COPA YAML: per-request scores equal the mc task's
+    context-only scores."""
     _, tokenizer, folder = tiny
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -233,10 +236,11 @@ def test_lm_eval_backend_local_copa(tiny, tmp_path, monkeypatch, lm_eval_backend
     yaml = yaml.replace("../shared/data/copa/val.jsonl", str(data_dir() / "copa" / "val.jsonl"))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "copa_local.yaml").write_text(yaml)
-    lm_eval_backend.main(["run", "--model", "dartprune", "--model_args",
-                          f"pretrained={folder},method=dart,sparsity=0.5,window=4", "--include_path",
-                          str(tmp_path / "tasks"), "--tasks", "dartprune_copa_local", "--limit", "3",
-                          "--output_path", str(tmp_path / "out"), "--log_samples"])
+    monkeypatch.setattr(sys, "argv", ["dartprune"])
+    assert cli_main(["lm-eval", "--model", "dartprune", "--model_args",
+                     f"pretrained={folder},method=dart,sparsity=0.5,window=4", "--include_path",
+                     str(tmp_path / "tasks"), "--tasks", "dartprune_copa_local", "--limit", "3",
+                     "--output_path", str(tmp_path / "out"), "--log_samples"]) == 0
     [results_file] = (tmp_path / "out").rglob("results_*.json")
     acc = json.loads(results_file.read_text())["results"]["dartprune_copa_local"]
     assert 0.0 <= acc["acc,none"] <= 1.0 and "acc_norm,none" in acc

@@ -5,11 +5,11 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("generate", "models", "eval", "bench", "calibrate")
+SUBCOMMANDS = ("generate", "models", "eval", "bench", "calibrate", "harness")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dartprune", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="dartprune", description=__doc__.splitlines()[0].replace("`", ""))
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"dartprune.cli.{name}").register(subparsers)
@@ -19,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; user errors print one clear line and exit 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.passthrough_args = extra
     try:
         return args.run(args) or 0
     except (ValueError, RuntimeError, FileNotFoundError) as err:

@@ -1,8 +1,9 @@
 """lm-evaluation-harness backend: `--model dartprune` runs any lm-eval task through the DART engine.
 
-Registration happens when this module is imported, so run lm-eval through it:
+Registration happens when this module is imported (lm-eval discovers no models from other packages), so run
+lm-eval through dartprune (or `python -m dartprune.evaluation.lm_eval_backend` with the same arguments):
 
-    python -m dartprune.evaluation.lm_eval_backend --model dartprune \
+    dartprune lm-eval --model dartprune \
         --model_args pretrained=smollm2-135m,method=dart,sparsity=0.5 --tasks piqa --limit 50
 
 Model args: `pretrained` (alias, local folder or Hub id) and `dtype` load the model; lm-eval's own HFLM options
