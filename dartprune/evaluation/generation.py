@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 
 import torch
 
@@ -47,9 +48,9 @@ class _GenerationTask(Task):
         super().__init__(*args, **kwargs)
         self.dense_outputs: list[str] | None = None
 
+    @abstractmethod
     def _prompts(self) -> list[tuple[torch.Tensor, int, str | None]]:
         """(ids, max_new_tokens, reference or None) per item."""
-        raise NotImplementedError
 
     def evaluate(self, spec: MethodSpec, handle) -> list:
         started = time.perf_counter()

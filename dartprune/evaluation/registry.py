@@ -1,6 +1,7 @@
 """Task registry in the lm-eval style: a name maps to a Task class; `dartprune eval --tasks a,b` looks them up."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -86,7 +87,7 @@ class Result:
         return asdict(self)
 
 
-class Task:
+class Task(ABC):
     """A task prepares its data once (`prepare`), then `evaluate` runs it for one method spec with the engine
     attached; specs come dense first, so generation tasks can keep the dense outputs as a reference."""
 
@@ -105,8 +106,9 @@ class Task:
     def prepare(self) -> None:
         """Load and tokenise the data (honouring settings.limit)."""
 
+    @abstractmethod
     def evaluate(self, spec: MethodSpec, handle) -> list[Result]:
-        raise NotImplementedError
+        """Score the prepared items with `spec`'s method (`handle` attached, None for dense)."""
 
     def result(self, spec: MethodSpec, subtask: str, metrics: dict[str, float], items: int,
                prefix_length: float | str, engine: dict[str, float], seconds: float, **extra: Any) -> Result:
