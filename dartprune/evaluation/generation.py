@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from abc import abstractmethod
 
 import torch
 
@@ -42,15 +41,12 @@ def _mean(values: list[float]) -> float:
 
 
 class _GenerationTask(Task):
-    """Dense runs first; its outputs become the reference for ROUGE-L vs dense."""
+    """Dense runs first; its outputs become the reference for ROUGE-L vs dense. Subclasses fill `self.items`
+    in `prepare` with (ids, max_new_tokens, reference or None) per prompt."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.dense_outputs: list[str] | None = None
-
-    @abstractmethod
-    def _prompts(self) -> list[tuple[torch.Tensor, int, str | None]]:
-        """(ids, max_new_tokens, reference or None) per item."""
 
     def evaluate(self, spec: MethodSpec, handle) -> list:
         started = time.perf_counter()
