@@ -33,8 +33,9 @@ class DartConfig:
     prune_prefill: also prune the prompt's forward (costs a dense tracing pass first).
     window/delta/floor/trigger_count/cooldown: drift monitor W, delta, floor, c0 and windows ignored after a
         re-trace. c0 = 3 and cooldown = 4 were chosen by benchmarks/drift_tuning.py (results in
-        benchmarks/results/drift_tuning.md): c0 = 1 re-traced 7-16 times inside one unchanged text on
-        SmolLM2 and made its perplexity worse; c0 = 3 did not re-trace there and still followed a switch.
+        benchmarks/results/drift_tuning.md): at 50% sparsity on SmolLM2, c0 = 1 re-traced 7-9 times inside
+        the first 256 tokens of one unchanged text and made their perplexity worse; c0 = 3 did not re-trace
+        there and still followed a switch.
     monitored_layers: layer indices whose attention output is watched (negative counts from the end).
     ring_size: R, tokens of FFN inputs kept per layer for re-tracing.
     retrace: "buffer" (score the ring buffer with full weights) or "dense-steps" (the authors': run dense for
