@@ -202,6 +202,17 @@ def test_state_does_not_grow_with_generation_length():
     assert stats.state_bytes == short
 
 
+@pytest.mark.parametrize("config", [DartConfig(method="static"), DartConfig(method="griffin"),
+                                    DartConfig(sparsity=0.0)], ids=["static", "griffin", "rho0"])
+def test_no_ring_buffer_where_nothing_retraces(config):
+    """Only a re-tracing method fills the ring buffer: the others hold just their scores and kept indices."""
+    model = tiny_model("llama")
+    with dartprune.attach(model, config) as handle:
+        model.generate(random_ids(1, 20), max_new_tokens=10, do_sample=False)
+        stats = handle.stats()[0]
+    assert stats.state_bytes == sum(stats.intermediate_sizes) * 4 + sum(stats.keep_counts) * 8
+
+
 def test_streamer_and_stopping_criteria_work():
     from transformers import StoppingCriteria, StoppingCriteriaList
 

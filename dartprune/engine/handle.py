@@ -61,6 +61,8 @@ class DartHandle:
         # At sparsity 0 nothing is replaced and only the two model-level hooks (for stats) are installed, so the
         # forward runs the untouched model's code and costs nothing extra.
         self.prunes = self.method.prunes and config.sparsity > 0
+        # Only a method that re-traces reads the ring buffer; the others skip filling it on every token.
+        self.keeps_ring = self.prunes and self.method.follows_drift
         self.layers = self.adapter.layers()
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers]
         self.sizes = [p.intermediate_size for p in self.parts]
@@ -137,7 +139,7 @@ class DartHandle:
             raise RuntimeError(f"batch size changed from {len(self.rows)} to {batch} inside one sequence; "
                                "dartprune keeps per-row state and does not follow beam reordering")
         self.batch, self.tokens, self._valid = batch, tokens, valid.cpu()
-        self._ring_take = min(tokens, self.config.ring_size)
+        self._ring_take = min(tokens, self.config.ring_size) if self.keeps_ring else 0
         start = 0 if new_sequence else self._ring_next
         self._ring_slots = (start + torch.arange(self._ring_take)) % self.config.ring_size
         self._attn_now: list[torch.Tensor | None] = [None] * len(self.monitored)
@@ -175,9 +177,10 @@ class DartHandle:
                 self._finish_dense_steps()
             self._monitor()
         self._account_forward(ran_dense)
-        self._ring_next = int(self._ring_slots[-1] + 1) % self.config.ring_size if self._ring_take else self._ring_next
-        self._ring_valid[:, self._ring_slots] = self._valid[:, -self._ring_take:]
-        self._ring_written = min(self.config.ring_size, self._ring_written + self._ring_take)
+        if self._ring_take:
+            self._ring_next = int(self._ring_slots[-1] + 1) % self.config.ring_size
+            self._ring_valid[:, self._ring_slots] = self._valid[:, -self._ring_take:]
+            self._ring_written = min(self.config.ring_size, self._ring_written + self._ring_take)
         if self._phase == "pruned-prefill":
             self._phase = "decode"
 
@@ -209,7 +212,7 @@ class DartHandle:
     # ----------------------------------------------------------------- tracing
     def _start_sequence(self, batch: int) -> None:
         dtype = self.parts[0].up.dtype
-        ring = self.config.ring_size
+        ring = self.config.ring_size if self.keeps_ring else 0
         self._ring_x = torch.zeros(len(self.layers), batch, ring, self.hidden, dtype=dtype)
         self._ring_a = torch.zeros(len(self.monitored), batch, ring, self.hidden)
         self._ring_valid = torch.zeros(batch, ring, dtype=torch.bool)
