@@ -55,13 +55,9 @@ class BenchSettings:
 
 
 # ----------------------------------------------------------------------------- prompt
-def gutenberg_text(name: str = DEFAULT_TEXT, folder: Path | None = None) -> str:
-    if Path(name).is_file():
-        path = Path(name)
-    elif folder is not None:
-        path = folder / name
-    else:
-        path = gutenberg_path(name)
+def gutenberg_text(name: str = DEFAULT_TEXT) -> str:
+    """The prompt source: a file path, or the name of a shared Gutenberg text."""
+    path = Path(name) if Path(name).is_file() else gutenberg_path(name)
     return path.read_text(encoding="utf-8", errors="ignore")
 
 
