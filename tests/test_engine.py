@@ -7,7 +7,7 @@ import dartprune
 from dartprune import ConfigError, DartConfig
 from dartprune.engine.budgets import depth_protection, keep_counts, pruning_ratios
 from dartprune.engine.drift import DriftMonitor
-from dartprune.engine.ffn import CompactWeights
+from dartprune.engine.ffn import CompactWeights, entering
 from dartprune.engine.scoring import top_neurons
 from tests.helpers import teacher_forced_logits
 from tests.tiny_models import FAMILIES, INTERMEDIATE, LAYERS, random_ids, tiny_model
@@ -113,6 +113,19 @@ def test_top_neurons_breaks_ties_by_lower_index():
     scores = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 0.0])
     assert top_neurons(scores, 2).tolist() == [1, 2]
     assert top_neurons(scores, 4).tolist() == [1, 2, 3, 4]
+
+
+def test_top_neurons_equals_a_stable_sort_with_many_ties():
+    generator = torch.Generator().manual_seed(0)
+    for size, k in [(50, 0), (50, 1), (50, 17), (50, 49), (50, 50), (1536, 768)]:
+        scores = torch.randint(0, 5, (size,), generator=generator).float()
+        expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(top_neurons(scores, k), expected)
+
+
+def test_entering_lists_new_neurons_in_order():
+    assert entering(torch.tensor([0, 3, 5]), torch.tensor([1, 3, 5, 7]), 8).tolist() == [1, 7]
+    assert entering(torch.tensor([2]), torch.tensor([2]), 4).numel() == 0
 
 
 def test_masks_are_deterministic_and_layer_budgets_follow_the_prompt():

@@ -20,7 +20,7 @@ from dartprune.architectures import get_adapter
 from dartprune.engine.budgets import keep_counts, layer_importance, pruning_ratios
 from dartprune.engine.config import ConfigError, DartConfig
 from dartprune.engine.drift import DriftMonitor
-from dartprune.engine.ffn import CompactWeights, PrunedFFN, activations
+from dartprune.engine.ffn import CompactWeights, PrunedFFN, activations, entering
 from dartprune.engine.methods import make_method
 from dartprune.engine.scoring import squared_activations, top_neurons, vocab_prior
 from dartprune.engine.stats import RetraceRecord, SequenceStats
@@ -352,11 +352,12 @@ class DartHandle:
         order = self._ring_order()
         order = order[self._ring_valid[b, order]]
         tokens = order.numel()
+        ring = self._ring_x[:, b].index_select(1, order)
+        valid = torch.ones(1, tokens, dtype=torch.bool)
+        kind = self._trace_kind()
         changed = []
         for i, parts in enumerate(self.parts):
-            x = self._ring_x[i, b, order]
-            sumsq = squared_activations(activations(parts, x)[None], torch.ones(1, tokens, dtype=torch.bool),
-                                        self._trace_kind(), self.config.ema_decay)[0]
+            sumsq = squared_activations(activations(parts, ring[i])[None], valid, kind, self.config.ema_decay)[0]
             changed.append(self._replace_scores(b, i, sumsq))
             row.flops["retrace"] += tokens * self.sizes[i] * (2.0 * self.hidden * (2 if parts.gated else 1) + 5.0)
         row.drift.refit(self._ring_a[:, b, order])
@@ -375,14 +376,15 @@ class DartHandle:
             fresh = (1 - blend) * _unit(fresh) + blend * _unit(row.scores[layer])
         row.scores[layer] = fresh
         kept = top_neurons(row.scores[layer], row.keep[layer])
-        changed = int((~torch.isin(kept, row.kept[layer])).sum())
-        row.kept[layer] = kept
         ffn = self.ffns[layer]
         if ffn.compact is not None:
-            ffn.compact.update(kept)
-        elif ffn.mask is not None:
-            ffn.mask[b].zero_()
-            ffn.mask[b, 0, kept] = 1
+            changed = ffn.compact.update(kept)
+        else:
+            changed = entering(row.kept[layer], kept, self.sizes[layer]).numel()
+            if ffn.mask is not None:
+                ffn.mask[b].zero_()
+                ffn.mask[b, 0, kept] = 1
+        row.kept[layer] = kept
         return changed
 
     @torch.no_grad()

@@ -23,9 +23,18 @@ def squared_activations(u: torch.Tensor, valid: torch.Tensor, kind: str, ema_dec
 
 
 def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, ties broken by the lower index (a stable sort), in ascending order."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return order.sort().values
+    """Indices of the k highest scores, ties broken by the lower index (as a stable sort would), in ascending
+    order. topk finds the k-th value; everything above it is kept, and of the scores equal to it the lowest
+    indices fill the rest: the same set as a stable sort, at half the time (this runs per layer on a re-trace)."""
+    if k >= scores.numel():
+        return torch.arange(scores.numel())
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    keep = scores > kth
+    ties = (scores == kth).nonzero().flatten()
+    keep[ties[: k - int(keep.sum())]] = True
+    return keep.nonzero().flatten()
 
 
 @torch.no_grad()
