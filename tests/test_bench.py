@@ -12,7 +12,8 @@ import torch
 
 from dartprune import DartConfig, attach
 from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, Shapes, byte_ceiling, dart_state_bytes, decode_bytes,
-                                          overhead_flops, shapes_decode_bytes, share_of_gain)
+                                          fit_fixed_cost, overhead_flops, shapes_decode_bytes,
+                                          share_of_gain)
 from dartprune.benchmarks.lean import LeanDecoder
 from dartprune.benchmarks.speed import BenchSettings, markdown_table, run_speed_benchmark, write_results
 from dartprune.cli.main import main
@@ -72,6 +73,25 @@ def _check_result(result: dict, loops: list[str], methods: list[str], sparsities
         assert ceiling["dense_bytes_per_token"] >= ceiling["pruned_bytes_per_token"] > 0
     llama = result["overhead"]["llama_3_1_8b"]["state_bytes"]
     assert all(parts["total"] < 10e6 for parts in llama.values())
+    for loop, fit in result["fixed_cost"].items():
+        assert fit["points"] == sum(r["loop"] == loop for r in rows) and fit["bandwidth_gb_s"] > 0
+        assert all(0 < b["share_bound"] <= 1 or fit["fixed_ms"] < 0 for b in fit["by_sparsity"].values())
+
+
+def test_fixed_cost_fit_recovers_a_line_and_bounds_the_share():
+    fixed, bandwidth = 5.0, 20.0                          # ms, GB/s
+    dense, pruned = 540e6, 380e6
+    points = [dense, pruned, 315e6]
+    fit = fit_fixed_cost(points, [fixed + b / (bandwidth * 1e6) for b in points])
+    assert fit.fixed_ms == pytest.approx(fixed) and fit.bandwidth_gb_s == pytest.approx(bandwidth)
+    assert fit.r_squared == pytest.approx(1.0) and fit.points == 3
+    speedup = (fixed + dense / 20e6) / (fixed + pruned / 20e6)
+    assert fit.share_bound(pruned) == pytest.approx(share_of_gain(speedup, dense / pruned))
+    limit = fit.fixed_ms_for_share(pruned, 0.9)
+    at_limit = fit_fixed_cost(points, [limit + b / 20e6 for b in points])
+    assert at_limit.share_bound(pruned) == pytest.approx(0.9)
+    assert fit_fixed_cost([dense], [30.0]) is None and fit_fixed_cost([dense, dense], [30.0, 31.0]) is None
+    assert fit_fixed_cost([dense, pruned], [20.0, 30.0]) is None      # slower with fewer bytes: no bandwidth
 
 
 def test_bench_python_api_on_a_tiny_model_gives_every_field(tmp_path):
@@ -88,6 +108,7 @@ def test_bench_python_api_on_a_tiny_model_gives_every_field(tmp_path):
     assert json.loads(json_path.read_text())["rows"][0]["method"] == "dense"
     table = md_path.read_text()
     assert "| lean | dart | 0.5 |" in table and "byte ceiling at sparsity 0.5" in table
+    assert all(f"- {loop} loop, time per token = fixed" in table for loop in result["fixed_cost"])
     assert table == markdown_table(result)
 
 

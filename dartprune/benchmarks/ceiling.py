@@ -122,6 +122,46 @@ def share_of_gain(speedup: float | None, ceiling: float | None) -> float | None:
     return (speedup - 1.0) / (ceiling - 1.0)
 
 
+@dataclass
+class FixedCostFit:
+    """Time per token = fixed + bytes / bandwidth, fitted by least squares over one loop's configurations.
+
+    Under this model a pruned run's share of the possible gain is bytes_time / (fixed + bytes_time) of its own
+    step, so it can reach 0.9 only while the fixed part (work that does not shrink with the FFN: attention over
+    the cache, norms, per-op dispatch, the loop itself) stays under a ninth of the pruned bytes' time."""
+
+    fixed_ms: float
+    bandwidth_gb_s: float
+    r_squared: float
+    points: int
+
+    def share_bound(self, pruned_bytes: float) -> float:
+        """The share of gain this fit predicts at `pruned_bytes` per token."""
+        moving = pruned_bytes / (self.bandwidth_gb_s * 1e6)
+        return moving / (self.fixed_ms + moving)
+
+    def fixed_ms_for_share(self, pruned_bytes: float, share: float = 0.9) -> float:
+        """The fixed time per token at which the share at `pruned_bytes` would be `share`."""
+        return pruned_bytes / (self.bandwidth_gb_s * 1e6) * (1 - share) / share
+
+
+def fit_fixed_cost(bytes_per_token: list[float], ms_per_token: list[float]) -> FixedCostFit | None:
+    """Least-squares line through (bytes, ms); None with fewer than two distinct byte counts or a slope <= 0."""
+    x = torch.tensor(bytes_per_token, dtype=torch.float64)
+    y = torch.tensor(ms_per_token, dtype=torch.float64)
+    if x.numel() < 2 or float(x.max() - x.min()) <= 0:
+        return None
+    xm, ym = x.mean(), y.mean()
+    slope = float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
+    if slope <= 0:
+        return None
+    fixed = float(ym) - slope * float(xm)
+    residual = float(((y - (fixed + slope * x)) ** 2).sum())
+    total = float(((y - ym) ** 2).sum())
+    return FixedCostFit(fixed_ms=fixed, bandwidth_gb_s=1.0 / (slope * 1e6), r_squared=1.0 - residual / total
+                        if total > 0 else 1.0, points=int(x.numel()))
+
+
 def kv_cache_bytes(model: nn.Module, tokens: int) -> int:
     """Bytes of keys and values read by one decode step over a context of `tokens`."""
     config = model.config

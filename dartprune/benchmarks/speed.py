@@ -31,7 +31,7 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
 import dartprune
-from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, dart_state_bytes, decode_bytes,
+from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, dart_state_bytes, decode_bytes, fit_fixed_cost,
                                           kv_cache_bytes, overhead_flops, share_of_gain)
 from dartprune.engine import DartConfig, attach
 from dartprune.paths import gutenberg_path
@@ -313,6 +313,7 @@ def run_speed_benchmark(model: nn.Module, prompt_ids: torch.Tensor, settings: Be
     return {
         "meta": _meta(model, label, dtype, settings, ids.shape[1], loads),
         "byte_ceilings": _ceilings_by_sparsity(model, rows),
+        "fixed_cost": _fixed_costs(rows),
         "rows": rows,
         "overhead": _overhead(model, rows, settings, ids.shape[1]),
     }
@@ -428,6 +429,22 @@ def _ceilings_by_sparsity(model, rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _fixed_costs(rows: list[dict]) -> dict[str, dict]:
+    """Per loop, the line time per token = fixed + bytes / bandwidth through every configuration's token-median
+    step time (re-trace steps and load bursts do not move a median), and what it implies for each sparsity."""
+    out: dict[str, dict] = {}
+    for loop in dict.fromkeys(r["loop"] for r in rows):
+        mine = [r for r in rows if r["loop"] == loop]
+        fit = fit_fixed_cost([r["bytes_per_token"] for r in mine], [r["token_median_ms"]["median"] for r in mine])
+        if fit is None:
+            continue
+        by_sparsity = {f"{r['sparsity']:g}": {"share_bound": fit.share_bound(r["bytes_per_token"]),
+                                              "fixed_ms_for_share_0_9": fit.fixed_ms_for_share(r["bytes_per_token"])}
+                       for r in mine if r["sparsity"] > 0 and r["byte_ceiling"] > 1 + 1e-9}
+        out[loop] = {**asdict(fit), "by_sparsity": by_sparsity}
+    return out
+
+
 def _overhead(model, rows: list[dict], settings: BenchSettings, prompt_len: int) -> dict:
     dart_rows = [r for r in rows if r["method"] == "dart" and "state_bytes" in r]
     config = DartConfig()
@@ -528,6 +545,12 @@ def markdown_table(result: dict) -> str:
         lines.append(f"- byte ceiling at sparsity {key}: {c['dense_bytes_per_token'] / 1e6:.1f} MB/token dense / "
                      f"{c['pruned_bytes_per_token'] / 1e6:.1f} MB/token pruned = **{c['ceiling']:.3f}** "
                      f"(keep counts of {c['from_method']})")
+    for loop, fit in result.get("fixed_cost", {}).items():
+        bounds = ", ".join(f"{b['share_bound']:.2f} at {s} (0.9 needs fixed <= {b['fixed_ms_for_share_0_9']:.1f} ms)"
+                           for s, b in fit["by_sparsity"].items())
+        lines.append(f"- {loop} loop, time per token = fixed + bytes / bandwidth (least squares over its "
+                     f"{fit['points']} configurations, R^2 {fit['r_squared']:.3f}): fixed {fit['fixed_ms']:.1f} ms, "
+                     f"{fit['bandwidth_gb_s']:.1f} GB/s. Share of gain this allows: {bounds}")
     forced = [r for r in result["rows"] if r.get("forced_retrace_ms")]
     for r in forced:
         lines.append(f"- forced re-trace ({r['loop']}, dart, sparsity {r['sparsity']:g}): "
