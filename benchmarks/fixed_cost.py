@@ -42,7 +42,7 @@ def step_ms(model: LlamaForCausalLM, prompt: int, steps: int, sparsity: float) -
         copy_ = copy.deepcopy(model)
         if method != "dense":
             attach(copy_, method=method, sparsity=sparsity)
-        decoders[method] = LeanDecoder(copy_, prompt + steps + 1)
+        decoders[method] = LeanDecoder(copy_, prompt + max(steps, 8) + 1)
         decoders[method].generate(ids, 8)
     runs = {method: decoder.begin(ids, steps) for method, decoder in decoders.items()}
     while any([decoder.advance(runs[method]) for method, decoder in decoders.items()]):

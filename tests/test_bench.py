@@ -305,3 +305,17 @@ def test_gpu_speed_script_runs_tiny_on_the_cpu(tmp_path):
     assert [r["sparsity"] for r in saved["whole_model"]["rows"]] == [0.5, 0.7]
     assert saved["whole_model"]["handle_on_device"].startswith("ok")
     assert result["state_bytes"]["0.5"]["total"] > 0
+
+
+def test_fixed_cost_script_keeps_the_layer_structure_and_times_every_method():
+    spec = importlib.util.spec_from_file_location("fixed_cost", ROOT / "benchmarks" / "fixed_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = tiny_model("llama").config
+    small = module.shrunk(config)
+    assert small.config.num_hidden_layers == config.num_hidden_layers
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (
+        config.num_attention_heads, config.num_key_value_heads)
+    times = module.step_ms(small, prompt=12, steps=4, sparsity=0.5)
+    assert set(times) == {"dense", "static", "dart"} and all(ms > 0 for ms in times.values())
+    assert module.attention_ms(config, prompt=12, steps=3) > 0
