@@ -63,6 +63,8 @@ class DartHandle:
         self.prunes = self.method.prunes and config.sparsity > 0
         # Only a method that re-traces reads the ring buffer; the others skip filling it on every token.
         self.keeps_ring = self.prunes and self.method.follows_drift
+        # slot indices of the ring buffer from any start, precomputed: a forward's slots are then one slice
+        self._ring_ids = torch.arange(2 * config.ring_size) % config.ring_size
         self.layers = self.adapter.layers()
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers]
         self.sizes = [p.intermediate_size for p in self.parts]
@@ -141,7 +143,7 @@ class DartHandle:
         self.batch, self.tokens, self._valid = batch, tokens, valid.cpu()
         self._ring_take = min(tokens, self.config.ring_size) if self.keeps_ring else 0
         start = 0 if new_sequence else self._ring_next
-        self._ring_slots = (start + torch.arange(self._ring_take)) % self.config.ring_size
+        self._ring_slots = self._ring_ids[start:start + self._ring_take]
         self._attn_now: list[torch.Tensor | None] = [None] * len(self.monitored)
         self._active: dict[int, torch.Tensor] = {}
         if new_sequence:
@@ -178,7 +180,7 @@ class DartHandle:
             self._monitor()
         self._account_forward(ran_dense)
         if self._ring_take:
-            self._ring_next = int(self._ring_slots[-1] + 1) % self.config.ring_size
+            self._ring_next = (self._ring_next + self._ring_take) % self.config.ring_size
             self._ring_valid[:, self._ring_slots] = self._valid[:, -self._ring_take:]
             self._ring_written = min(self.config.ring_size, self._ring_written + self._ring_take)
         if self._phase == "pruned-prefill":
@@ -198,7 +200,9 @@ class DartHandle:
 
     def remember_ffn_input(self, layer: int, x: torch.Tensor) -> None:
         if self._phase != "pruned-prefill" and self._ring_take:
-            self._ring_x[layer].index_copy_(1, self._ring_slots, x[:, -self._ring_take:].detach())
+            # one op per layer and decoded token when the input is a single token (no slice, no detach)
+            last = x if x.shape[1] == self._ring_take else x[:, -self._ring_take:]
+            self._ring_x[layer].index_copy_(1, self._ring_slots, last.detach() if last.requires_grad else last)
 
     def record_ffn_output(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """While tracing: layer importance from the residual h (captured by the norm hook) and the FFN output."""
