@@ -319,3 +319,5 @@ def test_fixed_cost_script_keeps_the_layer_structure_and_times_every_method():
     times = module.step_ms(small, prompt=12, steps=4, sparsity=0.5)
     assert set(times) == {"dense", "static", "dart"} and all(ms > 0 for ms in times.values())
     assert module.attention_ms(config, prompt=12, steps=3) > 0
+    bound = module.ffn_bound(tiny_model("llama"), random_ids(1, 12), steps=4, sparsities=[0.5])
+    assert bound["dense"] > 0 and bound["no_ffn"] > 0 and bound["rows"][0]["ceiling"] > 1
