@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import dartprune
 from dartprune import DartConfig
-from dartprune.benchmarks.speed import gutenberg_text, make_prompt
+from dartprune.benchmarks.speed import gutenberg_text, make_prompt, time_ms
 from dartprune.models import load_model
-
-
-def timed(fn, repeats: int, inner: int = 20) -> float:
-    """Median over repeats of the mean time of `inner` calls, in ms."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - start) / inner * 1e3)
-    return statistics.median(samples)
 
 
 @torch.inference_mode()
@@ -73,8 +60,8 @@ def main() -> None:
 
             dense_ms, compact_ms = [], []
             for _ in range(args.repeats):
-                dense_ms.append(timed(dense, 1))
-                compact_ms.append(timed(pruned, 1))
+                dense_ms.append(time_ms(dense, 1, inner=20)["median"])
+                compact_ms.append(time_ms(pruned, 1, inner=20)["median"])
         ratio = sum(sizes) / sum(keep)
         speedup = statistics.median(dense_ms) / statistics.median(compact_ms)
         row = (f"| {sparsity} | {ratio:.3f} | {statistics.median(dense_ms):.2f} | {statistics.median(compact_ms):.2f} "

@@ -26,7 +26,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from dartprune.benchmarks.ceiling import decode_bytes, share_of_gain
 from dartprune.benchmarks.lean import LeanDecoder
-from dartprune.benchmarks.speed import _own_memory, gutenberg_text, make_prompt
+from dartprune.benchmarks.speed import _own_memory, gutenberg_text, make_prompt, run_lockstep
 from dartprune.engine import attach
 from dartprune.models import load_model, resolve_model
 
@@ -42,13 +42,11 @@ def shrunk(config) -> LlamaForCausalLM:
 
 
 def lockstep_ms(decoders: dict[str, LeanDecoder], ids: torch.Tensor, steps: int) -> dict[str, float]:
-    """Median step time of lean decoders advancing one token each in turn (so load bursts hit all alike)."""
+    """Median step time of lean decoders after a warm-up run each, advancing in lockstep (`run_lockstep`)."""
     for decoder in decoders.values():
         decoder.generate(ids, 8)
-    runs = {name: decoder.begin(ids, steps) for name, decoder in decoders.items()}
-    while any([decoder.advance(runs[name]) for name, decoder in decoders.items()]):
-        pass
-    return {name: statistics.median(run.result.token_times_s) * 1e3 for name, run in runs.items()}
+    runs = run_lockstep(list(decoders.values()), ids, steps)
+    return {name: statistics.median(run.result.token_times_s) * 1e3 for name, run in zip(decoders, runs)}
 
 
 def step_ms(model: LlamaForCausalLM, prompt: int, steps: int, sparsity: float) -> dict[str, float]:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune.architectures.base import FFNParts  # noqa: E402
 from dartprune.benchmarks.ceiling import LLAMA_3_1_8B, Shapes, dart_state_bytes, shapes_decode_bytes  # noqa: E402
+from dartprune.benchmarks.speed import time_ms  # noqa: E402
 from dartprune.engine.ffn import CompactWeights, activations  # noqa: E402
 from dartprune.engine.scoring import squared_activations, top_neurons  # noqa: E402
 
@@ -44,20 +45,6 @@ TINY = Shapes(layers=4, hidden=64, intermediate=224, vocab=512, heads=4, kv_head
 
 def _sync(device: str):
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
-def _time(fn, sync, repeats: int, inner: int = 1) -> dict[str, float]:
-    """Median/min/max milliseconds of `fn` (called `inner` times per sample)."""
-    fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - start) / inner * 1e3)
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
 def _graph(fn, device: str):
@@ -105,9 +92,9 @@ def ffn_benchmark(shapes: Shapes, layers: int, sparsities: list[float], dtype: t
         for p in parts:
             F.linear(F.silu(F.linear(x, p.gate)) * F.linear(x, p.up), p.down)
 
-    out["dense_eager_ms"] = _time(dense_step, sync, repeats)
+    out["dense_eager_ms"] = time_ms(dense_step, repeats, sync=sync)
     graph = _graph(dense_step, device)
-    out["dense_graph_ms"] = _time(graph, sync, repeats) if graph else None
+    out["dense_graph_ms"] = time_ms(graph, repeats, sync=sync) if graph else None
     rows = []
     for sparsity in sparsities:
         keep = max(1, round((1 - sparsity) * shapes.intermediate))
@@ -124,9 +111,9 @@ def ffn_benchmark(shapes: Shapes, layers: int, sparsities: list[float], dtype: t
                 c.forward(x)
 
         row = {"sparsity": sparsity, "keep": keep, "build_ms": build_ms,
-               "compact_eager_ms": _time(compact_step, sync, repeats)}
+               "compact_eager_ms": time_ms(compact_step, repeats, sync=sync)}
         graph = _graph(compact_step, device)
-        row["compact_graph_ms"] = _time(graph, sync, repeats) if graph else None
+        row["compact_graph_ms"] = time_ms(graph, repeats, sync=sync) if graph else None
         row["ffn_ceiling"] = shapes.intermediate / keep
         row["model_ceiling"] = shapes_decode_bytes(shapes).total / shapes_decode_bytes(shapes, keep).total
         row["speedup_eager"] = out["dense_eager_ms"]["median"] / row["compact_eager_ms"]["median"]
@@ -156,7 +143,7 @@ def ffn_benchmark(shapes: Shapes, layers: int, sparsities: list[float], dtype: t
         row["retrace_changed_neurons"] = retrace()
         sync()
         row["retrace_ms_first"] = (time.perf_counter() - start) * 1e3
-        row["retrace_ms"] = _time(retrace, sync, max(3, repeats // 4))
+        row["retrace_ms"] = time_ms(retrace, max(3, repeats // 4), sync=sync)
         row["retrace_in_compact_steps"] = row["retrace_ms"]["median"] / row["compact_eager_ms"]["median"]
         rows.append(row)
         del compact

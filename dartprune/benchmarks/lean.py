@@ -100,10 +100,11 @@ class LeanDecoder:
     never for a handle's FFN, whose input must stay the model's own); the attention scale is folded into the q
     columns; rotary embedding is one [head_dim, head_dim] rotation matmul per position for q and k together;
     attention is two batched matmuls, on keys cached transposed (a slice of them is the bmm operand as it is,
-    which measured 17 against 28 us per call for a transposed slice). Keys, values and attention run in float32 whatever the model dtype
-    (bfloat16 small matmuls are several times slower on CPU), so a bfloat16 run's tokens may differ from
-    Hugging Face's after a while; the benchmark reports whether they match. Runs under `torch.inference_mode`.
-    The loop holds copies of the attention weights (and, for the dense baseline, of gate/up).
+    which measured 17 against 28 us per call for a transposed slice). Keys, values and attention run in float32
+    whatever the model dtype (bfloat16 small matmuls are several times slower on CPU), so a bfloat16 run's
+    tokens may differ from Hugging Face's after a while; the benchmark reports whether they match. Runs under
+    `torch.inference_mode`. The loop holds copies of the attention weights (and, for the dense baseline, of
+    gate/up).
     """
 
     def __init__(self, model: nn.Module, max_len: int):

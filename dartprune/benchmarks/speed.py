@@ -171,21 +171,40 @@ def _lean_times(result) -> RunTimes:
                     tokens=len(result.token_times_s) + 1, token_median_s=statistics.median(result.token_times_s))
 
 
-def _run_lean_paired(dense_lean, lean, ids: torch.Tensor, new_tokens: int, sync):
-    """The dense copy and the method's model decode the same prompt in lockstep, one token each in turn (the
-    order swapped every step), so that both see the same load from other processes."""
-    dense_run = dense_lean.begin(ids, new_tokens, sync)
-    run = lean.begin(ids, new_tokens, sync)
-    step = 0
-    while True:
-        first, second = ((dense_lean, dense_run), (lean, run)) if step % 2 == 0 else ((lean, run), (dense_lean, dense_run))
-        more = first[0].advance(first[1])
-        more = second[0].advance(second[1]) or more
+def run_lockstep(decoders: list, ids: torch.Tensor, new_tokens: int, sync: Callable[[], None] | None = None) -> list:
+    """Lean decoders decode the same prompt one token each in turn, the order rotated every step, so that all see
+    the same load from other processes. Returns their `LeanRun`s, in the order given."""
+    runs = [decoder.begin(ids, new_tokens, sync) for decoder in decoders]
+    step, more = 0, True
+    while more:
+        more = False
+        for i in range(len(decoders)):
+            turn = (i + step) % len(decoders)
+            more = decoders[turn].advance(runs[turn]) or more
         step += 1
-        if not more:
-            break
+    return runs
+
+
+def _run_lean_paired(dense_lean, lean, ids: torch.Tensor, new_tokens: int, sync):
+    """The dense copy and the method's model in lockstep (`run_lockstep`)."""
+    dense_run, run = run_lockstep([dense_lean, lean], ids, new_tokens, sync)
     return _lean_times(dense_run.result), _lean_times(run.result), run.result.tokens.cpu(), \
         dense_run.result.tokens.cpu()
+
+
+def time_ms(fn: Callable[[], object], repeats: int, inner: int = 1,
+            sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median/min/max milliseconds of `fn` over `repeats` samples of `inner` calls each, after one warm-up call."""
+    fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) / inner * 1e3)
+    return _spread(samples)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
