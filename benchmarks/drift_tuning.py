@@ -1,4 +1,4 @@
-"""Choose the drift monitor's trigger count c0, cooldown and floor by measurement (SPEC section 4).
+"""Choose the drift monitor's trigger count c0, cooldown and floor by measurement (docs/algorithm.md §4).
 
 Teacher-forces text A (256-token traced prefix, 256 more tokens of A), then 256 tokens of text B, with SmolLM2
 at each sparsity, and counts re-traces before and after the switch and the perplexity of each part. Pairs whose
@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 import dartprune
-from dartprune.paths import data_dir
 from dartprune import DartConfig
+from dartprune.data import load_text
 from dartprune.models import load_model
 
-GUTENBERG = data_dir() / "gutenberg"
 PREFIX, SWITCH, END = 256, 512, 768
 PAIRS = {
     "austen > bible": (("austen-emma.txt", 5000), ("bible-kjv.txt", 5000)),
@@ -30,7 +29,7 @@ PAIRS = {
 
 
 def tokens(tokenizer, name: str, start: int, count: int) -> list[int]:
-    text = (GUTENBERG / name).read_text(encoding="utf-8", errors="ignore")[start:start + 40000]
+    text = load_text("gutenberg:" + name.removesuffix(".txt")).text[start:start + 40000]
     return tokenizer(text).input_ids[:count]
 
 

@@ -15,7 +15,8 @@ import torch
 
 import dartprune
 from dartprune import DartConfig
-from dartprune.benchmarks.speed import gutenberg_text, make_prompt, time_ms
+from dartprune.benchmarks.speed import make_prompt, time_ms
+from dartprune.data import load_text
 from dartprune.models import load_model
 
 
@@ -29,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", dtype=args.dtype)
-    ids = make_prompt(tokenizer, 256, gutenberg_text("austen-emma.txt"))
+    ids = make_prompt(tokenizer, 256, load_text("gutenberg:austen-emma").text)
     layers = model.model.layers
     x = torch.randn(1, model.config.hidden_size, dtype=model.dtype)
     fused = [(torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).t().contiguous().t(),

@@ -26,8 +26,9 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from dartprune.benchmarks.ceiling import decode_bytes, share_of_gain
 from dartprune.benchmarks.lean import LeanDecoder
-from dartprune.benchmarks.speed import _own_memory, gutenberg_text, make_prompt, run_lockstep
+from dartprune.benchmarks.speed import _own_memory, make_prompt, run_lockstep
 from dartprune.engine import attach
+from dartprune.data import load_text
 from dartprune.models import load_model, resolve_model
 
 
@@ -118,7 +119,7 @@ def main() -> None:
     attention = attention_ms(config, args.prompt_len, args.steps)
     model, tokenizer = load_model(args.model)
     _own_memory(model)
-    bound = ffn_bound(model, make_prompt(tokenizer, args.prompt_len, gutenberg_text()), args.steps, [0.5, 0.7])
+    bound = ffn_bound(model, make_prompt(tokenizer, args.prompt_len, load_text("gutenberg:austen-emma").text), args.steps, [0.5, 0.7])
     lines = [f"# Fixed cost per decode step: {args.model}'s {config.num_hidden_layers} layers and heads, weights "
              f"shrunk to nothing, {args.threads} threads, prompt {args.prompt_len}, {args.steps} steps", "",
              "| lean step, tiny weights | median ms per token |", "|---|---|"]

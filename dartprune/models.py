@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+from huggingface_hub import model_info, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -286,11 +287,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
     Padding defaults to the left, which batched generation needs."""
     torch_dtype = parse_dtype(dtype)
     source = resolve_model(name_or_path)
-    if not Path(source).is_dir():
+    local_only = _hub_offline()
+    if Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise ModelNotAvailableError(f"{source!r} is a folder but has no config.json: a model folder holds "
+                                         "config.json, the weights and the tokenizer (save_pretrained writes them). "
+                                         + _aliases_hint(source))
+    else:
         _check_hub_name(source)
+        local_only = local_only or _in_hub_cache(source)
+        if not local_only:
+            _probe_hub(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=_hub_offline())
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=_hub_offline())
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, HFValidationError) as err:
         if Path(source).is_dir():
             raise
@@ -318,13 +328,38 @@ def _check_hub_name(name: str) -> None:
         raise ModelNotAvailableError(f"no such model folder: {name!r}. " + _aliases_hint(name))
 
 
-def _hub_message(name: str, err: BaseException) -> str:
+def _in_hub_cache(name: str) -> bool:
+    """The Hugging Face cache already holds this model (then it loads without the network)."""
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except (HFValidationError, ValueError):
+        return False
+
+
+def _probe_hub(name: str) -> None:
+    """One short request before transformers' own (which retries for half a minute when the Hub is down): fail at
+    once with a clear message if the Hub is unreachable or has no such model."""
+    if _hub_offline():
+        raise ModelNotAvailableError(_hub_message(name, None))
+    try:
+        model_info(name, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError) as err:
+        raise ModelNotAvailableError(_hub_message(name, err)) from err
+    except GatedRepoError:
+        return                              # exists; transformers explains how to get access
+    except Exception as err:  # noqa: BLE001 - connection errors come from several HTTP libraries
+        raise ModelNotAvailableError(_hub_message(name, err)) from err
+
+
+def _hub_message(name: str, err: BaseException | None) -> str:
     causes, cause = [], err
     while cause is not None and len(causes) < 20:
         causes.append(cause)
         cause = cause.__cause__ or cause.__context__
     if any(isinstance(c, RepositoryNotFoundError) for c in causes):
-        why = "the Hugging Face Hub has no such model (or it is gated or private)"
+        why = "the Hugging Face Hub has no such model (or it is private)"
+    elif any(isinstance(c, HFValidationError) for c in causes):
+        why = "it is not a valid Hugging Face model id (owner/name)"
     else:
         why = ("the Hugging Face Hub is unreachable (offline" + (", HF_HUB_OFFLINE is set" if _hub_offline() else "")
                + ") and the model is not in the local Hugging Face cache")

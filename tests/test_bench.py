@@ -16,6 +16,7 @@ from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, Shapes, byte_ceiling, da
                                           share_of_gain)
 from dartprune.benchmarks.lean import LeanDecoder
 from dartprune.benchmarks.speed import BenchSettings, markdown_table, run_speed_benchmark, write_results
+from tests.conftest import MINI
 from dartprune.cli.main import main
 from dartprune.engine.ffn import CompactWeights
 from tests.tiny_models import CONFIGS, FAMILIES, random_ids, tiny_model, tiny_tokenizer
@@ -128,7 +129,8 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     out = tmp_path / "results"
     code = main(["bench", "--model", str(folder), "--methods", "dense,dart,static", "--sparsity", "0,0.5",
                  "--prompt-len", "32", "--new-tokens", "5", "--dtype", "float32,bfloat16", "--repeats", "2",
-                 "--warmup", "0", "--threads", "1", "--lean", "--out", str(out)])
+                 "--warmup", "0", "--threads", "1", "--lean", "--out", str(out),
+                 "--text", str(MINI / "gutenberg" / "harbour.txt"), "--offset", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "byte ceiling at sparsity 0.5" in captured.out and "| hf | dense | 0 |" in captured.out

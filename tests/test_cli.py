@@ -18,7 +18,7 @@ def test_generate_streams_a_continuation_and_summarises(capsys):
                               "--method", "dart", "--sparsity", "0.5"], capsys)
     assert code == 0
     assert len(out.strip()) > 0
-    assert "tokens/s" in err and "dart sparsity 0.50" in err and "re-traces" in err
+    assert "tokens/s" in err and "dart at sparsity 0.50" in err and "re-trace" in err
 
 
 def test_generate_dense_reads_stdin_and_prompt_file(capsys, monkeypatch, tmp_path):
@@ -68,3 +68,24 @@ def test_unknown_method_is_an_argparse_error(capsys):
 def test_models_lists_aliases(capsys):
     code, out, _ = run_cli(["models"], capsys)
     assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out and "gpt_neox" in out
+
+
+def test_models_prints_plain_complete_lines_when_piped(capsys):
+    code, out, _ = run_cli(["models"], capsys)   # capsys is not a terminal, as a pipe is not
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split("\t")[0] == "alias"
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:-1]}
+    assert set(rows) == {"smollm2-135m", "gemma3-270m"} and all(len(r) == 6 for r in rows.values())
+    assert rows["smollm2-135m"][4] == "Apache-2.0" and lines[-1].startswith("Supported model types: ")
+
+
+def test_summary_labels_and_plurals():
+    from dartprune.engine.stats import RetraceRecord, SequenceStats
+    dense = SequenceStats(method="dense", sparsity=0.0, tokens=10, prompt_tokens=5, keep_counts=[4],
+                          intermediate_sizes=[4])
+    assert dense.summary() == "dense (no pruning)"
+    one = SequenceStats(method="dart", sparsity=0.5, tokens=10, prompt_tokens=5, keep_counts=[2],
+                        intermediate_sizes=[4], retraces=[RetraceRecord(7, 0.01, [1])], executed_sparsity=0.25,
+                        overhead_flops={"retrace": 17.355}, dense_flops=100.0)
+    assert "| 1 re-trace |" in one.summary() and "overhead 17% of dense FLOPs" in one.summary()
+    assert "dart at sparsity 0.50" in one.summary()

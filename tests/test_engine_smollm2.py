@@ -4,24 +4,22 @@ import pytest
 import torch
 
 import dartprune
-from dartprune.paths import data_dir
 from dartprune import DartConfig
 from tests.helpers import teacher_forced_logits
 
-GUTENBERG = data_dir() / "gutenberg"
 PREFIX, SWITCH, END = 256, 512, 768
 
 
-def tokens(tokenizer, name: str, start: int, count: int) -> list[int]:
-    text = (GUTENBERG / name).read_text(encoding="utf-8", errors="ignore")[start:start + 30000]
-    return tokenizer(text).input_ids[:count]
+def tokens(tokenizer, text: str, start: int, count: int) -> list[int]:
+    return tokenizer(text[start:start + 30000]).input_ids[:count]
 
 
 @pytest.fixture(scope="module")
-def texts(smollm2):
+def texts(smollm2, data_root):
+    from dartprune.data import load_text
     _, tokenizer = smollm2
-    austen = tokens(tokenizer, "austen-emma.txt", 5000, END)
-    bible = tokens(tokenizer, "bible-kjv.txt", 5000, END - SWITCH)
+    austen = tokens(tokenizer, load_text("gutenberg:austen-emma", data_root).text, 5000, END)
+    bible = tokens(tokenizer, load_text("gutenberg:bible-kjv", data_root).text, 5000, END - SWITCH)
     return {"switch": torch.tensor([austen[:SWITCH] + bible]), "homogeneous": torch.tensor([austen])}
 
 
@@ -43,6 +41,7 @@ def test_zero_sparsity_and_compact_vs_mask_on_smollm2(smollm2, texts):
     assert stats_compact.keep_counts == stats_mask.keep_counts
 
 
+@pytest.mark.slow
 def test_domain_switch_triggers_retrace_after_the_switch_only(smollm2, texts):
     model, _ = smollm2
     _, switch = run(model, texts["switch"], DartConfig(sparsity=0.5))
@@ -55,6 +54,7 @@ def test_domain_switch_triggers_retrace_after_the_switch_only(smollm2, texts):
     assert all(sum(r.neurons_changed) > 0 for r in switch.retraces), "a re-trace must change the masks"
 
 
+@pytest.mark.slow
 def test_dart_follows_the_switch_better_than_static(smollm2, texts):
     """After the switch, the re-traced masks predict the new text better than the prompt's static mask."""
     model, _ = smollm2

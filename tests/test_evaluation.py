@@ -1,5 +1,6 @@
-"""Evaluation (dartprune eval, its tasks, and the lm-eval backend) on a tiny random Llama with a tiny BPE
-tokenizer trained here, on a few items of the shared data."""
+"""Evaluation (dartprune eval, its tasks, the data loaders and the lm-eval backend) on a tiny random Llama with a
+tiny BPE tokenizer trained here, on the synthetic data folder tests/data/mini; the mapping of the real sets is
+checked when the real data is present."""
 from __future__ import annotations
 
 import json
@@ -14,12 +15,13 @@ from dartprune import DartConfig, attach
 from dartprune.cli.main import main as cli_main
 from dartprune.evaluation import EvalSettings, run_evaluation
 from dartprune.evaluation.core import (
-    MethodSpec, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs, versions,
+    MethodSpec, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs,
 )
-from dartprune.evaluation.data import MCItem, load_mc
-from dartprune.paths import data_dir
+from dartprune.provenance import versions
+from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, load_text, mc_items
 from dartprune.evaluation.mc import score_item
 from dartprune.evaluation.ppl import Drift, Perplexity
+from tests.conftest import MINI
 from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +98,7 @@ def test_method_specs_dense_once_and_unknown_method():
 # ----------------------------------------------------------------------------------------------- ppl and drift
 def test_ppl_dense_matches_direct_computation(tiny):
     model, tokenizer, _ = tiny
-    settings = EvalSettings(model="tiny", limit=2, prefix=16, ppl_window=64)
+    settings = EvalSettings(model="tiny", limit=2, prefix=16, ppl_window=64, data_dir=str(MINI))
     task = Perplexity(settings, model, tokenizer, versions())
     task.prepare()
     assert len(task.windows) == 2 and all(len(w) == 64 for w in task.windows)
@@ -111,11 +113,12 @@ def test_ppl_dense_matches_direct_computation(tiny):
 
 def test_drift_splits_a_and_b_at_the_switch(tiny):
     model, tokenizer, _ = tiny
-    settings = EvalSettings(model="tiny", limit=1, prefix=16, drift_segment=24)
+    settings = EvalSettings(model="tiny", limit=1, prefix=16, drift_segment=24, data_dir=str(MINI),
+                            drift_pairs=[("harbour", "orbits")])
     task = Drift(settings, model, tokenizer, versions())
     task.prepare()
     [(name, ids, switch)] = task.sequences
-    assert name == "austen-emma->bible-kjv" and switch == 16 + 24 and len(ids) == 16 + 48
+    assert name == "harbour->orbits" and switch == 16 + 24 and len(ids) == 16 + 48
     with attach(model, DartConfig(method="dense")) as handle:
         [result] = task.evaluate(spec("dense", 0.0), handle)
     lp = dense_reference_logprobs(model, ids, 16)
@@ -126,19 +129,79 @@ def test_drift_splits_a_and_b_at_the_switch(tiny):
 
 
 # ----------------------------------------------------------------------------------------------- multiple choice
-def test_mc_sets_follow_the_data_readme():
-    copa = load_mc("copa", 1)[0]
+def test_mc_sets_follow_the_data_readme(data_root):
+    """The real sets, mapped as docs/data.md says."""
+    copa = load_mc("copa", 1, data_root)[0]
     assert copa.pairs[0] == ("The man turned on the faucet therefore", " the toilet filled with water.")
     assert copa.label == 1
-    wino = load_mc("winogrande", 1)[0]
+    wino = load_mc("winogrande", 1, data_root)[0]
     assert not wino.shared_context and wino.pairs[0][1] == wino.pairs[1][1] == " always got the easier cases."
     assert wino.pairs[1][0].endswith("so Maria") and wino.label == 1
-    boolq = load_mc("boolq", 1)[0]
+    boolq = load_mc("boolq", 1, data_root)[0]
     assert boolq.choices == ["no", "yes"] and boolq.pairs[0][0].endswith("?\nAnswer:")
     for name in ("piqa", "arc_easy", "arc_challenge", "openbookqa", "siqa", "commonsenseqa"):
-        item = load_mc(name, 2)[1]
+        item = load_mc(name, 2, data_root)[1]
         assert 0 <= item.label < len(item.choices) and item.shared_context
-    assert len(load_mc("openbookqa", 3)[2].choices) == 4 and len(load_mc("commonsenseqa", 1)[0].choices) == 5
+    assert len(load_mc("openbookqa", 3, data_root)[2].choices) == 4
+    assert len(load_mc("commonsenseqa", 1, data_root)[0].choices) == 5
+    assert len(load_summaries("cnn_dailymail", 30, data_root)) == 30
+
+
+def test_local_layouts_map_to_items():
+    """Every set of the synthetic folder, with hand-checked items (the same mapping as the real sets)."""
+    assert load_mc("piqa", None, MINI)[1].pairs[1] == ("Question: Loosen a tight jar lid.\nAnswer:",
+                                                       " Run the lid under hot water.")
+    assert [i.label for i in load_mc("piqa", None, MINI)] == [0, 1]
+    easy = load_mc("arc_easy", None, MINI)
+    assert easy[0].label == 1 and easy[1].label == 1 and easy[1].choices[1] == "carbon dioxide"
+    assert [i.label for i in load_mc("boolq", None, MINI)] == [1, 0]
+    copa = load_mc("copa", None, MINI)
+    assert copa[0].pairs[0] == ("The ice on the pond melted because", " the sun came out.")
+    assert copa[1].pairs[1] == ("I left the bread in the oven too long therefore", " it burned.")
+    book = load_mc("openbookqa", None, MINI)
+    assert book[0].choices[1] == "it goes round once a day" and book[0].label == 1 and book[1].label == 0
+    wino = load_mc("winogrande", None, MINI)[0]
+    assert wino.pairs == [("The jar would not fit in the bag because the jar", " was too small."),
+                          ("The jar would not fit in the bag because the bag", " was too small.")]
+    assert wino.label == 1
+    siqa = load_mc("siqa", None, MINI)
+    assert siqa[1].pairs[1][0] == "Q: Tobias told the skippers to stay in port. Why did Tobias do this?\nA:"
+    assert [i.label for i in siqa] == [0, 1]
+    assert load_mc("commonsenseqa", None, MINI)[0].label == 0
+    [cnn] = load_summaries("cnn_dailymail", None, MINI)
+    assert cnn["max_tokens"] == 24 and cnn["stop"] == ["###"] and cnn["article"].endswith("in 3 sentences.")
+    assert load_text("wikitext2", MINI).text.startswith(" = Wenlow = ")
+
+
+def test_hub_rows_map_like_local_rows():
+    """Rows with the Hub's field names (as `datasets` returns them) give the same items as the local files."""
+    hub_arc = {"question": "Which of these is a source of light?", "answerKey": "B",
+               "choices": {"text": ["a mirror", "the Sun", "the Moon's shadow", "a rock"], "label": list("ABCD")}}
+    assert mc_items("arc_easy", [hub_arc])[0] == load_mc("arc_easy", 1, MINI)[0]
+    hub_wino = {"sentence": "The jar would not fit in the bag because the _ was too small.", "option1": "jar",
+                "option2": "bag", "answer": "2"}
+    assert mc_items("winogrande", [hub_wino])[0] == load_mc("winogrande", 1, MINI)[0]
+    hub_boolq = {"question": "does bread need salt to rise", "passage": "Yeast makes bread rise; salt adds flavour "
+                 "and slows the yeast.", "idx": 1, "label": 0}
+    assert mc_items("boolq", [hub_boolq])[0].pairs == load_mc("boolq", None, MINI)[1].pairs
+    hub_siqa = {"context": "Mara stayed up all night watching the harbour.", "question": "How would Mara feel in "
+                "the morning?", "answerA": "tired", "answerB": "rested", "answerC": "hungry for fish", "label": "1"}
+    assert mc_items("siqa", [hub_siqa])[0] == load_mc("siqa", 1, MINI)[0]
+
+
+def test_missing_data_says_both_ways(monkeypatch, tmp_path):
+    monkeypatch.delenv("DARTPRUNE_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataNotFoundError) as err:
+        load_mc("piqa", 2)
+    message = str(err.value)
+    assert "--data-dir" in message and "DARTPRUNE_DATA" in message and "baber/piqa" in message
+    assert "docs/data.md" in message and "switched off" in message
+    with pytest.raises(DataNotFoundError, match="not a folder"):
+        load_mc("piqa", 2, tmp_path / "nope")
+    with pytest.raises(DataNotFoundError, match="only read from a local folder"):
+        load_text("gutenberg:austen-emma")
+    assert "import" in load_text("python:argparse").text
 
 
 @pytest.mark.parametrize("method", ["dart", "griffin"])
@@ -160,7 +223,7 @@ def test_mc_mask_is_traced_from_the_context_only(tiny, method):
 
 def test_mc_dense_scores_match_plain_forward(tiny):
     model, tokenizer, _ = tiny
-    item = load_mc("copa", 1)[0]
+    item = load_mc("copa", 1, MINI)[0]
     with attach(model, DartConfig(method="dense")):
         lls = score_item(model, tokenizer, item, 5)
     for ll, (context, continuation) in zip(lls, item.pairs):
@@ -173,8 +236,9 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
     from dartprune.cli.eval import main
     _, _, folder = tiny
     out = tmp_path / "eval"
-    assert main(["--model", str(folder), "--methods", "dart,static", "--sparsity", "0.5,0.7",
-                 "--tasks", "ppl,drift,mc,xsum,topics", "--out", str(out), "--limit", "2",
+    assert main(["--model", str(folder), "--methods", "dart,static", "--sparsity", "0.5,0.7", "--data-dir", str(MINI),
+                 "--tasks", "ppl,drift,mc,xsum,cnn_dailymail,topics", "--out", str(out), "--limit", "2",
+                 "--drift-pairs", "harbour:orbits,kitchen:harbour",
                  "--mc-sets", "copa,winogrande", "--ppl-window", "64", "--prefix", "16", "--drift-segment", "32",
                  "--topic-tokens", "12", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
@@ -194,7 +258,9 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
                                                                         "rougeL_vs_dense"}
     assert by[("topics", "two_topic_prompts", "dart", 0.7)]["items"] == 2
     assert "retraces_mean" in by[("topics", "two_topic_prompts", "dart", 0.7)]["engine"]
-    assert by[("drift", "shakespeare-hamlet->carroll-alice", "dart", 0.5)]["metrics"]["ppl_b"] > 0
+    assert by[("drift", "kitchen->harbour", "dart", 0.5)]["metrics"]["ppl_b"] > 0
+    assert by[("cnn_dailymail", "cnn_dailymail_0shot", "dense", 0.0)]["items"] == 1
+    assert str(MINI) not in (out / "results.json").read_text()   # no machine paths in results
     assert (out / "results.md").read_text().startswith("# dartprune eval")
     pngs = {p.name for p in out.glob("*.png")}
     assert {"plot_ppl_ppl.png", "plot_drift_ppl_b.png", "plot_mc_acc_norm.png", "plot_xsum_rougeL.png",
@@ -208,6 +274,17 @@ def test_eval_command_errors(tmp_path):
         main(["--model", "x", "--tasks", "nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown method"):
         main(["--model", "x", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_eval_with_missing_data_leaves_no_output_folder(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("DARTPRUNE_DATA", raising=False)
+    model, tokenizer, _ = tiny
+    out = tmp_path / "never"
+    settings = EvalSettings(model="tiny", methods=["static"], sparsities=[0.5], tasks=["topics", "mc"],
+                            out=str(out), limit=1)
+    with pytest.raises(DataNotFoundError):
+        run_evaluation(settings, model, tokenizer, command="test", echo=False)
+    assert not out.exists()
 
 
 def test_per_task_limits(tiny, tmp_path):
@@ -232,24 +309,24 @@ def test_lm_eval_backend_local_copa(tiny, tmp_path, monkeypatch, lm_eval_backend
     _, tokenizer, folder = tiny
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yaml = (REPO / "tests" / "data" / "copa_local.yaml").read_text()
-    yaml = yaml.replace("../shared/data/copa/val.jsonl", str(data_dir() / "copa" / "val.jsonl"))
+    yaml = (REPO / "docs" / "lm_eval_tasks" / "copa_local.yaml").read_text()
+    yaml = yaml.replace("data/copa/val.jsonl", str(MINI / "copa" / "val.jsonl"))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "copa_local.yaml").write_text(yaml)
     monkeypatch.setattr(sys, "argv", ["dartprune"])
     assert cli_main(["lm-eval", "--model", "dartprune", "--model_args",
                      f"pretrained={folder},method=dart,sparsity=0.5,window=4", "--include_path",
-                     str(tmp_path / "tasks"), "--tasks", "dartprune_copa_local", "--limit", "3",
+                     str(tmp_path / "tasks"), "--tasks", "dartprune_copa_local", "--limit", "2",
                      "--output_path", str(tmp_path / "out"), "--log_samples"]) == 0
     [results_file] = (tmp_path / "out").rglob("results_*.json")
     acc = json.loads(results_file.read_text())["results"]["dartprune_copa_local"]
     assert 0.0 <= acc["acc,none"] <= 1.0 and "acc_norm,none" in acc
     [samples_file] = (tmp_path / "out").rglob("samples_dartprune_copa_local_*.jsonl")
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    assert len(samples) == 3
+    assert len(samples) == 2
     model = tiny_model("llama")  # a fresh copy: the backend loaded its own from the folder
     with attach(model, DartConfig(method="dart", sparsity=0.5, window=4)):
-        for sample, item in zip(sorted(samples, key=lambda s: s["doc_id"]), load_mc("copa", 3)):
+        for sample, item in zip(sorted(samples, key=lambda s: s["doc_id"]), load_mc("copa", 2, MINI)):
             ours = score_item(model, tokenizer, item, 4)
             theirs = [float(r[0][0]) for r in sample["resps"]]
             assert theirs == pytest.approx(ours, abs=1e-4)

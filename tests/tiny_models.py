@@ -10,7 +10,7 @@ from transformers import (
     Phi3Config, Qwen2Config, Qwen3Config,
 )
 
-from dartprune.paths import gutenberg_path
+from tests.conftest import MINI
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 32, 96, 4, 4, 160
 
@@ -56,7 +56,7 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 def tiny_tokenizer():
-    """A 160-token BPE (the tiny models' vocabulary) over printable ASCII, trained on a little Austen."""
+    """A 160-token BPE (the tiny models' vocabulary) over printable ASCII, trained on the tests' own texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -65,6 +65,7 @@ def tiny_tokenizer():
     alphabet = list(string.ascii_letters + string.digits + string.punctuation) + ["\u2581", "\n"]
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
-    tok.train_from_iterator([gutenberg_path("austen-emma").read_text(encoding="utf-8")[:20000]], trainer)
+    tok.train_from_iterator([p.read_text(encoding="utf-8") for p in sorted((MINI / "gutenberg").glob("*.txt"))],
+                            trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")

@@ -1,4 +1,4 @@
-"""What pruning can buy at most, and what DART costs (SPEC section 6), from parameter counts.
+"""What pruning can buy at most, and what DART costs (docs/algorithm.md §6), from parameter counts.
 
 Byte ceiling: decoding one token of a batch-1 sequence reads every weight once (attention, FFN, norms, the
 output projection) plus one row of each embedding table. Pruning FFN neurons removes their rows of W_gate/W_up

@@ -34,9 +34,7 @@ import dartprune
 from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, dart_state_bytes, decode_bytes, fit_fixed_cost,
                                           kv_cache_bytes, overhead_flops, share_of_gain)
 from dartprune.engine import DartConfig, attach
-from dartprune.paths import gutenberg_path
-
-DEFAULT_TEXT = "austen-emma.txt"
+from dartprune.provenance import command_line
 LOOPS = ("hf", "lean")
 
 
@@ -55,12 +53,6 @@ class BenchSettings:
 
 
 # ----------------------------------------------------------------------------- prompt
-def gutenberg_text(name: str = DEFAULT_TEXT) -> str:
-    """The prompt source: a file path, or the name of a shared Gutenberg text."""
-    path = Path(name) if Path(name).is_file() else gutenberg_path(name)
-    return path.read_text(encoding="utf-8", errors="ignore")
-
-
 def make_prompt(tokenizer, prompt_len: int, text: str, offset: int = 5000) -> torch.Tensor:
     """The first `prompt_len` tokens of `text` from character `offset` on (a fixed, reproducible prompt)."""
     chars = max(8 * prompt_len, 4000)
@@ -514,7 +506,7 @@ def _meta(model, label: str, dtype, settings: BenchSettings, prompt_len: int, lo
         "repeats": settings.repeats, "warmup": settings.warmup, "loops": settings.loops,
         "versions": {"dartprune": dartprune.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
-        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 

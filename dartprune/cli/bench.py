@@ -50,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also measure the lean static-cache decode loop (Llama-family models), labelled 'lean'")
     p.add_argument("--lean-only", action="store_true", help="measure only the lean loop")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--text", default="austen-emma.txt",
-                   help="prompt source: a file, or a name in the shared Gutenberg folder")
+    p.add_argument("--text", default="wikitext2",
+                   help="prompt source: a file, gutenberg:NAME, wikitext2 or python:MODULE (default wikitext2)")
+    p.add_argument("--data-dir", help="local evaluation data folder (default: $DARTPRUNE_DATA, else the Hub; "
+                                      "see docs/data.md)")
     p.add_argument("--offset", type=int, default=5000, help="character offset of the prompt in --text")
     p.add_argument("--out", default=None, help="folder for speed_<model>_<dtype>.json/.md (default: print only)")
     p.set_defaults(run=run)
@@ -89,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dartprune.benchmarks.speed import BenchSettings, gutenberg_text, make_prompt, markdown_table, \
-        run_speed_benchmark, write_results
+    from dartprune.benchmarks.speed import BenchSettings, make_prompt, markdown_table, run_speed_benchmark, \
+        write_results
+    from dartprune.data import load_text
     from dartprune.models import load_model, parse_dtype
 
     for dtype in args.dtype:
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(methods=args.methods, sparsities=args.sparsity, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
                              threads=args.threads or cores, loops=loops, device=args.device)
-    text = gutenberg_text(args.text)
+    text = load_text(args.text, args.data_dir).text
     for dtype in args.dtype:
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
         ids = make_prompt(tokenizer, args.prompt_len, text, args.offset)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from dartprune.engine.calibration import (
+from dartprune.calibration import (
     CALIBRATED_METHODS, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SPARSITIES, DEFAULT_TEXT, calibrate,
 )
 
@@ -20,8 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "sparsities (threshold). Calibrate on a text that no evaluation uses.")
     p.add_argument("--method", required=True, choices=CALIBRATED_METHODS)
     p.add_argument("--model", default=None, help="alias, local folder or Hugging Face id (default: smollm2-135m)")
-    p.add_argument("--text", default=None,
-                   help=f"calibration text file (default: the shared Gutenberg {DEFAULT_TEXT}.txt)")
+    p.add_argument("--text", default=DEFAULT_TEXT,
+                   help=f"calibration text: a file, gutenberg:NAME, wikitext2 or python:MODULE (default {DEFAULT_TEXT}, "
+                        "from the local data folder); use a text that no evaluation reads")
+    p.add_argument("--data-dir", help="local evaluation data folder (default: $DARTPRUNE_DATA; see docs/data.md)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="number of windows")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
@@ -50,13 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise ValueError("--samples and --batch-size must be >= 1 and --seq-len >= 2")
     sparsities = parse_sparsities(args.sparsities)
-    if args.text is None:
-        from dartprune.paths import gutenberg_path
-        text = gutenberg_path(DEFAULT_TEXT)
-    else:
-        text = Path(args.text)
-        if not text.is_file():
-            raise FileNotFoundError(f"calibration text {text} not found")
+    from dartprune.data import load_text
+    text = load_text(args.text, args.data_dir)
     from dartprune.models import DEFAULT_MODEL, load_model
     start = time.perf_counter()
     model, tokenizer = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
@@ -66,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     meta = calibration.meta
     print(f"{args.out}: {args.method} calibration of {meta['model']['model_type']} "
-          f"({meta['model']['num_layers']} layers) on {meta['samples']} x {meta['seq_len']} tokens of {text} "
+          f"({meta['model']['num_layers']} layers) on {meta['samples']} x {meta['seq_len']} tokens of {text.name} "
           f"(sha256 {meta['text']['sha256'][:12]}), {Path(args.out).stat().st_size / 1e3:.1f} kB, "
           f"{meta['seconds']:.1f} s of forwards, {seconds:.1f} s in all", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""`dartprune eval`: perplexity, drift, multiple choice, XSum and two-topic generation for dense and pruned
+"""`dartprune eval`: perplexity, drift, multiple choice, summarisation (XSum, CNN/DailyMail) and two-topic generation for dense and pruned
 methods at several sparsities; writes results.json, results.md (printed), details.jsonl and PNG plots."""
 from __future__ import annotations
 
@@ -41,20 +41,29 @@ def _pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _task_names() -> list[str]:
+    from dartprune.evaluation import runner  # noqa: F401  (registers the tasks)
+    from dartprune.evaluation.registry import TASK_REGISTRY
+    return list(TASK_REGISTRY)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from dartprune.evaluation.registry import EvalSettings
     d = EvalSettings()
-    p = subparsers.add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, topics)",
+    p = subparsers.add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, cnn_dailymail, topics)",
                               description=__doc__)
     p.add_argument("--model", default=d.model, help="alias, local folder or Hugging Face id")
     p.add_argument("--methods", type=_csv(str), default=d.methods,
                    help="comma-separated methods (dense always runs once, as the reference)")
     p.add_argument("--sparsity", type=_csv(float), default=d.sparsities, help="comma-separated FFN sparsities")
-    p.add_argument("--tasks", type=_csv(str), default=d.tasks, help="comma-separated: ppl,drift,mc,xsum,topics")
+    p.add_argument("--tasks", type=_csv(str), default=d.tasks, help="comma-separated: " + ",".join(sorted(_task_names())))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--limit", type=_limit, help="items per task: N for every task, or TASK=N,... (mc: per set; "
-                                                "ppl: windows; drift: pairs; xsum: articles; topics: prompts)")
-    p.add_argument("--text", help="ppl: a UTF-8 text file instead of the default Gutenberg book")
+                                                "ppl: windows; drift: pairs; xsum, cnn_dailymail: articles; topics: prompts)")
+    p.add_argument("--data-dir", help="local evaluation data folder (default: $DARTPRUNE_DATA, else the Hugging "
+                                      "Face Hub by the usual dataset names; layout in docs/data.md)")
+    p.add_argument("--text", default=d.text, help="ppl: a text file, gutenberg:NAME, wikitext2 or python:MODULE "
+                                                  f"(default {d.text})")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--prefix", type=int, default=d.prefix, help="ppl/drift: traced prefix tokens per window")
@@ -65,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drift-pairs", type=_pairs, default=d.drift_pairs,
                    help="drift: comma-separated A:B Gutenberg names, e.g. austen-emma:bible-kjv")
     p.add_argument("--mc-sets", type=_csv(str), default=d.mc_sets, help="mc: comma-separated sets")
-    p.add_argument("--xsum-file", help="xsum: another jsonl in the same layout")
+    p.add_argument("--summary-file", action="append", default=[], metavar="TASK=FILE",
+                   help="xsum / cnn_dailymail: another jsonl in the local layout (docs/data.md), e.g. xsum=my.jsonl")
     p.add_argument("--topic-tokens", type=int, default=d.topic_tokens, help="topics: tokens generated per prompt")
     p.add_argument("--chat", default=d.chat, choices=["auto", "yes", "no"], help="topics: use the chat template")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster "
@@ -94,11 +104,17 @@ def run(args: argparse.Namespace) -> int:
                         ("--topic-tokens", args.topic_tokens), ("--threads", args.threads or 1)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1")
-    settings = EvalSettings(model=args.model, dtype=args.dtype, methods=args.methods, sparsities=args.sparsity,
+    summary_files = {}
+    for item in args.summary_file:
+        task, sep, path = item.partition("=")
+        if not sep or task not in ("xsum", "cnn_dailymail"):
+            raise ValueError(f"--summary-file expects xsum=FILE or cnn_dailymail=FILE, got {item!r}")
+        summary_files[task] = path
+    settings = EvalSettings(model=args.model, data_dir=args.data_dir, dtype=args.dtype, methods=args.methods, sparsities=args.sparsity,
                             tasks=args.tasks, out=args.out, limit=args.limit, seed=args.seed, extra=extra,
                             text=args.text, prefix=args.prefix, ppl_window=args.ppl_window,
                             ppl_windows=args.ppl_windows, drift_segment=args.drift_segment,
-                            drift_pairs=args.drift_pairs, mc_sets=args.mc_sets, xsum_file=args.xsum_file,
+                            drift_pairs=args.drift_pairs, mc_sets=args.mc_sets, summary_files=summary_files,
                             topic_tokens=args.topic_tokens, chat=args.chat, threads=args.threads,
                             calibration=calibration)
     run_evaluation(settings)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
-from rich.table import Table
+import sys
 
 from dartprune.architectures import supported_model_types
 from dartprune.models import list_models
+
+COLUMNS = ("alias", "model", "source package", "size", "licence", "installed")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,15 +15,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    table = Table(title="Model aliases (any Hugging Face id or local folder works too)")
-    for column in ("alias", "model", "source package", "size", "licence", "installed"):
-        table.add_column(column)
+def _rows() -> list[tuple[str, ...]]:
+    rows = []
     for entry in list_models():
         size = f"{entry['size_bytes'] / 1e6:.0f} MB" if entry.get("size_bytes") else "-"
-        table.add_row(entry["name"], entry["description"], entry["package"], size, entry["licence"],
-                      "yes" if entry["installed"] else f"no: {entry['install']}")
+        rows.append((entry["name"], entry["description"], entry["package"], size, entry["licence"],
+                     "yes" if entry["installed"] else f"no: {entry['install']}"))
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = _rows()
+    families = "Supported model types: " + ", ".join(supported_model_types())
+    if not sys.stdout.isatty():
+        # plain, complete lines for pipes and files (`dartprune models | grep smollm2-135m`)
+        print("\t".join(COLUMNS))
+        for row in rows:
+            print("\t".join(row))
+        print(families)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="Model aliases (any Hugging Face id or local folder works too)")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     console = Console()
     console.print(table)
-    console.print("Supported model types: " + ", ".join(supported_model_types()))
+    console.print(families)
     return 0

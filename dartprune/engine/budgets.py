@@ -1,4 +1,4 @@
-"""Per-layer pruning budgets (SPEC section 2): sensitivity from the prompt's own prefill, depth protection,
+"""Per-layer pruning budgets (docs/algorithm.md §2): sensitivity from the prompt's own prefill, depth protection,
 clipping with the residual handed back, and keep counts that average to the requested sparsity."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def depth_protection(num_layers: int, config: DartConfig) -> torch.Tensor:
 
 
 def pruning_ratios(importance: torch.Tensor, sparsity: float, config: DartConfig) -> torch.Tensor:
-    """p_l for one row: the allocation of SPEC section 2 (float64; mean equals `sparsity`)."""
+    """p_l for one row: the allocation of docs/algorithm.md §2 (float64; mean equals `sparsity`)."""
     num_layers = importance.numel()
     if sparsity == 0.0:
         return torch.zeros(num_layers, dtype=torch.float64)

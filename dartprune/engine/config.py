@@ -1,4 +1,4 @@
-"""`DartConfig`: every parameter of the algorithm (../SPEC sections 1-5), validated once, in one place."""
+"""`DartConfig`: every parameter of the algorithm (docs/algorithm.md §1-5), validated once, in one place."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,11 +20,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DartConfig:
-    """How to prune. Defaults follow SPEC; `method` selects DART or a baseline run by the same engine.
+    """How to prune. Defaults and why: docs/algorithm.md; `method` selects DART or a baseline run by the same engine.
 
     sparsity: fraction of FFN neurons removed, averaged over layers, in [0, 1).
     allocation: "dart" (sensitivity and depth-aware budgets from the prompt) or "uniform".
-    importance: layer importance signal: "residual" = (1 - cos(h, h + f)) * |f| / |h| (SPEC), or
+    importance: layer importance signal: "residual" = (1 - cos(h, h + f)) * |f| / |h| (§2), or
         "ffn-vs-input" = the authors' (1 - cos(h, f)) * |f| / |h|, kept for ablation.
     early_width/late_width/early_floor/late_floor: depth protection w_e, w_l, a, b.
     p_min/p_max: per-layer pruning-ratio clip bounds.
@@ -40,7 +40,7 @@ class DartConfig:
     ring_size: R, tokens of FFN inputs kept per layer for re-tracing.
     retrace: "buffer" (score the ring buffer with full weights) or "dense-steps" (the authors': run dense for
         `dense_steps` tokens, then rebuild).
-    retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset, SPEC's plain
+    retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset, the plain
         form). 0.3 by measurement (benchmarks/drift_tuning.py): scores from R = 16 tokens alone are noisy, and
         keeping 30% of the previous (unit-normalised) scores gave lower perplexity after every switch tried.
     retrace_reallocate: recompute layer budgets on a re-trace instead of keeping them.

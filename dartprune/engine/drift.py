@@ -1,4 +1,4 @@
-"""Drift monitor (SPEC section 4): compare windows of the attention output with the context's mean direction."""
+"""Drift monitor (docs/algorithm.md §4): compare windows of the attention output with the context's mean direction."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

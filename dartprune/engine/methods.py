@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from dartprune.engine.calibration import load_calibration, wanda_scores
+from dartprune.calibration import load_calibration, wanda_scores
 
 METHOD_REGISTRY: dict[str, type[Method]] = {}
 

@@ -1,4 +1,4 @@
-"""Neuron scores (SPEC section 1 and the baselines' variants), accumulated in float32 whatever the model dtype."""
+"""Neuron scores (docs/algorithm.md §1 and the baselines' variants), accumulated in float32 whatever the model dtype."""
 from __future__ import annotations
 
 import torch

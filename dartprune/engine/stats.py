@@ -1,4 +1,4 @@
-"""What a run reports (SPEC section 6): re-traces, drift windows, budgets, executed sparsity, state bytes and
+"""What a run reports (docs/algorithm.md §6): re-traces, drift windows, budgets, executed sparsity, state bytes and
 overhead FLOPs relative to the dense forward."""
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ class SequenceStats:
         return out
 
     def summary(self) -> str:
-        return (f"{self.method} sparsity {self.sparsity:.2f} | executed {self.executed_sparsity:.1%} | "
-                f"re-traces {self.retrace_count} | state {self.state_bytes / 1e6:.2f} MB | "
-                f"overhead {self.overhead_fraction:.3%} FLOPs")
+        """One line for the end of a generation."""
+        if self.method == "dense":
+            return "dense (no pruning)"
+        retraces = f"{self.retrace_count} re-trace{'' if self.retrace_count == 1 else 's'}"
+        return (f"{self.method} at sparsity {self.sparsity:.2f} | executed {self.executed_sparsity:.1%} | "
+                f"{retraces} | state {self.state_bytes / 1e6:.2f} MB | "
+                f"overhead {100 * self.overhead_fraction:.2g}% of dense FLOPs")

@@ -1,10 +1,9 @@
 """What every evaluation task shares: loading, method specs, attaching the engine, the teacher-forced scoring
-protocol (SPEC 7), versions, and progress bars."""
+protocol (docs/algorithm.md §7), versions, and progress bars."""
 from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,32 +19,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def versions() -> dict[str, str]:
-    import transformers
-
-    import dartprune
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "dartprune": dartprune.__version__}
-    for name in ("lm_eval", "rouge_score"):
-        try:
-            from importlib.metadata import version
-            out[name] = version(name.replace("_", "-") if name == "lm_eval" else name)
-        except Exception:  # noqa: BLE001 - optional packages
-            pass
-    return out
-
-
-def git_state() -> str:
-    """`git describe --always --dirty` of the source tree, or "unknown" outside a checkout."""
-    import subprocess
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def progress(iterable: Iterable, desc: str, total: int | None = None, leave: bool = False,
              disable: bool | None = None, **kwargs: Any):
     """A tqdm bar on stderr, also when stderr is a log file; DARTPRUNE_NO_PROGRESS=1 turns them off."""
@@ -149,7 +122,7 @@ def attached(model, spec: MethodSpec) -> Iterator[DartHandle]:
 
 
 def summarise_stats(stats: list) -> dict[str, float]:
-    """Mean engine statistics over the sequences of one run (SPEC 6)."""
+    """Mean engine statistics over the sequences of one run (docs/algorithm.md §6)."""
     if not stats:
         return {}
     n = len(stats)

@@ -1,4 +1,4 @@
-"""`xsum` and `topics`: greedy generation, scored by ROUGE against references and against the dense output."""
+"""`xsum`, `cnn_dailymail` and `topics`: greedy generation, scored by ROUGE against references and against the dense output."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ import time
 import torch
 
 from dartprune.evaluation.core import MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats
-from dartprune.evaluation.data import TOPIC_PROMPTS, load_xsum
+from dartprune.data import SUMMARY_SETS, TOPIC_PROMPTS, load_summaries
 from dartprune.evaluation.registry import Task, register_task
 
 _SCORER = None
@@ -78,29 +78,45 @@ class _GenerationTask(Task):
                             **self.extra_fields)]
 
 
-@register_task
-class XSum(_GenerationTask):
-    name = "xsum"
-    description = "XSum 1-shot summaries (HELM prompts), greedy, ROUGE-1/2/L vs reference and ROUGE-L vs dense"
+class _Summaries(_GenerationTask):
+    """A summarisation set: the prompt fed verbatim, greedy up to the item's max_tokens, cut at its stop string."""
+
     primary = ("rougeL", True)
-    protocol = ("xsum: `article` fed verbatim (1-shot HELM prompt; prompt = traced prefix), greedy decoding of up "
-                "to the item's max_tokens, cut at '###'; ROUGE F1 (rouge-score, stemmer) vs summary_gt and "
-                "ROUGE-L vs the dense model's output for the same item")
     stop = ["###"]
-    subtask = "xsum_1shot"
 
     def prepare(self) -> None:
         limit = context_limit(self.model)
         bos = needs_bos_every_window(self.model, self.settings.model)
         self.items = []
-        for doc in load_xsum(self.settings.limit_for("xsum"), self.settings.xsum_file):
+        for doc in load_summaries(self.name, self.settings.limit_for(self.name), self.settings.data_dir,
+                                  self.settings.summary_files.get(self.name)):
             ids = self.tokenizer(doc["article"], return_tensors="pt").input_ids
             if bos and ids[0, 0] != self.tokenizer.bos_token_id:
                 ids = torch.cat([torch.tensor([[self.tokenizer.bos_token_id]]), ids], dim=1)
-            if limit is not None and ids.shape[1] + int(doc["max_tokens"]) > limit:
-                raise ValueError(f"an XSum prompt of {ids.shape[1]} tokens does not fit the context of {limit}")
-            self.items.append((ids, int(doc["max_tokens"]), doc["summary_gt"]))
-        self.extra_fields = {"data": "xsum_1shot.jsonl", "stop": self.stop}
+            if limit is not None and ids.shape[1] + doc["max_tokens"] > limit:
+                raise ValueError(f"a {self.name} prompt of {ids.shape[1]} tokens does not fit the context of {limit}")
+            self.items.append((ids, doc["max_tokens"], doc["summary_gt"]))
+        self.extra_fields = {"data": SUMMARY_SETS[self.name].local, "stop": self.stop}
+
+
+@register_task
+class XSum(_Summaries):
+    name = "xsum"
+    description = "XSum 1-shot summaries (HELM prompts), greedy, ROUGE-1/2/L vs reference and ROUGE-L vs dense"
+    protocol = ("xsum: `article` fed verbatim (1-shot HELM prompt; prompt = traced prefix), greedy decoding of up "
+                "to the item's max_tokens (64), cut at '###'; ROUGE F1 (rouge-score, stemmer) vs summary_gt and "
+                "ROUGE-L vs the dense model's output for the same item")
+    subtask = "xsum_1shot"
+
+
+@register_task
+class CNNDailyMail(_Summaries):
+    name = "cnn_dailymail"
+    description = "CNN/DailyMail 0-shot 3-sentence summaries (HELM prompts), greedy up to 128 tokens, ROUGE"
+    protocol = ("cnn_dailymail: `article` fed verbatim (0-shot HELM prompt asking for 3 sentences; prompt = traced "
+                "prefix), greedy decoding of up to the item's max_tokens (128), cut at '###'; ROUGE F1 (rouge-score, "
+                "stemmer) vs summary_gt and ROUGE-L vs the dense model's output for the same item")
+    subtask = "cnn_dailymail_0shot"
 
 
 @register_task
@@ -108,7 +124,7 @@ class Topics(_GenerationTask):
     name = "topics"
     description = "two-topic prompts, greedy; ROUGE-L vs the dense output and re-trace counts"
     primary = ("rougeL_vs_dense", True)
-    protocol = ("topics: project-written two-topic prompts (dartprune.evaluation.data.TOPIC_PROMPTS), in the "
+    protocol = ("topics: project-written two-topic prompts (dartprune.data.TOPIC_PROMPTS), in the "
                 "tokenizer's chat template when it has one (--chat auto), greedy decoding of --topic-tokens "
                 "tokens; ROUGE-L F1 vs the dense model's output")
     stop = None

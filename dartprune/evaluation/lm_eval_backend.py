@@ -10,7 +10,7 @@ Model args: `pretrained` (alias, local folder or Hub id) and `dtype` load the mo
 (batch_size, max_length, add_bos_token, ...) pass through; every other key goes to `DartConfig.from_dict`, which
 names any unknown key. `monitored_layers` takes integers separated by ';' (commas separate model args).
 
-Log-likelihood requests follow SPEC 7's context-only rule: each request is a new sequence whose context (minus
+Log-likelihood requests follow the context-only rule (docs/algorithm.md §7): each request is a new sequence whose context (minus
 its last token) is prefilled dense and traced, then the last context token and the continuation are fed in
 chunks of <= W tokens under the mask, so every continuation token is scored by a pruned forward and the mask
 never sees the continuation. Generation requests use the engine as is (`model.generate`, prompt traced).

@@ -1,4 +1,4 @@
-"""`mc`: zero-shot multiple choice by log-likelihood, with SPEC 7's context-only rule.
+"""`mc`: zero-shot multiple choice by log-likelihood, with the context-only rule (docs/algorithm.md §7).
 
 For each choice the context is prefilled as a new sequence (dense, traced: the mask comes from the context
 only), then the continuation is scored under that mask. The context prefill is re-run per choice, so no choice
@@ -11,7 +11,7 @@ import time
 from dartprune.evaluation.core import (
     MethodSpec, encode_pair, needs_bos_every_window, progress, summarise_stats, teacher_forced_logprobs,
 )
-from dartprune.evaluation.data import MCItem, load_mc
+from dartprune.data import MCItem, load_mc
 from dartprune.evaluation.registry import Task, register_task
 
 PROTOCOL_MC = (
@@ -49,7 +49,8 @@ class MultipleChoice(Task):
     protocol = PROTOCOL_MC
 
     def prepare(self) -> None:
-        self.sets = {name: load_mc(name, self.settings.limit_for("mc")) for name in self.settings.mc_sets}
+        self.sets = {name: load_mc(name, self.settings.limit_for("mc"), self.settings.data_dir)
+                     for name in self.settings.mc_sets}
         self.bos = needs_bos_every_window(self.model, self.settings.model)
 
     def evaluate(self, spec: MethodSpec, handle) -> list:

@@ -1,35 +1,34 @@
-"""`ppl` and `drift`: perplexity by SPEC 7's protocol (traced prefix, teacher-forced chunks <= W, drift monitor
+"""`ppl` and `drift`: perplexity by the protocol of docs/algorithm.md §7 (traced prefix, teacher-forced chunks <= W, drift monitor
 live), on one long text, and across a text switch A -> B."""
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 from dartprune.evaluation.core import (
     PROTOCOL_TEACHER_FORCED, MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats,
     teacher_forced_logprobs,
 )
-from dartprune.evaluation.data import read_text
-from dartprune.paths import gutenberg_path
+from dartprune.data import Text, load_text
 from dartprune.evaluation.registry import Task, register_task
 
-DEFAULT_PPL_TEXT = "austen-persuasion"
-TEXT_START = 2000  # characters skipped at the start of a book (title page, contents)
+BOOK_START = 2000  # characters skipped at the start of a Gutenberg book (title page, contents)
 
 
 def _ppl(nll_sum: float, count: int) -> float:
     return math.exp(nll_sum / count) if count else float("nan")
 
 
-def text_tokens(tokenizer, path: Path, count: int, start: int = TEXT_START) -> list[int]:
-    """The first `count` tokens of a text (after `start` characters); errors if the text is too short."""
+def text_tokens(tokenizer, text: Text, count: int) -> list[int]:
+    """The first `count` tokens of a text (Gutenberg books from character 2000 on, past the title page); errors if
+    the text is too short."""
+    start = BOOK_START if text.name.startswith("gutenberg:") else 0
     chars = count * 8 + 1000
-    ids = tokenizer(read_text(path, start, chars), add_special_tokens=False).input_ids
+    ids = tokenizer(text.text[start:start + chars], add_special_tokens=False).input_ids
     if len(ids) < count:
-        ids = tokenizer(read_text(path, start), add_special_tokens=False).input_ids
+        ids = tokenizer(text.text[start:], add_special_tokens=False).input_ids
     if len(ids) < count:
-        raise ValueError(f"{path} has only {len(ids)} tokens after character {start}; {count} are needed")
+        raise ValueError(f"{text.name} has only {len(ids)} tokens after character {start}; {count} are needed")
     return ids[:count]
 
 
@@ -50,14 +49,13 @@ class Perplexity(Task):
         limit = context_limit(self.model)
         if limit is not None and s.ppl_window > limit:
             raise ValueError(f"ppl window {s.ppl_window} exceeds the model's context {limit}")
-        self.path = Path(s.text) if s.text else gutenberg_path(DEFAULT_PPL_TEXT)
+        text = load_text(s.text, s.data_dir)
         self.bos = needs_bos_every_window(self.model, s.model)
         body = s.ppl_window - (1 if self.bos else 0)
-        start = 0 if s.text else TEXT_START
-        ids = text_tokens(self.tokenizer, self.path, windows * body, start)
+        ids = text_tokens(self.tokenizer, text, windows * body)
         head = [self.tokenizer.bos_token_id] if self.bos else []
         self.windows = [head + ids[i * body:(i + 1) * body] for i in range(windows)]
-        self.source = self.path.name if not s.text else str(self.path)
+        self.source = text.name
 
     def evaluate(self, spec: MethodSpec, handle) -> list:
         started = time.perf_counter()
@@ -92,8 +90,9 @@ class Drift(Task):
         head = [self.tokenizer.bos_token_id] if self.bos else []
         self.sequences = []
         for a, b in pairs:
-            ids_a = head + text_tokens(self.tokenizer, gutenberg_path(a), s.prefix + s.drift_segment - len(head))
-            ids_b = text_tokens(self.tokenizer, gutenberg_path(b), s.drift_segment)
+            ids_a = head + text_tokens(self.tokenizer, load_text(f"gutenberg:{a}", s.data_dir),
+                                       s.prefix + s.drift_segment - len(head))
+            ids_b = text_tokens(self.tokenizer, load_text(f"gutenberg:{b}", s.data_dir), s.drift_segment)
             self.sequences.append((f"{a}->{b}", ids_a + ids_b, len(ids_a)))
         self.traces: dict[tuple[str, str, float], object] = {}
 

@@ -36,7 +36,8 @@ class EvalSettings:
     limit: int | dict[str, int] | None = None  # one count for every task, or per task name
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # other DartConfig fields
-    text: str | None = None  # ppl: a text file instead of the default Gutenberg book
+    data_dir: str | None = None  # local data folder (else $DARTPRUNE_DATA, else the Hub); see docs/data.md
+    text: str = "wikitext2"  # ppl: a text source (file, gutenberg:NAME, wikitext2, python:MODULE)
     prefix: int = 128  # ppl/drift: traced tokens before scoring starts
     ppl_window: int = 512  # ppl: tokens per window (prefix included)
     ppl_windows: int = 8  # ppl: number of windows (--limit overrides)
@@ -46,14 +47,14 @@ class EvalSettings:
         ("whitman-leaves", "chesterton-thursday")])
     mc_sets: list[str] = field(default_factory=lambda: [
         "piqa", "arc_easy", "arc_challenge", "boolq", "copa", "openbookqa", "winogrande", "siqa", "commonsenseqa"])
-    xsum_file: str | None = None
+    summary_files: dict[str, str] = field(default_factory=dict)  # xsum / cnn_dailymail: another jsonl, same layout
     topic_tokens: int = 128  # topics: greedy tokens generated per prompt
     chat: str = "auto"  # topics: "auto" (chat template when the tokenizer has one), "yes", "no"
     threads: int | None = None  # torch CPU threads (None: torch's default)
     calibration: dict[str, str] = field(default_factory=dict)  # method -> calibration file (wanda-static, threshold)
 
     def limit_for(self, task: str) -> int | None:
-        """Items for `task`: mc items per set, ppl windows, drift pairs, xsum items, topic prompts."""
+        """Items for `task`: mc items per set, ppl windows, drift pairs, summaries, topic prompts."""
         if isinstance(self.limit, dict):
             return self.limit.get(task)
         return self.limit
@@ -64,7 +65,7 @@ class EvalSettings:
 
 @dataclass
 class Result:
-    """One (task, subtask, method, sparsity) measurement, with everything needed to read it (SPEC 7)."""
+    """One (task, subtask, method, sparsity) measurement, with everything needed to read it (docs/algorithm.md §7)."""
 
     task: str
     subtask: str

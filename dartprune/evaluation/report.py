@@ -55,13 +55,19 @@ def _summary_columns(results: list[Result]) -> list[tuple[str, str, str]]:
             columns.append((task, "mean" if "mean" in subtasks else subtasks[0], "acc"))
         elif task == "drift":
             columns += [(task, "*", "ppl_a"), (task, "*", "ppl_b"), (task, "*", "retraces")]
-        elif task == "xsum":
+        elif task in ("xsum", "cnn_dailymail"):
             columns += [(task, "*", "rougeL"), (task, "*", "rougeL_vs_dense")]
         elif task == "topics":
             columns += [(task, "*", "rougeL_vs_dense")]
         else:
             columns.append((task, "*", metric))
     return columns
+
+
+def _column_title(task: str, subtask: str, metric: str) -> str:
+    """'drift ppl_b', 'mc acc_norm', 'ppl' (not 'ppl ppl')."""
+    where = task + ("" if subtask in ("*", "mean") else ":" + subtask)
+    return where if metric == task else f"{where} {metric}"
 
 
 def _value(results: list[Result], label: str, task: str, subtask: str, metric: str) -> float:
@@ -83,8 +89,7 @@ def markdown(meta: dict, results: list[Result]) -> str:
         lines += ["## Summary", "",
                   "Drift ppl columns: geometric mean over the pairs; mc: unweighted mean over the sets; "
                   "retraces: mean per sequence.", "",
-                  "| method | " + " | ".join(f"{t}{'' if s in ('*', 'mean') else ':' + s} {m}" for t, s, m in columns)
-                  + " |", "|---" * (len(columns) + 1) + "|"]
+                  "| method | " + " | ".join(_column_title(*c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for label in labels:
             lines.append(f"| {label} | " + " | ".join(_fmt(_value(results, label, *c)) for c in columns) + " |")
         lines.append("")

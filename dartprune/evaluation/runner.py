@@ -1,15 +1,15 @@
 """Run tasks x method specs on one model and write the report."""
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from dartprune.evaluation import generation, mc, ppl  # noqa: F401  (registers the tasks)
-from dartprune.evaluation.core import attached, git_state, load_for_eval, method_specs, progress, versions
+from dartprune.data import data_dir
+from dartprune.evaluation.core import attached, load_for_eval, method_specs, progress
+from dartprune.provenance import command_line, git_state, versions
 from dartprune.evaluation.registry import EvalSettings, Result, get_task
 from dartprune.evaluation.report import markdown, plot_drift_traces, plot_quality, write_details, write_json
 
@@ -23,24 +23,30 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     if any(n is not None and n < 1 for n in limits):
         raise ValueError("--limit must be >= 1")
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
+    local = data_dir(settings.data_dir)   # a named folder that does not exist fails here, before the model loads
     if model is None:
         model, tokenizer = load_for_eval(settings.model, settings.dtype)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     meta = {"model": settings.model, "dtype": settings.dtype, "seed": settings.seed, "versions": versions(),
-            "git": git_state(), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-            "settings": settings.to_dict(),
+            "git": git_state(), "command": command or command_line(),
+            "settings": {**settings.to_dict(), "data_dir": None},   # results carry no machine paths
+            "data": "local data folder" if local else "Hugging Face Hub (by the usual dataset names)",
             "extra": settings.extra, "threads": torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     results: list[Result] = []
     details: list[dict] = []
     plots: list[Path] = []
     started = time.perf_counter()
-    for cls in progress(task_classes, "tasks", leave=True):
+    tasks = []
+    for cls in task_classes:   # every task's data first: a missing set fails before any output or compute
         task = cls(settings, model, tokenizer, meta["versions"])
         task.prepare()
+        tasks.append(task)
+    out.mkdir(parents=True, exist_ok=True)
+    for task in progress(tasks, "tasks", leave=True):
+        cls = type(task)
         for spec in progress(specs, f"{cls.name} methods", leave=True):
             with attached(model, spec) as handle:
                 results += task.evaluate(spec, handle)

@@ -1,9 +1,9 @@
-"""Offline calibration for the two calibrated baselines (SPEC "Baselines"): `wanda-static` and `threshold`.
+"""Offline calibration for the two calibrated baselines (docs/algorithm.md, Baselines): `wanda-static` and `threshold`.
 
 DART itself needs no calibration; these baselines do, and their statistics come from the dense model run over a
 calibration text (by default 128 windows of 512 tokens of a Gutenberg book that no evaluation uses). The result is
 one small safetensors file: per-layer tensors plus a JSON header (under the metadata key "dartprune") naming the
-method, the model's identity (family, sizes and a fingerprint of its weights), the calibration text's path and
+method, the model's identity (family, sizes and a fingerprint of its weights), the calibration text's name and
 sha256, the number of windows and their length. The methods load the file in `setup()` and refuse one made for
 another model or another method.
 
@@ -11,7 +11,7 @@ Statistics, all accumulated in float32 over every calibration token (no padding:
 - wanda-static: `x_norm.{l}` [hidden]: ||X_j||, the L2 norm over tokens of FFN input channel j (the input of
   W_gate/W_up/W_1, after the layer's norm); `u_norm.{l}` [I_l]: ||u_i||, the L2 norm over tokens of neuron i's
   activation (the input of W_down/W_2); `importance.residual` and `importance.ffn-vs-input` [L]: the layer
-  importance S_l of SPEC section 2 averaged over the calibration tokens, so DART-style budgets are calibrated too
+  importance S_l of docs/algorithm.md §2 averaged over the calibration tokens, so DART-style budgets are calibrated too
   and the mask is the same for every prompt.
 - threshold: `thresholds` [S, L]: per sparsity s of `sparsities` [S] and layer l, tau such that a fraction s of
   the |u| values of layer l on the calibration text is below tau (read from a log2 histogram of |u| with 256
@@ -34,11 +34,12 @@ from torch import nn
 
 from dartprune.architectures import FFNParts, get_adapter
 from dartprune.engine.budgets import layer_importance
+from dartprune.data import Text
 
 FORMAT = "dartprune-calibration"
 VERSION = 1
 CALIBRATED_METHODS = ("wanda-static", "threshold")
-DEFAULT_TEXT = "melville-moby_dick"
+DEFAULT_TEXT = "gutenberg:melville-moby_dick"
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 DEFAULT_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00, 0.05, ..., 0.95
@@ -55,28 +56,14 @@ class CalibrationError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- texts
-def text_sha256(path: str | Path) -> str:
-    """sha256 of a text file's bytes (what a calibration file records about its text)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_text_differs(calibration_file: str | Path, text: Text) -> None:
+    """Raise CalibrationError if `text` is the text the calibration file was made from (calibration and evaluation
+    texts must differ)."""
+    if text.sha256 == load_calibration(calibration_file).text_sha256:
+        raise CalibrationError(f"{text.name} is the calibration text of {calibration_file}; evaluate on another text")
 
 
-def calibration_text_sha(path: str | Path) -> str:
-    """The sha256 of the calibration text recorded in calibration file `path` (compare with `text_sha256` of an
-    evaluation text: calibration and evaluation texts must differ)."""
-    return load_calibration(path).text_sha256
-
-
-def check_text_differs(calibration_file: str | Path, text_path: str | Path) -> None:
-    """Raise CalibrationError if `text_path` is the text the calibration file was made from."""
-    if text_sha256(text_path) == calibration_text_sha(calibration_file):
-        raise CalibrationError(f"{text_path} is the calibration text of {calibration_file}; evaluate on another text")
-
-
-def text_windows(tokenizer, path: str | Path, samples: int, seq_len: int) -> torch.Tensor:
+def text_windows(tokenizer, text: Text, samples: int, seq_len: int) -> torch.Tensor:
     """`samples` windows of `seq_len` tokens, evenly spaced over the whole text and never overlapping ([N, T]).
 
     Each window starts with the special tokens the tokenizer puts at the start of a text (e.g. BOS for Gemma and
@@ -84,12 +71,11 @@ def text_windows(tokenizer, path: str | Path, samples: int, seq_len: int) -> tor
     """
     if samples < 1 or seq_len < 2:
         raise ValueError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
     head = list(tokenizer("", add_special_tokens=True).input_ids)
     body = seq_len - len(head)
-    ids = _tokenize(tokenizer, text)
+    ids = _tokenize(tokenizer, text.text)
     if len(ids) < samples * body:
-        raise ValueError(f"{path} has {len(ids)} tokens, fewer than {samples} windows x {body} text tokens")
+        raise ValueError(f"{text.name} has {len(ids)} tokens, fewer than {samples} windows x {body} text tokens")
     stride = (len(ids) - body) // (samples - 1) if samples > 1 else 0
     return torch.tensor([head + ids[k * stride:k * stride + body] for k in range(samples)], dtype=torch.long)
 
@@ -126,9 +112,15 @@ def model_identity(model: nn.Module, parts: list[FFNParts] | None = None) -> tup
         "gated": parts[0].gated,
         # informative: a hash of the sampled weights rounded to bfloat16 (the check itself compares the values)
         "weights_sha256": hashlib.sha256(fingerprint.bfloat16().view(torch.int16).numpy().tobytes()).hexdigest(),
-        "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+        # the model's name, never a machine path: a local folder is recorded by its last component
+        "name_or_path": _model_name(str(getattr(model.config, "_name_or_path", "") or "")),
     }
     return structure, fingerprint
+
+
+def _model_name(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    return path.name if path.is_absolute() or path.exists() else name_or_path
 
 
 def _sample(matrix: torch.Tensor) -> torch.Tensor:
@@ -370,14 +362,14 @@ def load_calibration(path: str | Path) -> Calibration:
     return Calibration(str(path), meta, tensors)
 
 
-def calibrate(model: nn.Module, tokenizer, method: str, text: str | Path, out: str | Path,
+def calibrate(model: nn.Module, tokenizer, method: str, text: Text, out: str | Path,
               samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
               sparsities: Iterable[float] = DEFAULT_SPARSITIES, progress: bool = False,
               windows: torch.Tensor | None = None) -> Calibration:
     """Calibrate `method` for `model` on `samples` windows of `seq_len` tokens of `text` and write `out`.
 
     `windows` ([samples, seq_len] ids) replaces the tokenizer (tiny test models have no tokenizer); the text's
-    path and sha256 are recorded either way.
+    name and sha256 are recorded either way.
     """
     _check_method(method)
     sparsities = list(sparsities)
@@ -390,7 +382,7 @@ def calibrate(model: nn.Module, tokenizer, method: str, text: str | Path, out: s
     tensors = collect_statistics(model, method, windows, batch_size, sparsities, progress)
     seconds = time.perf_counter() - start
     meta: dict[str, Any] = {
-        "text": {"path": str(Path(text).resolve()), "sha256": text_sha256(text)},
+        "text": {"name": text.name, "sha256": text.sha256},
         "samples": samples, "seq_len": seq_len, "tokens": samples * seq_len,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -426,5 +418,5 @@ def wanda_scores(parts: FFNParts, x_norm: torch.Tensor, u_norm: torch.Tensor) ->
 
 
 __all__ = ["CALIBRATED_METHODS", "Calibration", "CalibrationError", "DEFAULT_SPARSITIES", "calibrate",
-           "calibration_text_sha", "check_text_differs", "collect_statistics", "histogram_quantiles",
-           "load_calibration", "model_identity", "save_calibration", "text_sha256", "text_windows", "wanda_scores"]
+           "check_text_differs", "collect_statistics", "histogram_quantiles",
+           "load_calibration", "model_identity", "save_calibration", "text_windows", "wanda_scores"]
