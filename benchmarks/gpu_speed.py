@@ -1,18 +1,18 @@
-"""Dense vs compact FFN decode steps and re-trace cost at Llama-3.1-8B's shapes (random weights), on a GPU.
+"""Dense vs pruned FFN decode steps and re-trace cost at Llama-3.1-8B's shapes (random weights), on a GPU.
 
 Part 1 (always): the FFNs of every layer (hidden 4096, intermediate 14336, 32 layers, bfloat16) decode one
-token dense (three projections, as the model's own MLP does) and through `dartprune.engine.ffn.CompactWeights`
-(the engine's fast path: kept neurons gathered into contiguous matrices), at each sparsity; timed eagerly and,
-on CUDA, replayed from a CUDA graph (no launch overhead: the bandwidth-bound kernel time). Also timed: building
-the compact weights (paid once per sequence, inside the time to first token) and a re-trace (the engine's
-buffer re-trace: R = 16 buffered tokens through the full gate/up weights, new scores, top-k, the changed
-neurons copied into the compact weights).
+token dense (three projections, as the model's own MLP does) and through `dartprune.engine.weights.PrefixFFN`
+(the engine's fast path: the kept neurons permuted in place to the front of the layer's own weights and run as a
+prefix, no copy), at each sparsity; timed eagerly and, on CUDA, replayed from a CUDA graph (no launch overhead:
+the bandwidth-bound kernel time). Also timed: making the kept set the prefix (once per sequence, inside the time
+to first token) and a re-trace (R = 16 buffered tokens through the full gate/up weights, new scores, top-k, the
+entering neurons swapped into the prefix).
 
 Part 2 (`--whole-model`, if memory allows): a whole Llama-3.1-8B-shaped model from `LlamaConfig`, random
-weights, greedy decode with the lean static-cache loop (`dartprune.benchmarks.lean`), dense vs every FFN
-replaced by its compact weights (uniform keep counts; no handle: this measures the decode step, not tracing).
-The lean loop is eager, so on a GPU it is launch-bound at batch 1 and the pruning gain is diluted; part 1's
-graph replay is the kernel-level figure.
+weights, greedy decode with dartprune's native loop (`dartprune.decode`), dense vs the engine's `static` method
+at each sparsity (the prompt traced, the mask fixed, uniform budgets). The native loop's PyTorch step is eager,
+so on a GPU it is launch-bound at batch 1 and the pruning gain is diluted; part 1's graph replay is the
+kernel-level figure.
 
 Byte ceilings come from `dartprune.benchmarks.ceiling` (whole model and FFN only).
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dartprune.architectures.base import FFNParts  # noqa: E402
 from dartprune.benchmarks.ceiling import LLAMA_3_1_8B, Shapes, dart_state_bytes, shapes_decode_bytes  # noqa: E402
 from dartprune.benchmarks.speed import time_ms  # noqa: E402
-from dartprune.engine.ffn import CompactWeights, activations  # noqa: E402
 from dartprune.engine.scoring import squared_activations, top_neurons  # noqa: E402
+from dartprune.engine.weights import PrefixFFN, activations  # noqa: E402
 
 TINY = Shapes(layers=4, hidden=64, intermediate=224, vocab=512, heads=4, kv_heads=2, dtype_bytes=2)
 
@@ -74,9 +74,10 @@ def make_ffns(shapes: Shapes, layers: int, dtype: torch.dtype, device: str, seed
         def weight(rows, cols):
             return (torch.randn(rows, cols, generator=generator, device=device, dtype=torch.float32)
                     * cols ** -0.5).to(dtype)
+        # down stored neuron-major, as the engine lays it out while it prunes
         parts.append(FFNParts(gate=weight(shapes.intermediate, shapes.hidden),
                               up=weight(shapes.intermediate, shapes.hidden), up_bias=None,
-                              down=weight(shapes.hidden, shapes.intermediate), down_bias=None, act=F.silu))
+                              down=weight(shapes.intermediate, shapes.hidden).t(), down_bias=None, act=F.silu))
     return parts
 
 
@@ -100,42 +101,43 @@ def ffn_benchmark(shapes: Shapes, layers: int, sparsities: list[float], dtype: t
         keep = max(1, round((1 - sparsity) * shapes.intermediate))
         generator = torch.Generator().manual_seed(1)
         kept = [torch.randperm(shapes.intermediate, generator=generator)[:keep].sort().values for _ in parts]
+        prefixes = [PrefixFFN(p) for p in parts]
         sync()
         start = time.perf_counter()
-        compact = [CompactWeights(p, k) for p, k in zip(parts, kept)]
+        for prefix, k in zip(prefixes, kept):
+            prefix.keep(k)
         sync()
         build_ms = (time.perf_counter() - start) * 1e3
 
-        def compact_step():
-            for c in compact:
-                c.forward(x)
+        def pruned_step():
+            for prefix in prefixes:
+                prefix.forward(x)
 
         row = {"sparsity": sparsity, "keep": keep, "build_ms": build_ms,
-               "compact_eager_ms": time_ms(compact_step, repeats, sync=sync)}
-        graph = _graph(compact_step, device)
-        row["compact_graph_ms"] = time_ms(graph, repeats, sync=sync) if graph else None
+               "pruned_eager_ms": time_ms(pruned_step, repeats, sync=sync)}
+        graph = _graph(pruned_step, device)
+        row["pruned_graph_ms"] = time_ms(graph, repeats, sync=sync) if graph else None
         row["ffn_ceiling"] = shapes.intermediate / keep
         row["model_ceiling"] = shapes_decode_bytes(shapes).total / shapes_decode_bytes(shapes, keep).total
-        row["speedup_eager"] = out["dense_eager_ms"]["median"] / row["compact_eager_ms"]["median"]
+        row["speedup_eager"] = out["dense_eager_ms"]["median"] / row["pruned_eager_ms"]["median"]
         if graph and out["dense_graph_ms"]:
-            row["speedup_graph"] = out["dense_graph_ms"]["median"] / row["compact_graph_ms"]["median"]
+            row["speedup_graph"] = out["dense_graph_ms"]["median"] / row["pruned_graph_ms"]["median"]
 
-        # exactness of the compact path against the mask reference, one layer
-        p, c = parts[0], compact[0]
-        mask = torch.zeros(shapes.intermediate, device=device, dtype=dtype)
-        mask[kept[0].to(device)] = 1
+        # exactness of the prefix path against the mask reference, one layer
+        p, prefix = parts[0], prefixes[0]
+        mask = prefix.mask(kept[0], dtype).to(device)         # over the current (permuted) positions
         reference = F.linear(activations(p, x) * mask, p.down)
-        row["max_abs_diff_vs_mask"] = float((c.forward(x) - reference).abs().max())
+        row["max_abs_diff_vs_mask"] = float((prefix.forward(x) - reference).abs().max())
 
-        # re-trace: ring tokens through full gate/up, scores, top-k, copy changed neurons
+        # re-trace: ring tokens through full gate/up, scores, top-k, entering neurons swapped into the prefix
         ring_x = torch.randn(layers, ring, shapes.hidden, device=device, dtype=dtype)
         valid = torch.ones(1, ring, dtype=torch.bool, device=device)
 
         def retrace():
             changed = 0
-            for i, (p, c) in enumerate(zip(parts, compact)):
+            for i, (p, prefix) in enumerate(zip(parts, prefixes)):
                 sumsq = squared_activations(activations(p, ring_x[i])[None], valid, "l2")[0]
-                changed += c.update(top_neurons(sumsq.sqrt().cpu(), keep))
+                changed += prefix.keep(top_neurons(prefix.to_ids(sumsq.sqrt().cpu()), keep))
             return changed
 
         sync()
@@ -144,9 +146,10 @@ def ffn_benchmark(shapes: Shapes, layers: int, sparsities: list[float], dtype: t
         sync()
         row["retrace_ms_first"] = (time.perf_counter() - start) * 1e3
         row["retrace_ms"] = time_ms(retrace, max(3, repeats // 4), sync=sync)
-        row["retrace_in_compact_steps"] = row["retrace_ms"]["median"] / row["compact_eager_ms"]["median"]
+        row["retrace_in_pruned_steps"] = row["retrace_ms"]["median"] / row["pruned_eager_ms"]["median"]
         rows.append(row)
-        del compact
+        for prefix in prefixes:
+            prefix.restore()
     out["rows"] = rows
     return out
 
@@ -171,62 +174,55 @@ def _llama(shapes: Shapes, dtype: torch.dtype, device: str):
     return model.eval()
 
 
-class _CompactMLP(torch.nn.Module):
-    def __init__(self, compact: CompactWeights):
-        super().__init__()
-        self.compact = compact
-
-    def forward(self, x):
-        return self.compact.forward(x)
-
-
 @torch.inference_mode()
 def whole_model_benchmark(shapes: Shapes, sparsities: list[float], dtype: torch.dtype, device: str,
                           prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    from dartprune.benchmarks.lean import LeanDecoder
-    from dartprune.architectures import get_adapter
+    from dartprune import DartConfig
+    from dartprune.decode.model import NativeModel
+    from dartprune.engine import Engine
 
     sync = _sync(device)
     start = time.perf_counter()
     model = _llama(shapes, dtype, device)
     build_s = time.perf_counter() - start
-    adapter = get_adapter(model)
-    layers = adapter.layers()
-    originals = [adapter.ffn(layer) for layer in layers]
-    lean = LeanDecoder(model, prompt_len + new_tokens)
-    ids = torch.randint(3, shapes.vocab, (1, prompt_len), device=device)
+    ids = torch.randint(3, shapes.vocab, (prompt_len,), device=device)
 
-    def decode() -> dict:
+    def decode(engine) -> dict:
+        native = NativeModel(model, engine, capacity=prompt_len + new_tokens)
         samples = []
         for _ in range(repeats):
-            result = lean.generate(ids, new_tokens, sync=sync)
-            samples.append(statistics.median(result.token_times_s) * 1e3)
-        return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+            native.reset()
+            token = native.forward(ids)[-1].argmax()
+            steps = []
+            for _ in range(new_tokens - 1):
+                sync()
+                begin = time.perf_counter()
+                token = native.forward(token.reshape(1))[-1].argmax()
+                sync()
+                steps.append(time.perf_counter() - begin)
+            samples.append(statistics.median(steps) * 1e3)
+        return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+                "kernel": native.kernel is not None}
 
-    lean.generate(ids, 4, sync=sync)
-    out = {"build_s": build_s, "params": sum(p.numel() for p in model.parameters()),
-           "lean_extra_bytes": lean.extra_bytes(), "dense_tpot_ms": decode(), "rows": []}
+    out = {"build_s": build_s, "params": sum(p.numel() for p in model.parameters()), "dense_tpot_ms": decode(None),
+           "rows": []}
     for sparsity in sparsities:
-        keep = max(1, round((1 - sparsity) * shapes.intermediate))
-        generator = torch.Generator().manual_seed(2)
-        for layer in layers:
-            parts = adapter.ffn_parts(layer)
-            kept = torch.randperm(shapes.intermediate, generator=generator)[:keep].sort().values
-            adapter.set_ffn(layer, _CompactMLP(CompactWeights(parts, kept)))
-        lean.generate(ids, 4, sync=sync)
-        tpot = decode()
-        out["rows"].append({"sparsity": sparsity, "keep": keep, "tpot_ms": tpot,
+        engine = Engine(model, DartConfig(method="static", sparsity=sparsity, allocation="uniform"))
+        try:
+            tpot = decode(engine)
+            keep = engine.keep_counts()
+        finally:
+            engine.close()
+        out["rows"].append({"sparsity": sparsity, "keep": keep[0], "tpot_ms": tpot,
                             "speedup": out["dense_tpot_ms"]["median"] / tpot["median"],
                             "model_ceiling": shapes_decode_bytes(shapes).total
                             / shapes_decode_bytes(shapes, keep).total})
-        for layer, original in zip(layers, originals):
-            adapter.set_ffn(layer, original)
-    out["handle_on_device"] = _try_handle(model, ids, device)
+    out["handle_on_device"] = _try_handle(model, ids[None], device)
     return out
 
 
 def _try_handle(model, ids, device: str) -> str:
-    """Whether `dartprune.attach` + generate runs on this device (the engine keeps some buffers on the CPU)."""
+    """Whether `dartprune.attach` + generate runs on this device."""
     from dartprune import DartConfig, attach
     try:
         handle = attach(model, DartConfig(method="dart", sparsity=0.5))
@@ -263,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
               else "cpu", "dtype": args.dtype, "shapes": asdict(shapes), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(),
-              "state_bytes": {f"{s:g}": dart_state_bytes(shapes, s) for s in sparsities}}
+              "state_bytes": dart_state_bytes(shapes)}
     start = time.perf_counter()
     result["ffn"] = ffn_benchmark(shapes, args.ffn_layers or shapes.layers, sparsities, dtype, args.device,
                                   args.repeats)
@@ -290,20 +286,20 @@ def _report_ffn(ffn: dict) -> None:
     print(f"FFN decode step, {ffn['layers']} layers: dense {ffn['dense_eager_ms']['median']:.3f} ms eager"
           + (f", {graph['median']:.3f} ms graph" if graph else ""))
     for r in ffn["rows"]:
-        line = (f"  sparsity {r['sparsity']:g} (keep {r['keep']}): compact {r['compact_eager_ms']['median']:.3f} ms "
+        line = (f"  sparsity {r['sparsity']:g} (keep {r['keep']}): pruned {r['pruned_eager_ms']['median']:.3f} ms "
                 f"eager (x{r['speedup_eager']:.2f})")
         if r.get("speedup_graph"):
-            line += f", {r['compact_graph_ms']['median']:.3f} ms graph (x{r['speedup_graph']:.2f})"
+            line += f", {r['pruned_graph_ms']['median']:.3f} ms graph (x{r['speedup_graph']:.2f})"
         line += (f"; FFN ceiling x{r['ffn_ceiling']:.2f}, whole-model ceiling x{r['model_ceiling']:.3f}; "
                  f"build {r['build_ms']:.1f} ms; re-trace {r['retrace_ms']['median']:.2f} ms "
-                 f"(= {r['retrace_in_compact_steps']:.1f} compact FFN steps); |compact - mask| "
+                 f"(= {r['retrace_in_pruned_steps']:.1f} pruned FFN steps); |pruned - mask| "
                  f"{r['max_abs_diff_vs_mask']:.2e}")
         print(line)
 
 
 def _report_whole(whole: dict) -> None:
     print(f"whole model ({whole['params'] / 1e9:.2f} B params, built in {whole['build_s']:.1f} s): dense "
-          f"{whole['dense_tpot_ms']['median']:.2f} ms/token (lean loop)")
+          f"{whole['dense_tpot_ms']['median']:.2f} ms/token (native loop)")
     for r in whole["rows"]:
         print(f"  sparsity {r['sparsity']:g}: {r['tpot_ms']['median']:.2f} ms/token, x{r['speedup']:.3f} "
               f"(ceiling x{r['model_ceiling']:.3f})")

@@ -1,6 +1,6 @@
-"""The speed benchmark (issue 6): `dartprune bench` and its Python API on tiny models, the byte ceiling against a
-hand count, the overhead formulas against the engine's own stats, the lean decode loop against Hugging Face
-generate, and benchmarks/gpu_speed.py at a tiny size on the CPU. No timing assertions."""
+"""The speed benchmark: `dartprune bench` and its Python API on tiny models, the byte ceiling against a hand count,
+the overhead formulas against the engine's own stats, and benchmarks/gpu_speed.py at a tiny size on the CPU.
+No timing assertions."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,11 +14,9 @@ from dartprune import DartConfig, attach
 from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, Shapes, byte_ceiling, dart_state_bytes, decode_bytes,
                                           fit_fixed_cost, overhead_flops, shapes_decode_bytes,
                                           share_of_gain)
-from dartprune.benchmarks.lean import LeanDecoder
 from dartprune.benchmarks.speed import BenchSettings, markdown_table, run_speed_benchmark, write_results
 from tests.conftest import MINI
 from dartprune.cli.main import main
-from dartprune.engine.ffn import CompactWeights
 from tests.tiny_models import CONFIGS, FAMILIES, random_ids, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +31,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-ROW_FIELDS = {"loop", "method", "sparsity", "ttft_ms", "tpot_ms", "tokens_per_s", "decode_tokens_per_s",
-              "cpu_ms_per_token", "speedup", "speedup_from_min", "byte_ceiling", "share_of_gain",
+ROW_FIELDS = {"loop", "method", "sparsity", "ttft_ms", "tpot_ms", "tokens_per_s", "speedup", "speedup_from_min", "byte_ceiling", "share_of_gain",
               "share_of_gain_from_min", "peak_rss_mb", "peak_gpu_mb", "bytes_per_token", "new_tokens",
               "same_tokens_as_dense", "token_median_ms", "speedup_token_median", "share_of_gain_token_median",
-              "runs", "paired"}
+              "runs", "paired", "ttft_over_dense", "max_step_over_median"}
 HANDLE_FIELDS = {"retrace_count", "retrace_ms", "retrace_share_of_decode", "forced_retrace_ms", "executed_sparsity",
-                 "state_bytes", "compact_weight_bytes", "overhead_fraction", "keep_counts"}
+                 "state_bytes", "extra_bytes", "extra_share_of_model", "overhead_fraction", "keep_counts"}
 
 
 def _check_result(result: dict, loops: list[str], methods: list[str], sparsities: list[float]) -> None:
@@ -55,11 +52,11 @@ def _check_result(result: dict, loops: list[str], methods: list[str], sparsities
             spread = row[key]
             assert spread["min"] <= spread["median"] <= spread["max"] and spread["min"] > 0
         assert row["peak_rss_mb"]["max"] > 0
-        assert row["paired"] == (row["loop"] == "lean")           # lean: a dense copy decodes in lockstep
-        if row["loop"] == "lean" and row["method"] != "dense":
+        assert row["paired"] == (row["loop"] == "native")    # native: a dense native loop decodes in lockstep
+        if row["loop"] == "native" and row["method"] != "dense":
             spread = row["speedup_spread"]
             assert spread["min"] <= row["speedup"] == spread["median"] <= spread["max"]
-        if row["loop"] == "lean" and row["method"] == "dense":
+        if row["loop"] == "native" and row["method"] == "dense":
             assert row["runs"] == (expected - 1) * meta["repeats"]
         if row["method"] == "dense":
             assert row["speedup"] == 1.0 and row["byte_ceiling"] == 1.0 and row["share_of_gain"] is None
@@ -67,7 +64,8 @@ def _check_result(result: dict, loops: list[str], methods: list[str], sparsities
         assert HANDLE_FIELDS <= set(row), HANDLE_FIELDS - set(row)
         if row["sparsity"] > 0:
             assert row["byte_ceiling"] > 1.0 and row["share_of_gain"] is not None
-            assert row["compact_weight_bytes"] > 0 and row["state_bytes"] > 0
+            assert row["state_bytes"] > 0 and row["extra_bytes"] == row["state_bytes"]   # no weights copied
+            assert 0 < row["extra_share_of_model"] < 1
         else:
             assert row["byte_ceiling"] == 1.0 and row["share_of_gain"] is None
     for key, ceiling in result["byte_ceilings"].items():
@@ -99,27 +97,32 @@ def test_bench_python_api_on_a_tiny_model_gives_every_field(tmp_path):
     model = tiny_model("llama")
     ids = random_ids(1, 24)
     settings = BenchSettings(methods=["dense", "dart", "griffin"], sparsities=[0.0, 0.5], prompt_len=24,
-                             new_tokens=6, repeats=2, warmup=1, threads=1, loops=["hf", "lean"])
+                             new_tokens=6, repeats=2, warmup=1, threads=1, loops=["hf", "native"],
+                             config={"retrace_spread": 2})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     result = run_speed_benchmark(model, ids, settings, label="tiny-llama")
-    _check_result(result, ["hf", "lean"], settings.methods, settings.sparsities)
-    assert not hasattr(model, "_dartprune_handle") or model._dartprune_handle is None
+    _check_result(result, ["hf", "native"], settings.methods, settings.sparsities)
+    assert getattr(model, "dartprune_handle", None) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # every engine closed
+    native_dart = [r for r in result["rows"] if r["loop"] == "native" and r["method"] == "dart" and r["sparsity"]]
+    assert native_dart[0]["spread_retrace_max_over_median"] > 0
     dart = [r for r in result["rows"] if r["method"] == "dart" and r["sparsity"] == 0.5]
     assert all(r["forced_retrace_ms"] is not None and r["forced_retrace_ms"] > 0 for r in dart)
     json_path, md_path = write_results(result, tmp_path, "speed_tiny")
     assert json.loads(json_path.read_text())["rows"][0]["method"] == "dense"
     table = md_path.read_text()
-    assert "| lean | dart | 0.5 |" in table and "byte ceiling at sparsity 0.5" in table
+    assert "| native | dart | 0.5 |" in table and "byte ceiling at sparsity 0.5" in table
     assert all(f"- {loop} loop, time per token = fixed" in table for loop in result["fixed_cost"])
     assert table == markdown_table(result)
 
 
-def test_bench_skips_the_lean_loop_for_other_families():
+def test_bench_skips_the_native_loop_for_other_families():
     model = tiny_model("gpt2")
     settings = BenchSettings(methods=["dense", "static"], sparsities=[0.5], new_tokens=3, repeats=1, warmup=0,
-                             threads=1, loops=["hf", "lean"])
+                             threads=1, loops=["hf", "native"])
     messages = []
     result = run_speed_benchmark(model, random_ids(1, 12), settings, progress=messages.append)
-    assert {r["loop"] for r in result["rows"]} == {"hf"} and any("lean loop skipped" in m for m in messages)
+    assert {r["loop"] for r in result["rows"]} == {"hf"} and any("native loop skipped" in m for m in messages)
 
 
 def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, capsys):
@@ -129,7 +132,7 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     out = tmp_path / "results"
     code = main(["bench", "--model", str(folder), "--methods", "dense,dart,static", "--sparsity", "0,0.5",
                  "--prompt-len", "32", "--new-tokens", "5", "--dtype", "float32,bfloat16", "--repeats", "2",
-                 "--warmup", "0", "--threads", "1", "--lean", "--out", str(out),
+                 "--warmup", "0", "--threads", "1", "--loops", "hf,native", "--out", str(out),
                  "--text", str(MINI / "gutenberg" / "harbour.txt"), "--offset", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -137,7 +140,7 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     for dtype in ("float32", "bfloat16"):
         result = json.loads((out / f"speed_tiny-llama_{dtype}.json").read_text())
         assert result["meta"]["dtype"] == dtype and result["meta"]["prompt_len"] == 32
-        _check_result(result, ["hf", "lean"], ["dense", "dart", "static"], [0.0, 0.5])
+        _check_result(result, ["hf", "native"], ["dense", "dart", "static"], [0.0, 0.5])
         assert (out / f"speed_tiny-llama_{dtype}.md").read_text().startswith("### ")
 
 
@@ -147,6 +150,7 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     (["bench", "--sparsity", "0.5,1.0"], "in [0, 1)"),
     (["bench", "--new-tokens", "1"], "--new-tokens"),
     (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--loops", "lean"], "unknown loop"),
 ])
 def test_bench_cli_rejects_bad_arguments_before_loading(capsys, argv, message):
     assert main(argv) == 2
@@ -208,89 +212,14 @@ def test_state_bytes_formula_matches_the_engine_and_llama_8b_is_under_10_mb():
     stats = handle.stats()[0]
     handle.detach()
     shapes = Shapes(layers=4, hidden=32, intermediate=96, vocab=160, heads=4, kv_heads=2, dtype_bytes=4)
-    kept = sum(stats.keep_counts)
-    low = dart_state_bytes(shapes, 0.5, pending_tokens=0)
-    high = dart_state_bytes(shapes, 0.5)
-    adjust = (kept - 4 * round(0.5 * 96)) * 8                          # DART budgets differ by layer
-    assert low["total"] + adjust <= stats.state_bytes <= high["total"] + adjust
-    llama = dart_state_bytes(LLAMA_3_1_8B, 0.5)
+    assert dart_state_bytes(shapes)["total"] == stats.state_bytes
+    llama = dart_state_bytes(LLAMA_3_1_8B)
     assert llama["total"] < 10e6
     assert llama["ring_ffn_inputs"] == 32 * 16 * 4096 * 2 and llama["scores"] == 32 * 14336 * 4
+    assert llama["neuron_order"] == 32 * 14336 * 4
     flops = overhead_flops(LLAMA_3_1_8B, prompt_tokens=512, new_tokens=256)
     assert 0 < flops["fraction"] < 0.01 and flops["retrace_in_dense_tokens"] > 1
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("method", ["dense", "dart", "griffin"])
-def test_lean_loop_generates_the_same_tokens_as_hf_generate(family, method):
-    model = tiny_model(family)
-    ids = random_ids(1, 24)
-    handle = None if method == "dense" else attach(model, DartConfig(method=method, sparsity=0.5))
-    with torch.no_grad():
-        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                                   do_sample=False)[0, 24:]
-    hf_stats = handle.stats()[0] if handle else None
-    result = LeanDecoder(model, 64).generate(ids, 12)
-    assert result.tokens.tolist() == reference.tolist()
-    assert len(result.token_times_s) == len(result.token_cpu_s) == 11 and result.ttft_s > 0
-    if handle is not None:
-        lean_stats = handle.stats()[0]
-        assert lean_stats.tokens == hf_stats.tokens and lean_stats.keep_counts == hf_stats.keep_counts
-        assert lean_stats.retrace_count == hf_stats.retrace_count
-        handle.detach()
-
-
-def test_lean_loop_feeds_the_drift_monitor_and_retraces_like_hf():
-    """A hair-trigger monitor re-traces during generation; the lean loop must drive it the same way."""
-    model = tiny_model("llama", seed=3)
-    ids = random_ids(1, 30, seed=5)
-    config = DartConfig(method="dart", sparsity=0.5, window=2, trigger_count=1, cooldown=0, floor=0.0, delta=0.0)
-    handle = attach(model, config)
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
-                       do_sample=False)
-    hf = handle.stats()[0]
-    LeanDecoder(model, 64).generate(ids, 20)
-    lean = handle.stats()[0]
-    handle.detach()
-    assert hf.retrace_count > 0
-    assert [w.position for w in lean.windows] == [w.position for w in hf.windows]
-    assert lean.retrace_positions == hf.retrace_positions
-    assert [w.cosine for w in lean.windows] == pytest.approx([w.cosine for w in hf.windows], abs=1e-4)
-
-
-def test_lean_loop_rejects_what_it_does_not_support():
-    with pytest.raises(ValueError, match="lean decode loop supports"):
-        LeanDecoder(tiny_model("gpt2"), 32)
-    lean = LeanDecoder(tiny_model("llama"), 16)
-    with pytest.raises(ValueError, match="exceed max_len"):
-        lean.generate(random_ids(1, 12), 8)
-
-
-def test_compact_weights_update_keeps_the_gathered_matrices_exact():
-    model = tiny_model("llama")
-    from dartprune.architectures import get_adapter
-    adapter = get_adapter(model)
-    parts = adapter.ffn_parts(adapter.layers()[1])
-    generator = torch.Generator().manual_seed(0)
-    kept = torch.randperm(96, generator=generator)[:40].sort().values
-    compact = CompactWeights(parts, kept)
-    x = torch.randn(1, 3, 32)
-    for _ in range(4):
-        previous = set(compact.slots.tolist())
-        kept = torch.randperm(96, generator=generator)[:40].sort().values
-        entering = compact.update(kept)
-        assert entering == len(set(kept.tolist()) - previous)
-        slots = compact.slots
-        assert sorted(slots.tolist()) == kept.tolist()
-        assert torch.equal(compact.w_in[:40], parts.gate[slots]) and torch.equal(compact.w_in[40:], parts.up[slots])
-        assert torch.equal(compact.w_down, parts.down.t()[slots])
-        mask = torch.zeros(96)
-        mask[kept] = 1
-        reference = torch.nn.functional.linear(
-            parts.act(torch.nn.functional.linear(x, parts.gate)) * torch.nn.functional.linear(x, parts.up) * mask,
-            parts.down)
-        assert torch.allclose(compact.forward(x), reference, atol=1e-5)
+    assert flops["tracing"] == pytest.approx(512 * 32 * (3 * 14336 + 12 * 4096))
 
 
 def test_gpu_speed_script_runs_tiny_on_the_cpu(tmp_path):
@@ -304,22 +233,7 @@ def test_gpu_speed_script_runs_tiny_on_the_cpu(tmp_path):
     assert saved["ffn"]["layers"] == 4 and len(saved["ffn"]["rows"]) == 2
     for row in saved["ffn"]["rows"]:
         assert row["max_abs_diff_vs_mask"] < 1e-2 and row["retrace_ms"]["median"] > 0 and row["ffn_ceiling"] > 1
+        assert row["retrace_changed_neurons"] > 0
     assert [r["sparsity"] for r in saved["whole_model"]["rows"]] == [0.5, 0.7]
     assert saved["whole_model"]["handle_on_device"].startswith("ok")
-    assert result["state_bytes"]["0.5"]["total"] > 0
-
-
-def test_fixed_cost_script_keeps_the_layer_structure_and_times_every_method():
-    spec = importlib.util.spec_from_file_location("fixed_cost", ROOT / "benchmarks" / "fixed_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = tiny_model("llama").config
-    small = module.shrunk(config)
-    assert small.config.num_hidden_layers == config.num_hidden_layers
-    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (
-        config.num_attention_heads, config.num_key_value_heads)
-    times = module.step_ms(small, prompt=12, steps=4, sparsity=0.5)
-    assert set(times) == {"dense", "static", "dart"} and all(ms > 0 for ms in times.values())
-    assert module.attention_ms(config, prompt=12, steps=3) > 0
-    bound = module.ffn_bound(tiny_model("llama"), random_ids(1, 12), steps=4, sparsities=[0.5])
-    assert bound["dense"] > 0 and bound["no_ffn"] > 0 and bound["rows"][0]["ceiling"] > 1
+    assert result["state_bytes"]["total"] > 0

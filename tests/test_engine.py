@@ -7,7 +7,7 @@ import dartprune
 from dartprune import ConfigError, DartConfig
 from dartprune.engine.budgets import depth_protection, keep_counts, pruning_ratios
 from dartprune.engine.drift import DriftMonitor
-from dartprune.engine.ffn import CompactWeights, entering
+from dartprune.engine.weights import PrefixFFN, masked_ffn
 from dartprune.engine.scoring import top_neurons
 from tests.helpers import teacher_forced_logits
 from tests.tiny_models import FAMILIES, INTERMEDIATE, LAYERS, random_ids, tiny_model
@@ -123,11 +123,6 @@ def test_top_neurons_equals_a_stable_sort_with_many_ties():
         assert torch.equal(top_neurons(scores, k), expected)
 
 
-def test_entering_lists_new_neurons_in_order():
-    assert entering(torch.tensor([0, 3, 5]), torch.tensor([1, 3, 5, 7]), 8).tolist() == [1, 7]
-    assert entering(torch.tensor([2]), torch.tensor([2]), 4).numel() == 0
-
-
 def test_masks_are_deterministic_and_layer_budgets_follow_the_prompt():
     model = tiny_model("qwen2")
     ids = random_ids(1, 30, seed=3)
@@ -135,8 +130,8 @@ def test_masks_are_deterministic_and_layer_budgets_follow_the_prompt():
     for _ in range(2):
         with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
             model(ids)
-            kept.append([k.clone() for k in handle.rows[0].kept])
-            keep = handle.rows[0].keep
+            kept.append([handle.engine.kept(0, layer) for layer in range(LAYERS)])
+            keep = handle.stats()[0].keep_counts
     assert all(torch.equal(a, b) for a, b in zip(*kept))
     assert len(set(keep)) > 1
     assert abs(sum(1 - k / INTERMEDIATE for k in keep) / LAYERS - 0.5) <= 1 / INTERMEDIATE
@@ -151,18 +146,36 @@ def test_scores_accumulate_in_float32_without_overflow():
     assert sumsq[0, 0].item() == pytest.approx(4 * 300.0 ** 2)
 
 
-def test_compact_update_copies_only_changed_neurons():
-    model = tiny_model("llama")
-    parts = dartprune.architectures.get_adapter(model).ffn_parts(model.model.layers[0])
-    old = torch.arange(0, 40)
-    new = torch.cat([torch.arange(0, 30), torch.arange(60, 70)])
-    compact = CompactWeights(parts, old)
-    w_in = compact.w_in
-    assert compact.update(new) == 10
-    assert compact.w_in is w_in
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_exactly(family):
+    """The kept neurons become a prefix of the layer's own weights (no copy); the FFN over that prefix equals the
+    dense FFN with the others masked; a new kept set swaps only the neurons that enter; restore is exact."""
+    from dartprune.architectures import FFNParts, get_adapter
+    model = tiny_model(family)
+    parts = get_adapter(model).ffn_parts(get_adapter(model).layers()[1])
+    names = [n for n in ("gate", "up", "up_bias", "down") if getattr(parts, n) is not None]
+    before = {n: getattr(parts, n).detach().clone() for n in names}
+    unpermuted = FFNParts(gate=before.get("gate"), up=before["up"], up_bias=before.get("up_bias"),
+                          down=before["down"], down_bias=parts.down_bias, act=parts.act)
+    pointers = [getattr(parts, n).data_ptr() for n in names]
     x = torch.randn(2, 3, parts.up.shape[1])
-    torch.testing.assert_close(compact.forward(x), CompactWeights(parts, new).forward(x), rtol=1e-5, atol=1e-6)
-    assert sorted(compact.slots.tolist()) == new.tolist()
+    prefix = PrefixFFN(parts)
+    mask = torch.zeros(INTERMEDIATE)
+    old = torch.tensor([0, 3, 4, 9, 20, 21, 50, 95])
+    assert prefix.keep(old) == 5                     # 0, 3 and 4 are already among the first 8 positions
+    assert prefix.kept().tolist() == old.tolist()
+    mask[old] = 1
+    torch.testing.assert_close(prefix.forward(x), masked_ffn(unpermuted, x, mask), rtol=1e-5, atol=1e-5)
+    new = torch.tensor([0, 3, 4, 9, 20, 21, 60, 61])
+    assert prefix.keep(new) == 2                     # 60 and 61 enter, swapped with 50 and 95
+    mask.zero_()
+    mask[new] = 1
+    torch.testing.assert_close(prefix.forward(x), masked_ffn(unpermuted, x, mask), rtol=1e-5, atol=1e-5)
+    assert [getattr(parts, n).data_ptr() for n in names] == pointers   # the model's own storage, no copy
+    assert not all(torch.equal(getattr(parts, n), before[n]) for n in names)
+    prefix.restore()
+    assert all(torch.equal(getattr(parts, n), before[n]) for n in names)
+    assert prefix.k == INTERMEDIATE
 
 
 def test_batch_rows_equal_single_runs():
@@ -223,7 +236,9 @@ def test_no_ring_buffer_where_nothing_retraces(config):
     with dartprune.attach(model, config) as handle:
         model.generate(random_ids(1, 20), max_new_tokens=10, do_sample=False)
         stats = handle.stats()[0]
-    assert stats.state_bytes == sum(stats.intermediate_sizes) * 4 + sum(stats.keep_counts) * 8
+    # float32 scores and the int32 neuron order of each layer; nothing at all when nothing is pruned
+    expected = 0 if config.sparsity == 0 else sum(stats.intermediate_sizes) * 8
+    assert stats.state_bytes == expected
 
 
 def test_streamer_and_stopping_criteria_work():

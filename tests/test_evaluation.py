@@ -214,7 +214,7 @@ def test_mc_mask_is_traced_from_the_context_only(tiny, method):
     kept: dict[int, list[torch.Tensor]] = {}
     with attach(model, DartConfig(method=method, sparsity=0.5, window=3)) as handle:
         lls = score_item(model, tokenizer, item, 3, on_traced=lambda c: kept.__setitem__(
-            c, [k.clone() for k in handle.rows[0].kept]))
+            c, [handle.engine.kept(0, layer) for layer in range(len(handle.engine.layers))]))
     assert len(lls) == 3 and sorted(kept) == [0, 1, 2]
     for layer in range(len(kept[0])):
         assert torch.equal(kept[0][layer], kept[1][layer]) and torch.equal(kept[0][layer], kept[2][layer])

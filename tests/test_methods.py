@@ -13,13 +13,12 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import dartprune
 from dartprune import ConfigError, DartConfig
 from dartprune.architectures import get_adapter
-from dartprune.engine import METHOD_REGISTRY
+from dartprune.methods import METHODS
 from dartprune.engine.budgets import keep_counts, pruning_ratios
-from dartprune.calibration import (
-    CalibrationError, calibrate, check_text_differs, load_calibration, text_windows, wanda_scores,
-)
+from dartprune.calibration.collect import calibrate, text_windows
+from dartprune.calibration.file import CalibrationError, check_text_differs, load_calibration, wanda_scores
 from dartprune.data import load_text
-from dartprune.engine.ffn import activations
+from dartprune.engine.weights import activations
 from dartprune.engine.scoring import top_neurons
 from tests.conftest import MINI
 from tests.tiny_models import FAMILIES, VOCAB, random_ids, tiny_model
@@ -66,7 +65,7 @@ class KeptSnapshots(LogitsProcessor):
         self.kept = []
 
     def __call__(self, input_ids, scores):
-        self.kept.append([k.clone() for k in self.handle.rows[0].kept])
+        self.kept.append(kept_sets(self.handle))
         return scores
 
 
@@ -76,6 +75,11 @@ def generate_with_snapshots(model, handle, ids, new_tokens=40):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, logits_processor=LogitsProcessorList([snapshots]), pad_token_id=0)
     return snapshots.kept
+
+
+def kept_sets(handle):
+    engine = handle.engine
+    return [engine.kept(0, layer) for layer in range(len(engine.layers))]
 
 
 def same_masks(a, b):
@@ -134,14 +138,13 @@ def test_griffin_scores_follow_its_formula_with_uniform_budgets(family):
     with dartprune.attach(model, DartConfig(method="griffin", sparsity=sparsity)) as handle:
         with torch.no_grad():
             model(ids)
-        row = handle.rows[0]
+        engine, keep = handle.engine, handle.stats()[0].keep_counts
         for layer, u_l in enumerate(u):
             expected = (u_l / u_l.norm(dim=-1, keepdim=True)).square().sum(dim=0).sqrt()
-            torch.testing.assert_close(row.scores[layer], expected, rtol=1e-5, atol=1e-7)
-            assert torch.equal(row.kept[layer], top_neurons(expected, row.keep[layer]))
-        sizes = handle.sizes
-        assert row.keep == [round((1 - sparsity) * size) for size in sizes]
-        assert len(set(row.keep)) == 1
+            torch.testing.assert_close(engine.scores(0, layer), expected, rtol=1e-5, atol=1e-7)
+            assert torch.equal(engine.kept(0, layer), top_neurons(expected, keep[layer]))
+        assert keep == [round((1 - sparsity) * size) for size in engine.sizes]
+        assert len(set(keep)) == 1
 
 
 # ------------------------------------------------------------------------------------------- random
@@ -152,7 +155,7 @@ def test_random_is_seeded_reproducible_and_prompt_independent():
         with dartprune.attach(model, DartConfig(method="random", sparsity=0.5, seed=seed)) as handle:
             with torch.no_grad():
                 model(random_ids(1, 12, seed=prompt_seed))
-            return [k.clone() for k in handle.rows[0].kept], handle.rows[0].keep
+            return kept_sets(handle), handle.stats()[0].keep_counts
 
     first, keep = kept(7)
     again, _ = kept(7, prompt_seed=9)
@@ -179,15 +182,16 @@ def test_wanda_static_mask_is_the_formula_on_calibration_norms(llama_files, wind
             direct[i] = ((parts.gate[i].abs() * x_norm).sum() + (parts.up[i].abs() * x_norm).sum()
                          + (parts.down[:, i].abs() * u_norm[i]).sum())
         torch.testing.assert_close(wanda_scores(parts, x_norm, u_norm), direct, rtol=1e-5, atol=1e-5)
+    expected = [wanda_scores(parts, *calibration.wanda_norms(layer))
+                for layer, parts in enumerate(adapter.ffn_parts(m) for m in adapter.layers())]
     with dartprune.attach(model, DartConfig(method="wanda-static", sparsity=0.5, allocation="uniform",
                                             calibration_file=llama_files["wanda-static"])) as handle:
         with torch.no_grad():
             model(random_ids(1, 10))
-        row = handle.rows[0]
-        for layer in range(len(row.kept)):
-            scores = wanda_scores(handle.parts[layer], *calibration.wanda_norms(layer))
-            assert torch.equal(row.kept[layer], top_neurons(scores, row.keep[layer]))
-        assert len(set(row.keep)) == 1
+        keep = handle.stats()[0].keep_counts
+        for layer, scores in enumerate(expected):
+            assert torch.equal(handle.engine.kept(0, layer), top_neurons(scores, keep[layer]))
+        assert len(set(keep)) == 1
 
 
 @pytest.mark.parametrize("allocation", ["dart", "uniform"])
@@ -200,7 +204,7 @@ def test_wanda_static_reloads_the_same_mask_for_every_prompt(allocation, llama_f
         with dartprune.attach(model, config) as handle:
             with torch.no_grad():
                 model(random_ids(1, 8 + prompt_seed, seed=prompt_seed))
-            return [k.clone() for k in handle.rows[0].kept], handle.rows[0].keep
+            return kept_sets(handle), handle.stats()[0].keep_counts
 
     first, keep = kept(llama_files["wanda-static"], 0)
     for file, prompt_seed in ((llama_files["wanda-static"], 4), (remade, 11)):
@@ -295,12 +299,14 @@ def test_every_method_reports_executed_sparsity_through_handle_stats(llama_files
     prompt, steps, sparsity = 12, 10, 0.5
     ids = random_ids(1, prompt + steps, seed=2)
     sizes = [96] * 4
-    for method in sorted(METHOD_REGISTRY):
+    for method in sorted(METHODS):
         config = DartConfig(method=method, sparsity=sparsity, calibration_file=llama_files.get(method))
         with dartprune.attach(model, config) as handle:
             seen = []
-            hooks = [ffn.register_forward_pre_hook(lambda mod, args: seen.append((mod.index, mod.parts, args[0])))
-                     for ffn in handle.ffns]
+            engine = handle.engine
+            hooks = [engine.adapter.ffn(layer).register_forward_pre_hook(
+                lambda mod, args: seen.append((mod.index, engine.parts[mod.index], args[0])))
+                for layer in engine.layers] if engine.prunes else []
             with torch.no_grad():
                 out = model(ids[:, :prompt], use_cache=True)
                 for t in range(prompt, prompt + steps):
@@ -313,8 +319,7 @@ def test_every_method_reports_executed_sparsity_through_handle_stats(llama_files
         if method == "dense":
             assert executed == 0.0
         elif method == "threshold":
-            taus = handle.thresholds
-            ran = sum(float((activations(parts, x).abs() >= taus[layer]).sum())
+            ran = sum(float(engine.method.active(layer, activations(parts, x)).sum())
                       for layer, parts, x in seen if x.shape[1] == 1)
             expected = 1 - (prompt * sum(sizes) + ran) / ((prompt + steps) * sum(sizes))
             assert executed == pytest.approx(expected, abs=1e-9)

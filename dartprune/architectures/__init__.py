@@ -3,6 +3,8 @@ from dartprune.architectures import gemma, gpt2, gpt_neox, llama, opt, phi3  # n
 from dartprune.architectures.base import (
     ADAPTERS,
     Adapter,
+    Decoder,
+    DecoderLayer,
     FFNParts,
     UnsupportedModelError,
     get_adapter,
@@ -10,5 +12,5 @@ from dartprune.architectures.base import (
     supported_model_types,
 )
 
-__all__ = ["ADAPTERS", "Adapter", "FFNParts", "UnsupportedModelError", "get_adapter", "register_adapter",
+__all__ = ["ADAPTERS", "Adapter", "Decoder", "DecoderLayer", "FFNParts", "UnsupportedModelError", "get_adapter", "register_adapter",
            "supported_model_types"]

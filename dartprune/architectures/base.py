@@ -38,6 +38,56 @@ class FFNParts:
         return self.up.shape[0]
 
 
+@dataclass(frozen=True)
+class DecoderLayer:
+    """One decoder layer as dartprune's native decode loop runs it (Llama and Gemma layouts).
+
+    Norm weights are applied as `x * w` (or `x * (1 + w)` when the decoder's `norm_offset` is 1) to the input
+    normalised in float32. `post_attention_norm` / `post_ffn_norm` are Gemma 2/3's norms on the block outputs;
+    `q_norm` / `k_norm` normalise each head before the rotary embedding (Qwen3, Gemma 3). `window`: sliding-window
+    attention span (a query at position i sees keys j with i - j < window), None for full attention. `rope`:
+    which rotary table the layer uses (a key of `Decoder.rotary`)."""
+
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    o_bias: torch.Tensor | None
+    ffn_norm: torch.Tensor
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attention_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+    window: int | None = None
+    rope: str = "default"
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A whole decoder for the native loop: everything but the FFNs (which are `Adapter.ffn_parts`), read in
+    place from the model's own parameters. `rotary(positions)` gives (cos, sin) per rope key, each
+    [len(positions), head_dim] float32, computed by the model's own rotary module (so every RoPE scaling it
+    knows is applied)."""
+
+    embed: nn.Module                    # the input embedding module (applies Gemma's scale itself)
+    layers: list[DecoderLayer]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+    norm_eps: float
+    norm_offset: float
+    attention_scale: float
+    rotary: Callable[[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    attention_softcap: float | None = None
+    final_softcap: float | None = None
+
+
 class UnsupportedModelError(ValueError):
     """The model's family has no adapter."""
 
@@ -89,6 +139,11 @@ class Adapter(ABC):
     def output_embeddings(self) -> torch.Tensor:
         """[vocab, hidden] matrix that turns the last hidden state into logits."""
         return self.model.get_output_embeddings().weight
+
+    def decoder(self) -> Decoder | None:
+        """The decoder for dartprune's native decode loop, or None where the family runs on Hugging Face
+        `generate` only."""
+        return None
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}

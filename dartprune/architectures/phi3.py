@@ -13,6 +13,12 @@ class Phi3Adapter(LlamaAdapter):
 
     def ffn_parts(self, layer: nn.Module) -> FFNParts:
         mlp = layer.mlp
-        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        weight = mlp.gate_up_proj.weight
+        half = weight.shape[0] // 2
+        gate, up = weight[:half], weight[half:]
         return FFNParts(gate=gate, up=up, up_bias=None, down=mlp.down_proj.weight, down_bias=None,
                         act=mlp.activation_fn)
+
+    def decoder(self) -> None:
+        """Fused q/k/v and gate/up: Hugging Face `generate` runs it."""
+        return None

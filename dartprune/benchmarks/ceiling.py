@@ -10,8 +10,8 @@ is the speedup a bandwidth-bound decode step could reach. The achieved share of 
 (speedup - 1) / (ceiling - 1). The KV cache read is left out of both (it grows with the context; it is reported
 separately, and is small for the prompt lengths benchmarked here).
 
-Overhead: the same formulas the engine's `SequenceStats` uses for state bytes and overhead FLOPs, as functions of
-the model's shapes, so they can be evaluated for a model too large to run here (Llama-3.1-8B).
+Overhead: the engine's own formulas (`dartprune.engine.costs`) for state bytes and overhead FLOPs, evaluated at a
+model's shapes, so they can be given for a model too large to run here (Llama-3.1-8B).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dartprune.architectures import get_adapter
+from dartprune.engine import costs
 
 
 @dataclass
@@ -213,43 +214,26 @@ def shapes_decode_bytes(shapes: Shapes, keep: int | list[int] | None = None) -> 
                        embedding_rows=shapes.hidden * b, other=shapes.hidden * b)
 
 
-def dart_state_bytes(shapes: Shapes, sparsity: float, ring_size: int = 16, monitored_layers: int = 1,
-                     window: int = 5, pending_tokens: int | None = None) -> dict[str, int]:
-    """Bytes of one sequence's DART state, by the formula `SequenceStats.state_bytes` uses: ring buffer of FFN
-    inputs (model dtype) and monitored attention outputs (float32), per-layer scores (float32), kept indices
-    (int64), drift reference and the window being collected (at most window - 1 tokens, float32).
-    Compact weights are reported apart: they are a copy of the kept weights, not state."""
-    keep = round((1.0 - sparsity) * shapes.intermediate)
-    pending = window - 1 if pending_tokens is None else pending_tokens
-    parts = {
-        "ring_ffn_inputs": shapes.layers * ring_size * shapes.hidden * shapes.dtype_bytes,
-        "ring_attention": monitored_layers * ring_size * shapes.hidden * 4,
-        "ring_valid": ring_size,
-        "scores": shapes.layers * shapes.intermediate * 4,
-        "kept_indices": shapes.layers * keep * 8,
-        "drift": monitored_layers * shapes.hidden * 4 * (1 + pending),
-    }
-    parts["total"] = sum(parts.values())
-    parts["compact_weights"] = shapes.layers * 3 * shapes.hidden * keep * shapes.dtype_bytes
-    return parts
+def dart_state_bytes(shapes: Shapes, ring_size: int = 16, monitored_layers: int = 1,
+                     window: int = 5) -> dict[str, int]:
+    """One sequence's DART state at these shapes, by the engine's own formula (`dartprune.engine.costs`)."""
+    return costs.state_bytes([shapes.intermediate] * shapes.layers, shapes.hidden, ring_size, monitored_layers,
+                             window, shapes.dtype_bytes, ring=True)
 
 
 def overhead_flops(shapes: Shapes, prompt_tokens: int, new_tokens: int, retraces: int = 0, ring_size: int = 16,
                    monitored_layers: int = 1, window: int = 5) -> dict[str, float]:
-    """Tracing + monitoring + re-trace FLOPs over the dense forward FLOPs of the same tokens, by the formulas
-    the engine's stats use (tracing: squares and sums of u per prompt token plus the layer-importance
-    reductions; monitoring: one window mean and cosine per W tokens; re-trace: R tokens through the full
-    gate and up projections)."""
+    """Tracing + monitoring + re-trace FLOPs over the dense forward FLOPs of the same tokens, by the engine's
+    formulas (`dartprune.engine.costs`)."""
     per = shapes.layer_params()
-    dense_per_token = 2.0 * ((per["attention"] + per["ffn"] + per["norms"]) * shapes.layers
-                             + shapes.vocab * shapes.hidden)
-    tokens = prompt_tokens + new_tokens
-    tracing = prompt_tokens * shapes.layers * (3.0 * shapes.intermediate + 12.0 * shapes.hidden)
-    monitoring = new_tokens * monitored_layers * shapes.hidden * (1 + 3 / window)
-    retrace = retraces * ring_size * shapes.layers * shapes.intermediate * (2.0 * shapes.hidden * 2 + 5.0)
-    dense = tokens * dense_per_token
-    per_retrace = ring_size * shapes.layers * shapes.intermediate * (2.0 * shapes.hidden * 2 + 5.0)
-    return {"tracing": tracing, "monitoring": monitoring, "retrace": retrace, "dense": dense,
-            "fraction": (tracing + monitoring + retrace) / dense,
+    sizes = [shapes.intermediate] * shapes.layers
+    dense_per_token = costs.dense_flops_per_token((per["attention"] + per["ffn"] + per["norms"]) * shapes.layers,
+                                                  shapes.vocab * shapes.hidden)
+    tracing = costs.tracing_flops(prompt_tokens, sizes, shapes.hidden)
+    monitoring = costs.monitoring_flops(new_tokens, monitored_layers, shapes.hidden, window)
+    per_retrace = costs.retrace_flops(ring_size, sizes, shapes.hidden, gated=True)
+    dense = (prompt_tokens + new_tokens) * dense_per_token
+    return {"tracing": tracing, "monitoring": monitoring, "retrace": retraces * per_retrace, "dense": dense,
+            "fraction": (tracing + monitoring + retraces * per_retrace) / dense,
             "fraction_per_retrace": per_retrace / dense,
             "retrace_in_dense_tokens": per_retrace / dense_per_token}

@@ -1,26 +1,24 @@
-"""Decode speed of dense and pruned runs, measured in one process so the numbers compare (issue 6).
+"""Decode speed of dense and pruned runs, measured in one process so that the numbers compare.
 
-For each method and sparsity the same prompt is generated greedily for exactly N new tokens, after warm-up runs,
-`repeats` times. Repeats are interleaved (repeat 1 of every configuration, then repeat 2, ...) so that a burst
-of load from other processes hits every configuration alike, and every figure is given as median, min and max
-over the repeats. Two decode loops can be measured, always labelled:
+For each method and sparsity the same prompt is decoded greedily for exactly N new tokens, after warm-up runs,
+`repeats` times, repeats interleaved across configurations. Two loops, labelled in every row:
 
-- `hf`: `model.generate` (what a user of `dartprune.attach` gets);
-- `lean`: `dartprune.benchmarks.lean.LeanDecoder`, a minimal static-cache loop that removes most of the
-  per-token Python overhead of Hugging Face generate, so the FFN savings are not diluted by it.
+- `native`: dartprune's own loop (`dartprune.decode`: the compiled step where it builds, else its PyTorch step),
+  what `dartprune generate` runs for the Llama and Gemma families. A dense native loop over the same weights
+  decodes in lockstep with each pruned run, token by token (the order alternating), so every speedup is a paired
+  ratio from one run and both sides see the same load from other processes;
+- `hf`: `model.generate` with the engine attached (what `dartprune.attach` users get); its ratios are of medians
+  over independent runs.
 
-"dense" is the model with no handle attached (the honest baseline); other methods attach a handle with the given
-sparsity (at sparsity 0 they run dense through the handle, which measures its bookkeeping overhead).
-Speedup = dense time per output token / method time per output token, same loop, dtype and run.
+Speedup = dense time per output token / the method's. The byte ceiling (bytes a step reads, dense over pruned) is
+what a bandwidth-bound step could reach; share of gain = (speedup - 1) / (ceiling - 1).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +31,12 @@ from transformers.generation.streamers import BaseStreamer
 import dartprune
 from dartprune.benchmarks.ceiling import (LLAMA_3_1_8B, dart_state_bytes, decode_bytes, fit_fixed_cost,
                                           kv_cache_bytes, overhead_flops, share_of_gain)
-from dartprune.engine import DartConfig, attach
+from dartprune.decode.kernel import unavailable_reason
+from dartprune.decode.model import NativeModel, native_supported
+from dartprune.engine import DartConfig, Engine, attach
 from dartprune.provenance import command_line
-LOOPS = ("hf", "lean")
+
+LOOPS = ("native", "hf")
 
 
 @dataclass
@@ -47,9 +48,10 @@ class BenchSettings:
     repeats: int = 5
     warmup: int = 1
     threads: int = 1
-    loops: list[str] = field(default_factory=lambda: ["hf"])
+    loops: list[str] = field(default_factory=lambda: ["native"])
     device: str = "cpu"
     forced_retraces: int = 3
+    config: dict = field(default_factory=dict)       # other DartConfig fields for every pruned method
 
 
 # ----------------------------------------------------------------------------- prompt
@@ -67,9 +69,7 @@ def make_prompt(tokenizer, prompt_len: int, text: str, offset: int = 5000) -> to
 
 # ----------------------------------------------------------------------------- measuring
 def _sync_for(device: str) -> Callable[[], None]:
-    if device.startswith("cuda"):
-        return torch.cuda.synchronize
-    return lambda: None
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 def _reset_peak(device: str) -> None:
@@ -91,97 +91,30 @@ def _peak_memory(device: str) -> dict[str, float | None]:
                     rss = int(line.split()[1]) / 1024
     except OSError:
         pass
-    if rss is None:
-        try:
-            import resource
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        except ImportError:
-            rss = None
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     return {"peak_rss_mb": rss, "peak_gpu_mb": gpu}
-
-
-class _Clock(BaseStreamer):
-    """Streamer that only timestamps each new token (generate calls `put` with the prompt first)."""
-
-    def __init__(self, sync: Callable[[], None]):
-        self.sync = sync
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.sync()
-        self.wall.append(time.perf_counter())
-        self.cpu.append(time.process_time())
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass
 class RunTimes:
     ttft_s: float
-    decode_s: float             # first token to last token
-    decode_cpu_s: float
-    tokens: int
-    token_median_s: float       # median time of one decode step in this run (robust to bursts of load)
+    steps_s: list[float]               # every token after the first
+
+    @property
+    def tokens(self) -> int:
+        return len(self.steps_s) + 1
 
     @property
     def tpot_s(self) -> float:
-        return self.decode_s / max(1, self.tokens - 1)
+        return sum(self.steps_s) / max(1, len(self.steps_s))
+
+    @property
+    def token_median_s(self) -> float:
+        return statistics.median(self.steps_s)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / (self.ttft_s + self.decode_s)
-
-
-def _run_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int, sync) -> tuple[RunTimes, torch.Tensor]:
-    clock = _Clock(sync)
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.generation_config, "eos_token_id", None)
-        pad = pad[0] if isinstance(pad, list) else pad
-    sync()
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                             streamer=clock, pad_token_id=pad)
-    tokens = out.shape[1] - ids.shape[1]
-    steps = [b - a for a, b in zip(clock.wall, clock.wall[1:])]
-    return RunTimes(ttft_s=clock.wall[0] - start, decode_s=clock.wall[-1] - clock.wall[0],
-                    decode_cpu_s=clock.cpu[-1] - clock.cpu[0], tokens=tokens,
-                    token_median_s=statistics.median(steps)), out[0, ids.shape[1]:].cpu()
-
-
-def _lean_times(result) -> RunTimes:
-    return RunTimes(ttft_s=result.ttft_s, decode_s=sum(result.token_times_s), decode_cpu_s=sum(result.token_cpu_s),
-                    tokens=len(result.token_times_s) + 1, token_median_s=statistics.median(result.token_times_s))
-
-
-def run_lockstep(decoders: list, ids: torch.Tensor, new_tokens: int, sync: Callable[[], None] | None = None) -> list:
-    """Lean decoders decode the same prompt one token each in turn, the order rotated every step, so that all see
-    the same load from other processes. Returns their `LeanRun`s, in the order given."""
-    runs = [decoder.begin(ids, new_tokens, sync) for decoder in decoders]
-    step, more = 0, True
-    while more:
-        more = False
-        for i in range(len(decoders)):
-            turn = (i + step) % len(decoders)
-            more = decoders[turn].advance(runs[turn]) or more
-        step += 1
-    return runs
-
-
-def _run_lean_paired(dense_lean, lean, ids: torch.Tensor, new_tokens: int, sync):
-    """The dense copy and the method's model in lockstep (`run_lockstep`)."""
-    dense_run, run = run_lockstep([dense_lean, lean], ids, new_tokens, sync)
-    return _lean_times(dense_run.result), _lean_times(run.result), run.result.tokens.cpu(), \
-        dense_run.result.tokens.cpu()
+        return self.tokens / (self.ttft_s + sum(self.steps_s))
 
 
 def time_ms(fn: Callable[[], object], repeats: int, inner: int = 1,
@@ -203,126 +136,123 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _forced_retrace_ms(handle, count: int) -> float | None:
-    """Time of a re-trace from the ring buffer, triggered by hand at the end of a run (DART's cost per
-    re-trace, whether or not the drift monitor fired during the timed runs). Uses the handle's private
-    `_retrace`; None if the handle has no such method."""
-    retrace = getattr(handle, "_retrace", None)
-    if retrace is None or not handle.rows or count < 1:
-        return None
-    times = []
-    for _ in range(count):
-        before = len(handle.rows[0].retraces)
-        with torch.inference_mode():       # the lean loop leaves inference tensors behind; HF's are normal
-            retrace(0, handle.rows[0].position)
-        times.append(handle.rows[0].retraces[-1].seconds)
-        del handle.rows[0].retraces[before:]
-    return statistics.median(times) * 1e3
+class _Decode:
+    """One native sequence advanced a token at a time (so that two can alternate)."""
+
+    def __init__(self, native: NativeModel, ids: torch.Tensor, sync: Callable[[], None]):
+        self.native, self.sync = native, sync
+        native.reset()
+        start = time.perf_counter()
+        self.token = int(native.forward(ids[0])[-1].argmax())
+        sync()
+        self.times = RunTimes(time.perf_counter() - start, [])
+        self.tokens = [self.token]
+
+    def advance(self) -> None:
+        start = time.perf_counter()
+        self.token = int(self.native.forward(torch.tensor([self.token]))[-1].argmax())
+        self.sync()
+        self.times.steps_s.append(time.perf_counter() - start)
+        self.tokens.append(self.token)
 
 
-# ----------------------------------------------------------------------------- the benchmark
-def configurations(settings: BenchSettings) -> list[tuple[str, float]]:
-    """dense once (no handle), then every other method at every sparsity."""
-    configs: list[tuple[str, float]] = []
-    if "dense" in settings.methods:
-        configs.append(("dense", 0.0))
-    for sparsity in settings.sparsities:
-        for method in settings.methods:
-            if method != "dense":
-                configs.append((method, float(sparsity)))
-    return configs
+def run_lockstep(natives: list[NativeModel], ids: torch.Tensor, new_tokens: int,
+                 sync: Callable[[], None] = lambda: None,
+                 at_step: Callable[[int], None] | None = None) -> list[_Decode]:
+    """Native loops decode the same prompt one token each in turn, the order rotated every step, so that all see
+    the same load from other processes. `at_step(step)` runs before each step (forced re-traces)."""
+    runs = [_Decode(native, ids, sync) for native in natives]
+    for step in range(1, new_tokens):
+        if at_step is not None:
+            at_step(step)
+        for i in range(len(runs)):
+            runs[(i + step) % len(runs)].advance()
+    return runs
+
+
+class _Clock(BaseStreamer):
+    """Streamer that timestamps each new token (generate calls `put` with the prompt first)."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync, self.wall, self._prompt_seen = sync, [], False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.sync()
+        self.wall.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _run_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int, sync) -> tuple[RunTimes, list[int]]:
+    clock = _Clock(sync)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             streamer=clock, pad_token_id=pad)
+    steps = [b - a for a, b in zip(clock.wall, clock.wall[1:])]
+    return RunTimes(clock.wall[0] - start, steps), out[0, ids.shape[1]:].tolist()
 
 
 @torch.no_grad()
 def _own_memory(model: nn.Module) -> None:
-    """Copy every weight into ordinary memory. A model loaded from safetensors reads its weights from the
-    memory-mapped file, which streams slower than anonymous memory (SmolLM2 lm_head matmul: 3.2-3.4 ms mapped,
-    2.7 ms copied, 2 threads), and compact weights and the lean loop's dense copy live in anonymous memory, so
-    without this the comparison would favour whichever side holds the copies. Tied weights stay tied (one Parameter, copied once)."""
+    """Copy every weight into ordinary memory. A model loaded from safetensors reads its weights from the memory-
+    mapped file, which streamed about 15% slower than anonymous memory here; tied weights stay tied."""
     for param in model.parameters():
         param.data = param.data.clone()
 
 
+# ----------------------------------------------------------------------------- the benchmark
+def configurations(settings: BenchSettings) -> list[tuple[str, float]]:
+    """dense once, then every other method at every sparsity."""
+    configs: list[tuple[str, float]] = [("dense", 0.0)] if "dense" in settings.methods else []
+    for sparsity in settings.sparsities:
+        configs += [(method, float(sparsity)) for method in settings.methods if method != "dense"]
+    return configs
+
+
 def run_speed_benchmark(model: nn.Module, prompt_ids: torch.Tensor, settings: BenchSettings,
                         label: str = "", progress: Callable[[str], None] | None = None) -> dict:
-    """Measure every configuration and loop on an already loaded model; returns a JSON-able dict.
-
-    hf loop: every configuration runs on its own, repeats interleaved. lean loop: a deep copy of the model runs
-    dense in lockstep with each method's run (token by token), which makes the speedup a paired ratio per run;
-    the dense row aggregates those paired dense runs. Every handle is detached at the end; the weights keep their
-    values but are moved into ordinary memory first (see `_own_memory`)."""
+    """Measure every configuration and loop on an already loaded model; returns a JSON-able dict."""
     say = progress or (lambda message: None)
     torch.set_num_threads(settings.threads)
-    device = settings.device
-    sync = _sync_for(device)
-    ids = prompt_ids.to(device)
-    if device == "cpu":
+    sync = _sync_for(settings.device)
+    ids = prompt_ids.to(settings.device)
+    if settings.device == "cpu":
         _own_memory(model)
     configs = configurations(settings)
     if ("dense", 0.0) not in configs:
         raise ValueError("the benchmark needs the dense method: speedups are relative to it")
-    dtype = next(model.parameters()).dtype
     rows: list[dict] = []
-    loads = [_load_average()]
     for loop in settings.loops:
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
-        lean = dense_lean = None
-        if loop == "lean":
-            from dartprune.benchmarks.lean import LeanDecoder, lean_supported
-            if not lean_supported(model):
-                say(f"lean loop skipped: model type {model.config.model_type!r} is not supported by it")
-                continue
-            max_len = ids.shape[1] + settings.new_tokens
-            lean = LeanDecoder(model, max_len)
-            dense_lean = LeanDecoder(copy.deepcopy(model), max_len)
+        if loop == "native" and not native_supported(model):
+            say(f"native loop skipped: model type {model.config.model_type!r} runs on Hugging Face generate")
+            continue
         records = {c: {"times": [], "dense_times": [], "memory": [], "stats": [], "tokens": None} for c in configs}
-
-        def once(method: str, sparsity: float, record: dict | None) -> None:
-            if loop == "lean" and method == "dense":
-                return                                # measured alongside every other configuration
-            handle = None if method == "dense" else attach(model, DartConfig(method=method, sparsity=sparsity))
-            try:
-                _reset_peak(device)
-                if loop == "hf":
-                    times, tokens = _run_hf(model, ids, settings.new_tokens, sync)
-                    dense_times = dense_tokens = None
-                else:
-                    dense_times, times, tokens, dense_tokens = _run_lean_paired(dense_lean, lean, ids,
-                                                                                settings.new_tokens, sync)
-                if record is None:
-                    return
-                record["times"].append(times)
-                record["memory"].append(_peak_memory(device))
-                record["tokens"] = tokens.tolist()
-                if dense_times is not None:
-                    record["dense_times"].append(dense_times)
-                    dense = records[("dense", 0.0)]
-                    dense["times"].append(dense_times)
-                    dense["memory"].append(record["memory"][-1])
-                    dense["tokens"] = dense_tokens.tolist()
-                if handle is not None:
-                    stats = handle.stats()[0]
-                    record["stats"].append(stats)
-                    if record.get("forced_retrace_ms") is None and method == "dart" and sparsity > 0:
-                        record["forced_retrace_ms"] = _forced_retrace_ms(handle, settings.forced_retraces)
-            finally:
-                if handle is not None:
-                    handle.detach()
-
+        measure = _native_once if loop == "native" else _hf_once
         for _ in range(settings.warmup):
             for method, sparsity in configs:
-                once(method, sparsity, None)
+                measure(model, ids, settings, method, sparsity, None, records, sync)
         for r in range(settings.repeats):
             order = configs[r % len(configs):] + configs[:r % len(configs)]
             for method, sparsity in order:
-                once(method, sparsity, records[(method, sparsity)])
+                measure(model, ids, settings, method, sparsity, records[(method, sparsity)], records, sync,
+                        last=r == settings.repeats - 1)
             say(f"[{label}] {loop}: repeat {r + 1}/{settings.repeats} done")
-        loads.append(_load_average())
-        rows += _summarise(model, loop, configs, records, settings)
-        del lean, dense_lean
+        rows += _summarise(model, loop, configs, records)
     return {
-        "meta": _meta(model, label, dtype, settings, ids.shape[1], loads),
+        "meta": _meta(model, label, settings, ids.shape[1]),
         "byte_ceilings": _ceilings_by_sparsity(model, rows),
         "fixed_cost": _fixed_costs(rows),
         "rows": rows,
@@ -330,41 +260,100 @@ def run_speed_benchmark(model: nn.Module, prompt_ids: torch.Tensor, settings: Be
     }
 
 
+def _config(settings: BenchSettings, method: str, sparsity: float) -> DartConfig:
+    return DartConfig.from_dict({**settings.config, "method": method, "sparsity": sparsity})
+
+
+def _native_once(model, ids, settings: BenchSettings, method: str, sparsity: float, record: dict | None,
+                 records: dict, sync, last: bool = False) -> None:
+    """The method's native loop in lockstep with a dense native loop over the same weights."""
+    if method == "dense":
+        return                                    # measured alongside every other configuration
+    engine = Engine(model, _config(settings, method, sparsity))
+    try:
+        pruned, dense = NativeModel(model, engine), NativeModel(model, None)
+        _reset_peak(settings.device)
+        at_step = None
+        if last and engine.follows_drift and settings.config.get("retrace_spread", 1) > 1:
+            def at_step(step: int) -> None:       # one re-trace spread over the following steps, timed with them
+                if step == settings.new_tokens // 2:
+                    engine.retrace(0, now=False)
+        dense_run, run = run_lockstep([dense, pruned], ids, settings.new_tokens, sync, at_step)
+        if record is None:
+            return
+        memory = _peak_memory(settings.device)
+        stats = engine.stats()[0]
+        record["times"].append(run.times)
+        record["dense_times"].append(dense_run.times)
+        record["memory"].append(memory)
+        record["tokens"] = run.tokens
+        record["stats"].append(stats)
+        dense = records[("dense", 0.0)]
+        dense["times"].append(dense_run.times)
+        dense["memory"].append(memory)
+        dense["tokens"] = dense_run.tokens
+        if at_step is not None:
+            record["spread_retrace_max_over_median"] = max(run.times.steps_s) / run.times.token_median_s
+        if last and engine.follows_drift and sparsity > 0:
+            record["forced_retrace_ms"] = statistics.median(
+                engine.retrace(0).seconds for _ in range(settings.forced_retraces)) * 1e3
+        record["kernel"] = pruned.kernel is not None
+    finally:
+        engine.close()
+
+
+def _hf_once(model, ids, settings: BenchSettings, method: str, sparsity: float, record: dict | None,
+             records: dict, sync, last: bool = False) -> None:
+    handle = None if method == "dense" else attach(model, _config(settings, method, sparsity))
+    try:
+        _reset_peak(settings.device)
+        times, tokens = _run_hf(model, ids, settings.new_tokens, sync)
+        if record is None:
+            return
+        record["times"].append(times)
+        record["memory"].append(_peak_memory(settings.device))
+        record["tokens"] = tokens
+        if handle is not None:
+            record["stats"].append(handle.stats()[0])
+            if last and handle.engine.follows_drift and sparsity > 0:
+                record["forced_retrace_ms"] = statistics.median(
+                    handle.engine.retrace(0).seconds for _ in range(settings.forced_retraces)) * 1e3
+    finally:
+        if handle is not None:
+            handle.detach()
+
+
 def _ms(values: list[float]) -> dict[str, float]:
     return {k: v * 1e3 for k, v in _spread(values).items()}
 
 
-def _speedups(loop: str, rec: dict, dense_rec: dict) -> dict:
-    """Speedup over dense: paired per run in the lean loop (then median/min/max over runs); in the hf loop the
-    ratio of medians (and of minima) over the independent runs."""
+def _speedups(rec: dict, dense_rec: dict) -> dict:
+    """Paired per run (native: then median/min/max over runs), or the ratio of medians and of minima (hf)."""
     times: list[RunTimes] = rec["times"]
     if rec["dense_times"]:
         pairs = list(zip(rec["dense_times"], times))
         by_mean = _spread([d.tpot_s / t.tpot_s for d, t in pairs])
         by_token = _spread([d.token_median_s / t.token_median_s for d, t in pairs])
-        by_cpu = statistics.median((d.decode_cpu_s / max(1, d.tokens - 1)) / (t.decode_cpu_s / max(1, t.tokens - 1))
-                                   for d, t in pairs)
+        ttft = statistics.median(t.ttft_s / d.ttft_s for d, t in pairs)
         return {"speedup": by_mean["median"], "speedup_spread": by_mean, "speedup_from_min": by_mean["max"],
                 "speedup_token_median": by_token["median"], "speedup_token_median_spread": by_token,
-                "speedup_cpu_time": by_cpu, "paired": True}
+                "ttft_over_dense": ttft, "paired": True}
     dense: list[RunTimes] = dense_rec["times"]
 
     def ratio(fn, agg) -> float:
         return agg(fn(t) for t in dense) / agg(fn(t) for t in times)
 
-    return {"speedup": ratio(lambda t: t.tpot_s, statistics.median),
-            "speedup_spread": None,
+    return {"speedup": ratio(lambda t: t.tpot_s, statistics.median), "speedup_spread": None,
             "speedup_from_min": ratio(lambda t: t.tpot_s, min),
             "speedup_token_median": ratio(lambda t: t.token_median_s, statistics.median),
             "speedup_token_median_spread": None,
-            "speedup_cpu_time": ratio(lambda t: t.decode_cpu_s / max(1, t.tokens - 1), statistics.median),
-            "paired": False}
+            "ttft_over_dense": 1 / ratio(lambda t: t.ttft_s, statistics.median), "paired": False}
 
 
-def _summarise(model, loop: str, configs, records: dict, settings: BenchSettings) -> list[dict]:
+def _summarise(model, loop: str, configs, records: dict) -> list[dict]:
     dense_rec = records[("dense", 0.0)]
-    dense_tokens = dense_rec["tokens"]
     dense_bytes = decode_bytes(model).total
+    model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     rows = []
     for method, sparsity in configs:
         rec = records[(method, sparsity)]
@@ -372,51 +361,49 @@ def _summarise(model, loop: str, configs, records: dict, settings: BenchSettings
         if not times:
             continue
         stats = rec["stats"][-1] if rec["stats"] else None
-        keep = stats.keep_counts if stats is not None and method != "dense" else None
+        keep = stats.keep_counts if stats is not None else None
         pruned = keep is not None and any(k < size for k, size in zip(keep, stats.intermediate_sizes))
         pruned_bytes = decode_bytes(model, keep).total if pruned else dense_bytes
         ceiling = dense_bytes / pruned_bytes
         if method == "dense":
             speed = {"speedup": 1.0, "speedup_spread": None, "speedup_from_min": 1.0, "speedup_token_median": 1.0,
-                     "speedup_token_median_spread": None, "speedup_cpu_time": 1.0, "paired": loop == "lean"}
+                     "speedup_token_median_spread": None, "ttft_over_dense": 1.0, "paired": loop == "native"}
         else:
-            speed = _speedups(loop, rec, dense_rec)
-        decode_s = statistics.median(t.decode_s for t in times)
+            speed = _speedups(rec, dense_rec)
         memory = [m["peak_rss_mb"] for m in rec["memory"] if m["peak_rss_mb"] is not None]
+        steps = [s for t in times for s in t.steps_s]
         row = {
             "loop": loop, "method": method, "sparsity": sparsity, "runs": len(times),
-            "ttft_ms": _ms([t.ttft_s for t in times]),
-            "tpot_ms": _ms([t.tpot_s for t in times]),
+            "ttft_ms": _ms([t.ttft_s for t in times]), "tpot_ms": _ms([t.tpot_s for t in times]),
             "token_median_ms": _ms([t.token_median_s for t in times]),
+            "max_step_over_median": max(steps) / statistics.median(steps),
             "tokens_per_s": _spread([t.tokens_per_s for t in times]),
-            "decode_tokens_per_s": _spread([1.0 / t.tpot_s for t in times]),
-            "cpu_ms_per_token": _ms([t.decode_cpu_s / max(1, t.tokens - 1) for t in times]),
-            "new_tokens": times[0].tokens,
-            **speed,
-            "byte_ceiling": ceiling,
+            "new_tokens": times[0].tokens, **speed, "byte_ceiling": ceiling,
             "share_of_gain": share_of_gain(speed["speedup"], ceiling),
             "share_of_gain_from_min": share_of_gain(speed["speedup_from_min"], ceiling),
             "share_of_gain_token_median": share_of_gain(speed["speedup_token_median"], ceiling),
-            "share_of_gain_cpu_time": share_of_gain(speed["speedup_cpu_time"], ceiling),
             "bytes_per_token": pruned_bytes,
             "peak_rss_mb": _spread(memory) if memory else None,
             "peak_gpu_mb": max(m["peak_gpu_mb"] for m in rec["memory"]) if rec["memory"] and
             rec["memory"][0]["peak_gpu_mb"] is not None else None,
-            "same_tokens_as_dense": rec["tokens"] == dense_tokens,
+            "same_tokens_as_dense": rec["tokens"] == dense_rec["tokens"],
+            "kernel": rec.get("kernel"),
         }
         if stats is not None:
             retrace_s = [s.retrace_seconds for s in rec["stats"]]
+            decode_s = statistics.median(sum(t.steps_s) for t in times)
             forced = rec.get("forced_retrace_ms")
             row.update({
                 "retrace_count": _spread([s.retrace_count for s in rec["stats"]]),
                 "retrace_ms": _ms(retrace_s),
                 "retrace_share_of_decode": statistics.median(retrace_s) / decode_s if decode_s else 0.0,
                 "forced_retrace_ms": forced,
-                "forced_retrace_tokens": forced / (statistics.median(t.token_median_s for t in times) * 1e3)
-                if forced else None,
+                "forced_retrace_tokens": forced / row["token_median_ms"]["median"] if forced else None,
+                "spread_retrace_max_over_median": rec.get("spread_retrace_max_over_median"),
                 "executed_sparsity": stats.executed_sparsity,
                 "state_bytes": stats.state_bytes,
-                "compact_weight_bytes": stats.compact_weight_bytes,
+                "extra_bytes": stats.state_bytes,          # no weights are copied: the state is all
+                "extra_share_of_model": stats.state_bytes / model_bytes,
                 "overhead_fraction": stats.overhead_fraction,
                 "overhead_flops": stats.overhead_flops,
                 "keep_counts": stats.keep_counts,
@@ -442,7 +429,7 @@ def _ceilings_by_sparsity(model, rows: list[dict]) -> dict[str, dict]:
 
 def _fixed_costs(rows: list[dict]) -> dict[str, dict]:
     """Per loop, the line time per token = fixed + bytes / bandwidth through every configuration's token-median
-    step time (re-trace steps and load bursts do not move a median), and what it implies for each sparsity."""
+    step time, and what it implies for each sparsity."""
     out: dict[str, dict] = {}
     for loop in dict.fromkeys(r["loop"] for r in rows):
         mine = [r for r in rows if r["loop"] == loop]
@@ -459,29 +446,20 @@ def _fixed_costs(rows: list[dict]) -> dict[str, dict]:
 def _overhead(model, rows: list[dict], settings: BenchSettings, prompt_len: int) -> dict:
     dart_rows = [r for r in rows if r["method"] == "dart" and "state_bytes" in r]
     config = DartConfig()
-    llama = {f"{s:g}": dart_state_bytes(LLAMA_3_1_8B, s, config.ring_size, len(config.monitored_layers),
-                                        config.window) for s in settings.sparsities if s > 0}
+    llama = {f"{s:g}": dart_state_bytes(LLAMA_3_1_8B, config.ring_size, len(config.monitored_layers), config.window)
+             for s in settings.sparsities if s > 0}
     flops = overhead_flops(LLAMA_3_1_8B, prompt_len, settings.new_tokens, retraces=0, ring_size=config.ring_size,
                            monitored_layers=len(config.monitored_layers), window=config.window)
     return {
         "this_model": [{"loop": r["loop"], "sparsity": r["sparsity"], "state_bytes": r["state_bytes"],
-                        "compact_weight_bytes": r["compact_weight_bytes"],
+                        "extra_share_of_model": r["extra_share_of_model"],
                         "overhead_fraction": r["overhead_fraction"], "retrace_count": r["retrace_count"]["median"]}
                        for r in dart_rows],
         "kv_cache_bytes_at_end": kv_cache_bytes(model, prompt_len + settings.new_tokens),
-        "llama_3_1_8b": {"shapes": asdict(LLAMA_3_1_8B), "state_bytes": llama,
-                         "overhead_flops_no_retrace": flops,
-                         "note": "state by the engine's own formula (SequenceStats.state_bytes), worst case of the "
-                                 "drift window being filled; compact weights are a copy of the kept weights and "
-                                 "are listed apart; FLOP fraction for this run's prompt and new-token counts"},
+        "llama_3_1_8b": {"shapes": asdict(LLAMA_3_1_8B), "state_bytes": llama, "overhead_flops_no_retrace": flops,
+                         "note": "state by the engine's own formula (dartprune.engine.costs); pruning copies no "
+                                 "weights; FLOP fraction for this run's prompt and new-token counts"},
     }
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
 
 
 def _cpu_name() -> str:
@@ -495,15 +473,15 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def _meta(model, label: str, dtype, settings: BenchSettings, prompt_len: int, loads) -> dict:
+def _meta(model, label: str, settings: BenchSettings, prompt_len: int) -> dict:
     import transformers
     return {
         "model": label or getattr(model.config, "_name_or_path", type(model).__name__),
-        "model_type": model.config.model_type, "dtype": str(dtype).replace("torch.", ""),
-        "device": settings.device, "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-        "load_average_before_after": loads, "prompt_len": prompt_len, "new_tokens": settings.new_tokens,
-        "repeats": settings.repeats, "warmup": settings.warmup, "loops": settings.loops,
+        "model_type": model.config.model_type, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": settings.device, "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(), "prompt_len": prompt_len, "new_tokens": settings.new_tokens,
+        "repeats": settings.repeats, "warmup": settings.warmup, "loops": settings.loops, "config": settings.config,
+        "compiled_step": unavailable_reason() or "used where it applies",
         "versions": {"dartprune": dartprune.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -515,42 +493,45 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _memory(row: dict) -> str:
+    extra = row.get("extra_bytes")
+    return "-" if extra is None else f"{extra / 1e6:.2f} MB ({100 * row['extra_share_of_model']:.2f}%)"
+
+
 def markdown_table(result: dict) -> str:
     meta = result["meta"]
-    lines = [f"### {meta['model']} {meta['dtype']} on {meta['device']} ({meta['cpu']}, "
-             f"{meta['torch_threads']} torch thread(s)); prompt {meta['prompt_len']} tokens, "
-             f"{meta['new_tokens']} new tokens, {meta['repeats']} repeats after {meta['warmup']} warm-up",
+    lines = [f"### {meta['model']} {meta['dtype']} on {meta['device']} ({meta['cpu']}, {meta['torch_threads']} "
+             f"thread(s)); prompt {meta['prompt_len']} tokens, {meta['new_tokens']} new tokens, {meta['repeats']} "
+             f"repeats after {meta['warmup']} warm-up",
              "",
-             "Speedup = dense time per output token / method's. hf: ratio of medians over independent runs "
-             "(in brackets: ratio of minima). lean: paired, the dense copy decoding in lockstep, median [min-max] "
-             "of the per-run ratios. Token-median: the same from each run's median step time (insensitive to "
-             "bursts of load and to re-trace steps). Share = (speedup - 1) / (ceiling - 1).",
+             "Speedup = dense time per output token / method's. native: paired, a dense native loop over the same "
+             "weights decoding in lockstep, median [min-max] of the per-run ratios. hf: ratio of medians over "
+             "independent runs (in brackets: ratio of minima). Token-median: the same from each run's median step "
+             "(insensitive to bursts of load and to re-trace steps). Share = (speedup - 1) / (ceiling - 1). "
+             "Max step: the slowest step over the median step, all runs.",
              "",
-             "| loop | method | sparsity | TTFT ms | TPOT ms med [min-max] | tok/s | speedup | speedup token-median | "
-             "ceiling | share of gain | share token-median | peak RSS MB | re-traces | re-trace ms (% decode) | "
-             "executed sparsity |",
+             "| loop | method | sparsity | TTFT ms (vs dense) | TPOT ms med [min-max] | tok/s | speedup | "
+             "speedup token-median | ceiling | share of gain | share token-median | max step | re-traces | "
+             "executed sparsity | extra memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         t = r["tpot_ms"]
         retr = r.get("retrace_count")
         if r.get("speedup_spread"):
-            sp = r["speedup_spread"]
+            sp, tm = r["speedup_spread"], r["speedup_token_median_spread"]
             speed = f"{sp['median']:.3f} [{sp['min']:.3f}-{sp['max']:.3f}]"
-            tm = r["speedup_token_median_spread"]
             token = f"{tm['median']:.3f} [{tm['min']:.3f}-{tm['max']:.3f}]"
         else:
             speed = f"{r['speedup']:.3f}" + ("" if r["method"] == "dense" else f" ({r['speedup_from_min']:.3f})")
             token = f"{r['speedup_token_median']:.3f}"
         lines.append(
-            f"| {r['loop']} | {r['method']} | {r['sparsity']:g} | {r['ttft_ms']['median']:.0f} | "
-            f"{t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}] | {r['tokens_per_s']['median']:.1f} | "
-            f"{speed} | {token} | {r['byte_ceiling']:.3f} | {_fmt(r['share_of_gain'])} | "
-            f"{_fmt(r['share_of_gain_token_median'])} | "
-            f"{_fmt(r['peak_rss_mb']['median'] if r['peak_rss_mb'] else None, '.0f')} | "
-            f"{'-' if retr is None else format(retr['median'], 'g')} | "
-            f"{'-' if retr is None else format(r['retrace_ms']['median'], '.1f')}"
-            f"{'' if retr is None else ' (' + format(100 * r['retrace_share_of_decode'], '.2f') + '%)'} | "
-            f"{_fmt(r.get('executed_sparsity'), '.3f')} |")
+            f"| {r['loop']} | {r['method']} | {r['sparsity']:g} | {r['ttft_ms']['median']:.0f} "
+            f"({r['ttft_over_dense']:.2f}) | {t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}] | "
+            f"{r['tokens_per_s']['median']:.1f} | {speed} | {token} | {r['byte_ceiling']:.3f} | "
+            f"{_fmt(r['share_of_gain'])} | {_fmt(r['share_of_gain_token_median'])} | "
+            f"{r['max_step_over_median']:.2f} | {'-' if retr is None else format(retr['median'], 'g')} | "
+            f"{_fmt(r.get('executed_sparsity'), '.3f')} | "
+            f"{_memory(r)} |")
     lines.append("")
     for key, c in result["byte_ceilings"].items():
         lines.append(f"- byte ceiling at sparsity {key}: {c['dense_bytes_per_token'] / 1e6:.1f} MB/token dense / "
@@ -562,24 +543,24 @@ def markdown_table(result: dict) -> str:
         lines.append(f"- {loop} loop, time per token = fixed + bytes / bandwidth (least squares over its "
                      f"{fit['points']} configurations, R^2 {fit['r_squared']:.3f}): fixed {fit['fixed_ms']:.1f} ms, "
                      f"{fit['bandwidth_gb_s']:.1f} GB/s. Share of gain this allows: {bounds}")
-    forced = [r for r in result["rows"] if r.get("forced_retrace_ms")]
-    for r in forced:
-        lines.append(f"- forced re-trace ({r['loop']}, dart, sparsity {r['sparsity']:g}): "
-                     f"{r['forced_retrace_ms']:.1f} ms = {r['forced_retrace_tokens']:.2f} decode tokens")
+    for r in result["rows"]:
+        if r.get("forced_retrace_ms"):
+            lines.append(f"- forced re-trace ({r['loop']}, {r['method']}, sparsity {r['sparsity']:g}): "
+                         f"{r['forced_retrace_ms']:.1f} ms = {r['forced_retrace_tokens']:.2f} decode steps")
+        if r.get("spread_retrace_max_over_median"):
+            lines.append(f"- re-trace spread over the following steps ({r['loop']}, {r['method']}, sparsity "
+                         f"{r['sparsity']:g}): slowest step {r['spread_retrace_max_over_median']:.2f}x the median")
     over = result["overhead"]
-    for item in over["this_model"]:
-        lines.append(f"- DART state ({item['loop']}, sparsity {item['sparsity']:g}): "
-                     f"{item['state_bytes'] / 1e6:.2f} MB; compact weights {item['compact_weight_bytes'] / 1e6:.1f} MB; "
-                     f"overhead FLOPs {100 * item['overhead_fraction']:.3f}% of dense")
     for s, parts in over["llama_3_1_8b"]["state_bytes"].items():
-        lines.append(f"- Llama-3.1-8B shapes, bf16, sparsity {s}: DART state {parts['total'] / 1e6:.2f} MB "
-                     f"(compact weights {parts['compact_weights'] / 1e9:.2f} GB, a copy of the kept weights)")
+        lines.append(f"- Llama-3.1-8B shapes, bf16, sparsity {s}: DART state {parts['total'] / 1e6:.2f} MB, no "
+                     "weights copied")
     f = over["llama_3_1_8b"]["overhead_flops_no_retrace"]
     lines.append(f"- Llama-3.1-8B shapes: tracing + monitoring FLOPs = {100 * f['fraction']:.3f}% of dense for "
                  f"{meta['prompt_len']} + {meta['new_tokens']} tokens; each re-trace adds "
-                 f"{100 * f['fraction_per_retrace']:.3f}% (the FLOPs of {f['retrace_in_dense_tokens']:.1f} dense decode tokens)")
+                 f"{100 * f['fraction_per_retrace']:.3f}% (the FLOPs of {f['retrace_in_dense_tokens']:.1f} dense "
+                 "decode tokens)")
     lines.append(f"- KV cache read at the last token: {over['kv_cache_bytes_at_end'] / 1e6:.2f} MB (not in the "
-                 "ceiling)")
+                 "ceiling); compiled step: " + meta["compiled_step"])
     return "\n".join(lines) + "\n"
 
 

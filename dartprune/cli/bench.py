@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from dartprune.engine import METHOD_REGISTRY
+from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL
 
 
@@ -46,9 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: all cores); recorded in the results")
-    p.add_argument("--lean", action="store_true",
-                   help="also measure the lean static-cache decode loop (Llama-family models), labelled 'lean'")
-    p.add_argument("--lean-only", action="store_true", help="measure only the lean loop")
+    p.add_argument("--loops", type=_names, default=["native"],
+                   help="comma-separated: native (dartprune's loop, paired with a dense native loop; Llama and "
+                        "Gemma families) and/or hf (Hugging Face generate with the engine attached)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other DartConfig field for every pruned method, e.g. --set retrace_spread=4")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--text", default="wikitext2",
                    help="prompt source: a file, gutenberg:NAME, wikitext2 or python:MODULE (default wikitext2)")
@@ -60,9 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    unknown = [m for m in args.methods if m not in METHOD_REGISTRY]
+    unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHOD_REGISTRY)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
     if "dense" not in args.methods:
         raise ValueError("--methods must include dense: speedups are measured against it")
     bad = [s for s in args.sparsity if not 0.0 <= s < 1.0]
@@ -77,6 +79,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--warmup must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
+    bad_loops = [loop for loop in args.loops if loop not in ("native", "hf")]
+    if bad_loops:
+        raise ValueError(f"--loops: unknown loop(s) {bad_loops}; choose from native, hf")
 
 
 def _stem(model: str, dtype: str) -> str:
@@ -99,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
     for dtype in args.dtype:
         parse_dtype(dtype)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    loops = ["lean"] if args.lean_only else (["hf", "lean"] if args.lean else ["hf"])
+    from dartprune.cli.generate import parse_settings
     settings = BenchSettings(methods=args.methods, sparsities=args.sparsity, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                             threads=args.threads or cores, loops=loops, device=args.device)
+                             threads=args.threads or cores, loops=args.loops, device=args.device,
+                             config=parse_settings(args.set))
     text = load_text(args.text, args.data_dir).text
     for dtype in args.dtype:
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)

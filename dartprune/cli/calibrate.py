@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from dartprune.calibration import (
-    CALIBRATED_METHODS, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SPARSITIES, DEFAULT_TEXT, calibrate,
+from dartprune.calibration.collect import calibrate
+from dartprune.calibration.file import (
+    CALIBRATED_METHODS, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SPARSITIES, DEFAULT_TEXT,
 )
 
 

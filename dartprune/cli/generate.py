@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from transformers import TextStreamer
-
-from dartprune.engine import METHOD_REGISTRY, DartConfig, attach
+from dartprune.decode.generate import Generation, Generator, SamplingParams
+from dartprune.engine import DartConfig
+from dartprune.methods import METHODS
 from dartprune.engine.config import ConfigError
 from dartprune.models import DEFAULT_MODEL, load_model
 
@@ -19,14 +18,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted reads stdin")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
-    p.add_argument("--method", default="dart", choices=sorted(METHOD_REGISTRY))
+    p.add_argument("--method", default="dart", choices=sorted(METHODS))
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of FFN neurons removed, in [0, 1)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--loop", default="auto", choices=["auto", "native", "hf"],
+                   help="decode loop: dartprune's native loop (Llama and Gemma families; auto picks it where it "
+                        "runs) or Hugging Face generate")
+    p.add_argument("--compare-dense", action="store_true",
+                   help="also generate as many tokens dense and print the speedup (time per output token)")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--calibration-file", help="for wanda-static and threshold (see `dartprune calibrate`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -76,48 +82,42 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     return ids
 
 
-def context_length(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     prompt = read_prompt(args)
     config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
                                    "calibration_file": args.calibration_file, **parse_settings(args.set)})
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    ids = encode_prompt(tokenizer, prompt, args.chat)
-    limit = context_length(model)
-    if limit is not None and ids.shape[1] + args.max_new_tokens > limit:
-        raise ValueError(f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {args.max_new_tokens} "
-                         f"that exceeds the model's context of {limit} tokens")
-    handle = attach(model, config)
-    torch.manual_seed(args.seed)
-    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling)
-    seconds = time.perf_counter() - start
-    new_tokens = out.shape[1] - ids.shape[1]
-    if args.no_stream:
-        print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    stats = handle.stats()[0]
-    handle.detach()
-    print(f"\n[{new_tokens} tokens in {seconds:.2f} s, {new_tokens / seconds:.1f} tokens/s | {stats.summary()}]",
-          file=sys.stderr)
+    ids = encode_prompt(tokenizer, prompt, args.chat)[0]
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    with Generator(model, tokenizer, config, loop=args.loop) as generator:
+        generator.check_length(ids.numel(), args.max_new_tokens)
+        result = generator.generate(ids, params, None if args.no_stream else show)
+    print(result.text if args.no_stream else "")
+    stats = result.stats
+    line = (f"[{len(result.tokens)} tokens in {result.ttft_s + result.decode_s:.2f} s, {result.tokens_per_s:.1f} "
+            f"tokens/s, {generator.loop} loop | {stats.summary()}")
+    if args.compare_dense and config.method != "dense":
+        dense_params = SamplingParams(max_new_tokens=len(result.tokens), ignore_eos=True)
+        with Generator(model, tokenizer, None, loop=args.loop) as dense:
+            reference = dense.generate(ids, dense_params)
+        line += f" | {speedup(reference, result):.2f}x the dense time per output token ({len(reference.tokens)} " \
+                f"dense tokens, same loop)"
+    print(line + "]", file=sys.stderr)
     if args.trace_plot:
         from dartprune.plots import plot_drift_trace
         print(f"[drift trace written to {plot_drift_trace(stats, args.trace_plot)}]", file=sys.stderr)
     return 0
+
+
+def speedup(dense: Generation, pruned: Generation) -> float:
+    """Dense time per output token over the pruned one's, as `dartprune bench` computes it."""
+    return dense.tpot_s / pruned.tpot_s if pruned.tpot_s else float("nan")

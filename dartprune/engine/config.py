@@ -1,11 +1,13 @@
-"""`DartConfig`: every parameter of the algorithm (docs/algorithm.md §1-5), validated once, in one place."""
+"""`DartConfig`: every parameter of the algorithm (docs/algorithm.md §1-5), validated once, in one place.
+
+The method is checked against the method registry (`dartprune.methods`), so a method registered by another
+module is as valid as the built-in ones."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-METHODS = ("dense", "dart", "static", "random", "griffin", "wanda-static", "threshold")
 ALLOCATIONS = ("dart", "uniform")
 IMPORTANCES = ("residual", "ffn-vs-input")
 SCORES = ("l2", "ema")
@@ -31,6 +33,9 @@ class DartConfig:
     score: "l2" (sqrt of summed squares over traced tokens) or "ema" (exponential decay `ema_decay` over tokens).
     prior: optional static per-neuron prior multiplied into the scores.
     prune_prefill: also prune the prompt's forward (costs a dense tracing pass first).
+    min_trace_tokens: a prompt shorter than this is too short to trace from: the first decoded tokens run dense
+        and are traced too, and the masks are built once this many tokens have been traced (the paper's
+        masking step). 1 builds them from the prompt whatever its length.
     window/delta/floor/trigger_count/cooldown: drift monitor W, delta, floor, c0 and windows ignored after a
         re-trace. c0 = 3 and cooldown = 4 were chosen by benchmarks/drift_tuning.py (results in
         benchmarks/results/drift_tuning.md): at 50% sparsity on SmolLM2, c0 = 1 re-traced 7-9 times inside
@@ -43,7 +48,9 @@ class DartConfig:
     retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset, the plain
         form). 0.3 by measurement (benchmarks/drift_tuning.py): scores from R = 16 tokens alone are noisy, and
         keeping 30% of the previous (unit-normalised) scores gave lower perplexity after every switch tried.
-    retrace_reallocate: recompute layer budgets on a re-trace instead of keeping them.
+    retrace_spread: decode steps over which a buffer re-trace's scoring is spread (a slice of the layers per
+        step, each layer switching to its new neurons when scored), so that no step stalls for the whole
+        re-trace; 1 scores every layer in the step that triggered it.
     path: "compact" (gathered smaller weights: really faster) or "mask" (multiply by a 0/1 mask: reference).
     seed: for the random method.
     calibration_file: saved calibration for wanda-static and threshold.
@@ -63,6 +70,7 @@ class DartConfig:
     ema_decay: float = 0.9
     prior: str | None = None
     prune_prefill: bool = False
+    min_trace_tokens: int = 1
     window: int = 5
     delta: float = 0.1
     floor: float = 0.1
@@ -73,7 +81,7 @@ class DartConfig:
     retrace: Literal["buffer", "dense-steps"] = "buffer"
     dense_steps: int = 16
     retrace_blend: float = 0.3
-    retrace_reallocate: bool = False
+    retrace_spread: int = 1
     path: Literal["compact", "mask"] = "compact"
     seed: int = 0
     calibration_file: str | None = None
@@ -83,7 +91,8 @@ class DartConfig:
         self.validate()
 
     def validate(self) -> None:
-        _choice("method", self.method, METHODS)
+        from dartprune.methods import METHODS
+        _choice("method", self.method, tuple(METHODS))
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("importance", self.importance, IMPORTANCES)
         _choice("score", self.score, SCORES)
@@ -101,7 +110,7 @@ class DartConfig:
             raise ConfigError("early_width and late_width must be > 0")
         if self.p_min > self.p_max:
             raise ConfigError(f"p_min ({self.p_min}) must not exceed p_max ({self.p_max})")
-        for name in ("window", "trigger_count", "ring_size", "dense_steps"):
+        for name in ("window", "trigger_count", "ring_size", "dense_steps", "retrace_spread", "min_trace_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.cooldown, int) or self.cooldown < 0:
@@ -110,9 +119,10 @@ class DartConfig:
             raise ConfigError("delta and floor must be >= 0")
         if not self.monitored_layers:
             raise ConfigError("monitored_layers must name at least one layer")
-        if self.method in ("wanda-static", "threshold") and self.calibration_file is None:
+        needs = METHODS[self.method].calibration
+        if needs is not None and self.calibration_file is None:
             raise ConfigError(f"method {self.method!r} needs calibration_file (make one with "
-                              f"`dartprune calibrate --method {self.method}`)")
+                              f"`dartprune calibrate --method {needs}`)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DartConfig:

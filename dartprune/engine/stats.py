@@ -28,7 +28,6 @@ class SequenceStats:
     windows: list[WindowRecord] = field(default_factory=list)
     executed_sparsity: float = 0.0
     state_bytes: int = 0
-    compact_weight_bytes: int = 0
     overhead_flops: dict[str, float] = field(default_factory=dict)
     dense_flops: float = 0.0
     retrace_seconds: float = 0.0

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from dartprune.engine import METHOD_REGISTRY, DartConfig, DartHandle, attach
+from dartprune.engine import DartConfig, DartHandle, attach
+from dartprune.methods import METHODS
 from dartprune.engine.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,9 +96,9 @@ def method_specs(methods: list[str], sparsities: list[float], extra: dict[str, A
     for key in ("method", "sparsity"):
         if key in extra:
             raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
-    unknown = [m for m in methods if m not in METHOD_REGISTRY]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(METHOD_REGISTRY)}")
+        raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
     specs = []
     if include_dense or "dense" in methods:
         specs.append(MethodSpec("dense", 0.0, DartConfig.from_dict({**extra, "method": "dense", "sparsity": 0.0})))

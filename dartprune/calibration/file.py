@@ -1,4 +1,5 @@
-"""Offline calibration for the two calibrated baselines (docs/algorithm.md, Baselines): `wanda-static` and `threshold`.
+"""The calibration file of the two calibrated baselines (docs/algorithm.md, Baselines): `wanda-static` and `threshold`;
+its statistics are collected by `dartprune.calibration.collect`.
 
 DART itself needs no calibration; these baselines do, and their statistics come from the dense model run over a
 calibration text (by default 128 windows of 512 tokens of a Gutenberg book that no evaluation uses). The result is
@@ -22,10 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,12 +33,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dartprune.architectures import FFNParts, get_adapter
-from dartprune.engine.budgets import layer_importance
 from dartprune.data import Text
 
 FORMAT = "dartprune-calibration"
 VERSION = 1
-CALIBRATED_METHODS = ("wanda-static", "threshold")
+CALIBRATED_METHODS = ("wanda-static", "threshold")   # the methods whose `calibration` names these
 DEFAULT_TEXT = "gutenberg:melville-moby_dick"
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
@@ -55,40 +54,11 @@ class CalibrationError(ValueError):
     """A calibration file is missing, malformed, or made for another model, method or sparsity."""
 
 
-# ----------------------------------------------------------------------------------------------- texts
 def check_text_differs(calibration_file: str | Path, text: Text) -> None:
     """Raise CalibrationError if `text` is the text the calibration file was made from (calibration and evaluation
     texts must differ)."""
     if text.sha256 == load_calibration(calibration_file).text_sha256:
         raise CalibrationError(f"{text.name} is the calibration text of {calibration_file}; evaluate on another text")
-
-
-def text_windows(tokenizer, text: Text, samples: int, seq_len: int) -> torch.Tensor:
-    """`samples` windows of `seq_len` tokens, evenly spaced over the whole text and never overlapping ([N, T]).
-
-    Each window starts with the special tokens the tokenizer puts at the start of a text (e.g. BOS for Gemma and
-    Llama 3; none for SmolLM2), then continues with text tokens.
-    """
-    if samples < 1 or seq_len < 2:
-        raise ValueError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
-    head = list(tokenizer("", add_special_tokens=True).input_ids)
-    body = seq_len - len(head)
-    ids = _tokenize(tokenizer, text.text)
-    if len(ids) < samples * body:
-        raise ValueError(f"{text.name} has {len(ids)} tokens, fewer than {samples} windows x {body} text tokens")
-    stride = (len(ids) - body) // (samples - 1) if samples > 1 else 0
-    return torch.tensor([head + ids[k * stride:k * stride + body] for k in range(samples)], dtype=torch.long)
-
-
-def _tokenize(tokenizer, text: str, chunk: int = 200_000) -> list[int]:
-    """Token ids of a long text, tokenized in chunks cut at line ends (no over-length warnings)."""
-    ids: list[int] = []
-    start = 0
-    while start < len(text):
-        end = len(text) if start + chunk >= len(text) else text.rfind("\n", start, start + chunk) + 1 or start + chunk
-        ids += tokenizer(text[start:end], add_special_tokens=False).input_ids
-        start = end
-    return ids
 
 
 # ----------------------------------------------------------------------------------------------- model identity
@@ -130,102 +100,6 @@ def _sample(matrix: torch.Tensor) -> torch.Tensor:
     return matrix[r.to(matrix.device), c.to(matrix.device)].detach().float().cpu()
 
 
-# ----------------------------------------------------------------------------------------------- statistics
-class _Collector:
-    """Forward hooks on the dense model that accumulate one method's statistics."""
-
-    def __init__(self, model: nn.Module, method: str):
-        if getattr(model, "_dartprune_handle", None) is not None:
-            raise RuntimeError("calibrate the dense model: detach the dartprune handle first")
-        self.method = method
-        self.adapter = get_adapter(model)
-        self.layers = self.adapter.layers()
-        self.count = 0  # tokens seen
-        num = len(self.layers)
-        self.x_sumsq: list[torch.Tensor | float] = [0.0] * num
-        self.u_sumsq: list[torch.Tensor | float] = [0.0] * num
-        self.importance = {v: torch.zeros(num, dtype=torch.float64) for v in IMPORTANCE_VARIANTS}
-        self.hist: list[torch.Tensor | float] = [0.0] * num
-        self.zeros = torch.zeros(num, dtype=torch.float64)
-        self._h: dict[int, torch.Tensor] = {}
-        self.hooks = []
-        self.originals: list[nn.Module] = []
-        for i, layer in enumerate(self.layers):
-            self.hooks.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._u_hook(i)))
-            if method == "wanda-static":
-                # the FFN as the engine sees it (OPT has no FFN module: the adapter installs one, as for PrunedFFN)
-                original = self.adapter.ffn(layer)
-                self.originals.append(original)
-                self.adapter.set_ffn(layer, _Tap(original, self._ffn_tap(i)))
-                norm = self.adapter.ffn_input_norm(layer)
-                if norm is not None:
-                    self.hooks.append(norm.register_forward_pre_hook(self._h_hook(i)))
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        for layer, original in zip(self.layers, self.originals):
-            self.adapter.set_ffn(layer, original)
-        self.hooks, self.originals = [], []
-
-    def _u_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            u = args[0].detach().float()
-            u = u.reshape(-1, u.shape[-1])
-            if self.method == "wanda-static":
-                self.u_sumsq[i] = self.u_sumsq[i] + u.square().sum(0)
-            else:
-                magnitude = u.abs()
-                self.zeros[i] += float((magnitude == 0).sum())
-                logs = magnitude.log2().clamp_(HIST_LOW, HIST_HIGH - 1e-3)
-                self.hist[i] = self.hist[i] + torch.histc(logs, HIST_BINS, HIST_LOW, HIST_HIGH).double()
-        return hook
-
-    def _h_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._h[i] = args[0].detach()
-        return hook
-
-    def _ffn_tap(self, i: int):
-        def tap(x: torch.Tensor, y: torch.Tensor) -> None:
-            x = x.detach().reshape(1, -1, x.shape[-1])  # tokens of every row in one row (OPT flattens anyway)
-            y = y.detach().reshape(x.shape[0], x.shape[1], -1)
-            self.x_sumsq[i] = self.x_sumsq[i] + x[0].float().square().sum(0)
-            h = self._h.pop(i, x).reshape(y.shape)
-            out_norm = self.adapter.ffn_output_norm(self.layers[i])
-            f = out_norm(y) if out_norm is not None else y
-            valid = torch.ones(y.shape[:-1], dtype=torch.bool, device=y.device)
-            tokens = y.shape[1]
-            for variant in IMPORTANCE_VARIANTS:
-                self.importance[variant][i] += float(layer_importance(h, f, valid, variant)[0]) * tokens
-        return tap
-
-    def tensors(self, sparsities: Iterable[float]) -> dict[str, torch.Tensor]:
-        if self.method == "wanda-static":
-            out = {f"x_norm.{i}": torch.as_tensor(s).sqrt().cpu() for i, s in enumerate(self.x_sumsq)}
-            out |= {f"u_norm.{i}": torch.as_tensor(s).sqrt().cpu() for i, s in enumerate(self.u_sumsq)}
-            out |= {f"importance.{v}": (imp / self.count).float() for v, imp in self.importance.items()}
-            return out
-        grid = torch.tensor(sorted(set(float(s) for s in sparsities)), dtype=torch.float64)
-        taus = torch.stack([histogram_quantiles(h.cpu(), grid) for h in self.hist], dim=1)  # [S, L]
-        totals = torch.stack([h.sum() for h in self.hist]).cpu()
-        return {"sparsities": grid.float(), "thresholds": taus.float(), "zero_fraction": (self.zeros / totals).float()}
-
-
-class _Tap(nn.Module):
-    """Stands in for an FFN during calibration: runs it unchanged and shows its input and output."""
-
-    def __init__(self, original: nn.Module, tap):
-        super().__init__()
-        self.original = original
-        self.tap = tap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.original(x)
-        self.tap(x, y)
-        return y
-
-
 def histogram_quantiles(hist: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
     """tau per fraction q such that a fraction q of the counted |u| lies below tau, from the log2 histogram
     (linear interpolation of log2 tau inside the bin; q = 0 gives tau = 0, which zeroes nothing)."""
@@ -243,28 +117,6 @@ def histogram_quantiles(hist: torch.Tensor, fractions: torch.Tensor) -> torch.Te
         inside = (target - below) / max(float(hist[k]), 1e-30)
         taus.append(2.0 ** (HIST_LOW + (k + min(max(inside, 0.0), 1.0)) * width))
     return torch.tensor(taus, dtype=torch.float64)
-
-
-@torch.no_grad()
-def collect_statistics(model: nn.Module, method: str, windows: torch.Tensor, batch_size: int = 8,
-                       sparsities: Iterable[float] = DEFAULT_SPARSITIES, progress: bool = False
-                       ) -> dict[str, torch.Tensor]:
-    """Run the dense model over `windows` ([N, T] token ids) and return the method's per-layer statistics."""
-    _check_method(method)
-    collector = _Collector(model, method)
-    device = next(model.parameters()).device
-    batches = range(0, windows.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc=f"calibrating {method}", unit="batch")
-    try:
-        for start in batches:
-            ids = windows[start:start + batch_size].to(device)
-            collector.count += ids.numel()
-            model.base_model(input_ids=ids, use_cache=False)  # no logits: the statistics end at the last FFN
-    finally:
-        collector.remove()
-    return collector.tensors(sparsities)
 
 
 # ----------------------------------------------------------------------------------------------- the file
@@ -331,7 +183,7 @@ class Calibration:
 def save_calibration(path: str | Path, method: str, model: nn.Module, tensors: dict[str, torch.Tensor],
                      **meta: Any) -> Path:
     """Write `tensors` and the header (method, model identity, `meta`) as one safetensors file."""
-    _check_method(method)
+    check_method(method)
     structure, fingerprint = model_identity(model)
     header = {"format": FORMAT, "version": VERSION, "method": method, "model": structure, **meta}
     out = {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
@@ -362,38 +214,7 @@ def load_calibration(path: str | Path) -> Calibration:
     return Calibration(str(path), meta, tensors)
 
 
-def calibrate(model: nn.Module, tokenizer, method: str, text: Text, out: str | Path,
-              samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
-              sparsities: Iterable[float] = DEFAULT_SPARSITIES, progress: bool = False,
-              windows: torch.Tensor | None = None) -> Calibration:
-    """Calibrate `method` for `model` on `samples` windows of `seq_len` tokens of `text` and write `out`.
-
-    `windows` ([samples, seq_len] ids) replaces the tokenizer (tiny test models have no tokenizer); the text's
-    name and sha256 are recorded either way.
-    """
-    _check_method(method)
-    sparsities = list(sparsities)
-    if method == "threshold" and (not sparsities or not all(0.0 <= s < 1.0 for s in sparsities)):
-        raise ValueError(f"sparsities must be in [0, 1), got {sparsities}")
-    if windows is None:
-        windows = text_windows(tokenizer, text, samples, seq_len)
-    samples, seq_len = windows.shape
-    start = time.perf_counter()
-    tensors = collect_statistics(model, method, windows, batch_size, sparsities, progress)
-    seconds = time.perf_counter() - start
-    meta: dict[str, Any] = {
-        "text": {"name": text.name, "sha256": text.sha256},
-        "samples": samples, "seq_len": seq_len, "tokens": samples * seq_len,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if method == "threshold":
-        meta["sparsities"] = [round(float(s), 6) for s in tensors["sparsities"]]
-    save_calibration(out, method, model, tensors, **meta)
-    return load_calibration(out)
-
-
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"calibration is for methods {list(CALIBRATED_METHODS)}, not {method!r}")
 
@@ -415,8 +236,3 @@ def wanda_scores(parts: FFNParts, x_norm: torch.Tensor, u_norm: torch.Tensor) ->
         score += parts.gate.float().abs() @ x
     score += u_norm.to(device=device, dtype=torch.float32) * parts.down.float().abs().sum(dim=0)
     return score.cpu()
-
-
-__all__ = ["CALIBRATED_METHODS", "Calibration", "CalibrationError", "DEFAULT_SPARSITIES", "calibrate",
-           "check_text_differs", "collect_statistics", "histogram_quantiles",
-           "load_calibration", "model_identity", "save_calibration", "text_windows", "wanda_scores"]

@@ -1,0 +1,227 @@
+"""dartprune's own forward for Llama- and Gemma-family decoders: a preallocated KV cache and the fewest ops a
+step needs, driving the engine directly (no hooks).
+
+`NativeModel.forward(ids, start)` runs any number of tokens from position `start` (the prompt, a teacher-forced
+chunk, a new conversation turn); a decode step is the same call with one token, or the compiled kernel of
+`dartprune.decode.kernel` when it is available. The model's own parameters are read in place: nothing is copied,
+and an attached engine's in-place permutation of the FFN neurons is seen as it happens.
+
+Attention runs in float32 whatever the model's dtype (small matmuls in bfloat16 are several times slower on a
+CPU); the equivalence with Hugging Face's forward is tested in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dartprune.architectures import Decoder, DecoderLayer, FFNParts, get_adapter
+from dartprune.decode.kernel import KernelStep, kernel_applies, library
+from dartprune.engine import Engine
+
+
+def native_supported(model: nn.Module) -> bool:
+    """Whether the native loop runs this model (else Hugging Face `generate` does)."""
+    try:
+        return get_adapter(model).decoder() is not None
+    except ValueError:
+        return False
+
+
+class KVCache:
+    """Keys and values of every layer, [layers, kv_heads, capacity, head_dim] float32, grown by doubling."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, device: torch.device | str):
+        self.k = torch.zeros(layers, kv_heads, capacity, head_dim, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def ensure(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        capacity = max(length, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, :old.shape[2]] = old
+            setattr(self, name, new)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """Hugging Face's RMSNorm of the Llama (offset 0, `w * x`) and Gemma (offset 1, `(1 + w) * x`) families."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (normed * (1.0 + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class NativeModel:
+    """One Hugging Face decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3) run by dartprune's forward, batch 1.
+
+    engine: an `Engine` built on the same model, or None to run it dense."""
+
+    def __init__(self, model: nn.Module, engine: Engine | None = None, capacity: int = 256, kernel: bool = True):
+        adapter = get_adapter(model)
+        decoder = adapter.decoder()
+        if decoder is None:
+            raise ValueError(f"the native decode loop does not run model type {model.config.model_type!r}; "
+                             "use Hugging Face generate (`--loop hf`)")
+        if engine is not None and engine.model is not model:
+            raise ValueError("the engine must be built on the same model")
+        self.model = model
+        self.decoder: Decoder = decoder
+        # the engine's view of the FFNs when it prunes (it may lay the down projections out neuron-major): a
+        # native model lives inside its engine's lifetime
+        self.parts: list[FFNParts] = engine.parts if engine is not None else [adapter.ffn_parts(layer)
+                                                                                 for layer in adapter.layers()]
+        self.engine = engine
+        self.device = decoder.lm_head.device
+        self.dtype = decoder.lm_head.dtype
+        self.cache = KVCache(len(decoder.layers), decoder.kv_heads, decoder.head_dim, capacity, self.device)
+        self._rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rotary_length = 0
+        self.monitored = {layer: j for j, layer in enumerate(engine.monitored)} if engine is not None else {}
+        self.kernel = None
+        if kernel and kernel_applies(self) is None and library() is not None:
+            self.kernel = KernelStep(self)
+
+    # ----------------------------------------------------------------- sequence
+    def reset(self) -> None:
+        """Forget the sequence: the next forward starts a new one at position 0."""
+        self.cache.length = 0
+
+    def rotary(self, end: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The rotary tables for positions [0, end), computed once per length bucket."""
+        if end > self._rotary_length:
+            length = max(end, 2 * self._rotary_length, 256)
+            self._rotary = self.decoder.rotary(torch.arange(length, device=self.device))
+            self._rotary_length = length
+        return self._rotary
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, new_turn: bool = False) -> torch.Tensor:
+        """Logits [tokens, vocab] (float32) of `ids` ([tokens]) fed at the end of the sequence so far; at position
+        0 they start a new sequence (the engine traces them as a prompt). new_turn: the tokens are a new turn of a
+        conversation (traced like a prompt, masks updated)."""
+        ids = ids.reshape(-1).to(self.device)
+        tokens, start = ids.numel(), self.cache.length
+        self.cache.ensure(start + tokens)
+        engine = self.engine
+        step = None
+        if engine is not None:
+            if start == 0:
+                engine.start(1)
+            elif new_turn:
+                engine.new_turn()
+            step = engine.begin_forward(torch.ones(1, tokens, dtype=torch.bool))
+        if self.kernel is not None and tokens == 1 and start > 0 and (
+                step is None or (not step.dense and engine.runs_prefix)):
+            return self._kernel_step(int(ids[0]), start, step)
+        d = self.decoder
+        tables = self.rotary(start + tokens)
+        x = d.embed(ids)                                                     # [T, H], model dtype
+        for i, layer in enumerate(d.layers):
+            cos, sin = (t[start:start + tokens] for t in tables[layer.rope])
+            a = self._attention(i, layer, rms_norm(x, layer.input_norm, d.norm_eps, d.norm_offset), cos, sin, start)
+            if step is not None and i in self.monitored and step.monitor:
+                engine.observe_attention(self.monitored[i], a[None])
+            if layer.post_attention_norm is not None:
+                a = rms_norm(a, layer.post_attention_norm, d.norm_eps, d.norm_offset)
+            x = x + a
+            h = rms_norm(x, layer.ffn_norm, d.norm_eps, d.norm_offset)
+            if step is None or step.dense:
+                y = self._dense_ffn(i, h, x, layer, step)
+            else:
+                y = engine.ffn(i, h)
+                if layer.post_ffn_norm is not None:
+                    y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
+            x = x + y
+        self.cache.length = start + tokens
+        logits = F.linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
+        if d.final_softcap is not None:
+            logits = torch.tanh(logits / d.final_softcap) * d.final_softcap
+        if engine is not None:
+            engine.end_forward()
+        return logits
+
+    def _kernel_step(self, token: int, pos: int, step) -> torch.Tensor:
+        """One token through the compiled step; the engine gets what it would from the PyTorch step."""
+        engine = self.engine
+        keep = engine.keep_counts() if engine is not None else [p.intermediate_size for p in self.parts]
+        monitored = list(engine.monitored) if step is not None and step.monitor else []
+        logits, inputs, attention = self.kernel.run(token, pos, keep, monitored,
+                                                    engine is not None and engine.keeps_ring, torch.get_num_threads())
+        self.cache.length = pos + 1
+        if engine is not None:
+            if inputs is not None:
+                engine.record_inputs(inputs.view(inputs.shape[0], 1, 1, -1))
+            for j in range(len(monitored)):
+                engine.observe_attention(j, attention[j].view(1, 1, -1))
+            engine.end_forward()
+        return logits[None].clone()
+
+    def _dense_ffn(self, i: int, h: torch.Tensor, x: torch.Tensor, layer: DecoderLayer, step) -> torch.Tensor:
+        """The full FFN, reported to the engine when it traces (u, and the residual x and block output f)."""
+        parts = self.parts[i]
+        pre = F.linear(h, parts.up, parts.up_bias)
+        u = parts.act(F.linear(h, parts.gate)) * pre if parts.gated else parts.act(pre)
+        y = F.linear(u, parts.down, parts.down_bias)
+        d = self.decoder
+        if layer.post_ffn_norm is not None:
+            y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
+        if step is not None:
+            self.engine.trace(i, h[None], u[None], x[None] if step.importance else None,
+                              y[None] if step.importance else None)
+        return y
+
+    def _attention(self, i: int, layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   start: int) -> torch.Tensor:
+        d = self.decoder
+        tokens = h.shape[0]
+        q = F.linear(h, layer.q, layer.q_bias).view(tokens, d.heads, d.head_dim)
+        k = F.linear(h, layer.k, layer.k_bias).view(tokens, d.kv_heads, d.head_dim)
+        v = F.linear(h, layer.v, layer.v_bias).view(tokens, d.kv_heads, d.head_dim)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, d.norm_eps, d.norm_offset)
+            k = rms_norm(k, layer.k_norm, d.norm_eps, d.norm_offset)
+        q = _rotate(q.float(), cos[:, None], sin[:, None])
+        k = _rotate(k.float(), cos[:, None], sin[:, None])
+        end = start + tokens
+        cache_k, cache_v = self.cache.k[i], self.cache.v[i]
+        cache_k[:, start:end] = k.transpose(0, 1)
+        cache_v[:, start:end] = v.float().transpose(0, 1)
+        group = d.heads // d.kv_heads
+        queries = q.transpose(0, 1).reshape(d.kv_heads, group * tokens, d.head_dim)   # [kv, group * T, hd]
+        scores = torch.bmm(queries, cache_k[:, :end].transpose(1, 2)) * d.attention_scale
+        if d.attention_softcap is not None:
+            scores = torch.tanh(scores / d.attention_softcap) * d.attention_softcap
+        if tokens > 1 or layer.window is not None:
+            scores = scores.masked_fill(~self._visible(start, tokens, layer.window).repeat(group, 1), -math.inf)
+        out = torch.bmm(scores.softmax(-1), cache_v[:, :end])                          # [kv, group * T, hd]
+        out = out.view(d.heads, tokens, d.head_dim).transpose(0, 1).reshape(tokens, d.heads * d.head_dim)
+        return F.linear(out.to(self.dtype), layer.o, layer.o_bias)
+
+    def _visible(self, start: int, tokens: int, window: int | None) -> torch.Tensor:
+        """[tokens, start + tokens]: query i (position start + i) sees key j."""
+        query = torch.arange(start, start + tokens, device=self.device)[:, None]
+        key = torch.arange(start + tokens, device=self.device)[None]
+        visible = key <= query
+        if window is not None:
+            visible &= query - key < window
+        return visible

@@ -1,0 +1,117 @@
+"""`attach(model, config)`: drive the engine from a Hugging Face model's own forward, so `model.generate` (KV cache,
+sampling, streamers, stopping criteria) works unchanged.
+
+Forward hooks on the model tell the engine where a forward begins and ends; a forward over an empty cache starts
+a new sequence. The FFN modules are stood in for by `FFNTaps` (dense forwards report what they traced; pruned
+forwards call `Engine.ffn`), and the monitored layers' attention modules report their output.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dartprune.engine.config import DartConfig
+from dartprune.engine.engine import Engine, Step
+from dartprune.engine.stats import SequenceStats
+from dartprune.engine.taps import FFNTaps
+
+
+class DartHandle:
+    """Owns the hooks and the engine of one attached model; `detach()` restores the model exactly."""
+
+    def __init__(self, model: nn.Module, config: DartConfig):
+        self.model = model
+        self.config = config
+        self.engine = Engine(model, config)
+        self.taps = FFNTaps(model, self.engine.trace, pruned=self.engine.ffn) if self.engine.prunes else None
+        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                       model.register_forward_hook(self._after_forward, with_kwargs=True)]
+        adapter = self.engine.adapter
+        self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
+                        for j, layer in enumerate(self.engine.monitored)]
+        self._step: Step | None = None
+        model.dartprune_handle = self
+
+    # ----------------------------------------------------------------- public
+    def stats(self) -> list[SequenceStats]:
+        """One `SequenceStats` per row of the current (or last) sequence."""
+        return self.engine.stats()
+
+    def reset(self) -> None:
+        """Forget the current sequence; the next forward over an empty cache starts a new one anyway."""
+        self.engine.reset()
+
+    def new_turn(self) -> None:
+        """Call before `model.generate(..., past_key_values=cache)` continues a conversation with a new user turn:
+        the turn's tokens are traced dense like a prompt and the masks updated from them."""
+        self.engine.new_turn()
+
+    def detach(self) -> None:
+        """Restore the exact original model: its own FFN modules, weights in their order, no hooks, no state."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.taps is not None:
+            self.taps.remove()
+            self.taps = None
+        self.engine.close()
+        self.model.dartprune_handle = None
+
+    def __enter__(self) -> DartHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ----------------------------------------------------------------- hooks
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        reference = ids if ids is not None else kwargs.get("inputs_embeds")
+        if reference is None:
+            raise ValueError("dartprune needs input_ids or inputs_embeds in the forward call")
+        batch, tokens = reference.shape[0], reference.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        mask = kwargs.get("attention_mask")
+        valid = mask[:, -tokens:].bool() if mask is not None and mask.dim() == 2 else torch.ones(
+            batch, tokens, dtype=torch.bool)
+        engine = self.engine
+        if cache is None or cache.get_seq_length() == 0:
+            engine.start(batch)
+            if self.config.prune_prefill and engine.prunes:
+                self._set_taps(engine.begin_forward(valid, trace_only=True))
+                with torch.no_grad():
+                    self.model.base_model(input_ids=ids, inputs_embeds=kwargs.get("inputs_embeds"),
+                                          attention_mask=mask, position_ids=kwargs.get("position_ids"),
+                                          use_cache=False)
+                engine.end_forward(account=False)
+                self._set_taps(engine.begin_forward(valid, replay=True))
+                return
+        self._set_taps(engine.begin_forward(valid))
+
+    def _set_taps(self, step: Step) -> None:
+        self._step = step
+        if self.taps is not None:
+            self.taps.set_mode(step.dense, step.importance)
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._step is not None:
+            self.engine.end_forward()
+            self._step = None
+
+    def _attention(self, j: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._step is not None and self._step.monitor:
+                self.engine.observe_attention(j, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+
+def attach(model: nn.Module, config: DartConfig | None = None, **overrides: Any) -> DartHandle:
+    """Make `model` prune its FFN neurons per sequence, in place; `handle.detach()` restores it exactly."""
+    config = config or DartConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    if getattr(model, "dartprune_handle", None) is not None:
+        raise RuntimeError("dartprune is already attached to this model; detach that handle first")
+    return DartHandle(model, config)

@@ -1,0 +1,500 @@
+"""The DART engine: per-sequence state and the step API a decode loop drives.
+
+A decode loop (Hugging Face `generate` through `attach`, or dartprune's native loop) calls, around every forward:
+
+    engine.start(batch)                  a new sequence (its first forward is the prompt)
+    step = engine.begin_forward(valid)   what this forward must do: run dense and trace, or run pruned
+    ...  for each layer: engine.trace(layer, x, u, h, f) after a dense FFN, or y = engine.ffn(layer, x)
+    ...  for each monitored layer (step.monitor): engine.observe_attention(j, a)
+    engine.end_forward()                 account; build masks; watch drift; re-trace
+
+and may call `new_turn()` before a forward that brings a new conversation turn, `retrace(row)` to force a
+re-trace, `stats()` at any time and `close()` at the end (which puts the weights back exactly as they were).
+
+The engine owns: the method, one `PrefixFFN` per layer (the model's own weights, permuted in place so the kept
+neurons come first), and the sequence (rows, ring buffer). Nothing else holds pruning state.
+"""
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dartprune.architectures import get_adapter
+from dartprune.engine import costs
+from dartprune.engine.budgets import keep_counts, layer_importance, pruning_ratios
+from dartprune.engine.config import ConfigError, DartConfig
+from dartprune.engine.drift import DriftMonitor
+from dartprune.engine.phase import Event, Phase, next_phase
+from dartprune.engine.ring import Ring
+from dartprune.engine.scoring import squared_activations, top_neurons, vocab_prior
+from dartprune.engine.stats import RetraceRecord, SequenceStats
+from dartprune.engine.weights import PrefixFFN, activations, masked_ffn, to_neuron_major, to_row_major
+from dartprune.methods import get_method
+
+_PRIOR_CACHE: weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one forward must do, as `begin_forward` decided it."""
+
+    dense: bool                   # run every FFN dense and report it with `trace`
+    importance: bool              # `trace` needs h and f too (layer budgets are being measured)
+    monitor: tuple[int, ...]      # layers whose attention output to report with `observe_attention`
+    batch: int
+    tokens: int
+
+
+@dataclass
+class _Trace:
+    """What one row has traced since it entered TRACING: per layer sum u^2 (in the layer's current neuron order),
+    layer-importance sums, and the monitored attention outputs (the drift baseline's tokens)."""
+
+    sumsq: dict[int, torch.Tensor] = field(default_factory=dict)
+    importance: dict[int, float] = field(default_factory=dict)
+    tokens: int = 0
+    signal: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Row:
+    """One sequence of the batch."""
+
+    phase: Phase
+    target: int                    # tokens to trace before the masks are (re)built
+    drift: DriftMonitor
+    trace: _Trace = field(default_factory=_Trace)
+    built: bool = False
+    keep: list[int] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    kept: list[torch.Tensor | None] = field(default_factory=list)  # per layer, the mask path's kept ids (a batch of
+    pending: list[int] = field(default_factory=list)  # one reads its prefix instead) / RETRACING: layers to re-score
+    retrace_position: int = 0
+    retrace_seconds: float = 0.0
+    retrace_changed: dict[int, int] = field(default_factory=dict)
+    position: int = 0
+    prompt_tokens: int = 0
+    retraces: list[RetraceRecord] = field(default_factory=list)
+    neurons_total: float = 0.0
+    neurons_executed: float = 0.0
+    flops: dict[str, float] = field(default_factory=lambda: {"tracing": 0.0, "monitoring": 0.0, "retrace": 0.0})
+    dense_flops: float = 0.0
+
+
+def _unit(scores: torch.Tensor) -> torch.Tensor:
+    return scores / scores.norm().clamp_min(1e-12)
+
+
+class Engine:
+    """DART over one model. Build it once per model and configuration; it keeps one sequence at a time."""
+
+    def __init__(self, model: nn.Module, config: DartConfig):
+        self.model = model
+        self.config = config
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.layers()
+        self._down_weights = [self.adapter.down_proj(layer).weight for layer in self.layers]   # keys of the prior cache
+        parts = [self.adapter.ffn_parts(layer) for layer in self.layers]
+        self.sizes = [p.intermediate_size for p in parts]
+        self.method = get_method(config.method)(config, parts, model)
+        # At sparsity 0 nothing prunes: the drivers run the untouched model and only account tokens.
+        self.prunes = self.method.prunes and config.sparsity > 0
+        # down projections laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read
+        # after that, so they are views of the layout in use
+        self._relaid = [w for w in self._down_weights if to_neuron_major(w)] if self.prunes else []
+        self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
+        self.follows_drift = self.prunes and self.method.follows_drift
+        self.per_token = self.prunes and self.method.execution == "per-token"
+        self.hidden = self.parts[0].up.shape[1]
+        self.gated = self.parts[0].gated
+        self.monitored = self._monitored_layers() if self.follows_drift else []
+        self.prefix = [PrefixFFN(p) for p in self.parts] if self.prunes else []
+        layer_params = sum(p.numel() for p in nn.ModuleList(self.layers).parameters())
+        self._dense_per_token = costs.dense_flops_per_token(layer_params, self.adapter.output_embeddings().numel())
+        self.rows: list[_Row] = []
+        self.ring: Ring | None = None
+        self._compact = False
+        self._masks: list[torch.Tensor | None] = []
+        self._step: Step | None = None
+        self._valid = torch.ones(0, 0, dtype=torch.bool)
+        self._signal: list[torch.Tensor | None] = []
+        self._active: dict[int, torch.Tensor] = {}
+        self._turn = False
+        self._replay = False
+
+    # ----------------------------------------------------------------- the step API
+    def start(self, batch: int) -> None:
+        """A new sequence of `batch` rows; its next forward is the prompt, traced dense.
+
+        The weights go back to their original order first, so that a sequence computes the same whatever ran
+        before it (the order of a sum decides its last bits, and a greedy choice or a drift decision can hang on
+        them)."""
+        for prefix in self.prefix:
+            prefix.restore()
+        self.rows = [self._new_row() for _ in range(batch)]
+        self._compact = batch == 1 and self.config.path == "compact" and not self.per_token
+        self._masks = [None] * len(self.layers)
+        self.ring = None
+        if self.follows_drift:
+            dtype, device = self.parts[0].up.dtype, self.parts[0].up.device
+            self.ring = Ring(len(self.layers), len(self.monitored), batch, self.config.ring_size, self.hidden, dtype,
+                             device)
+
+    def new_turn(self) -> None:
+        """The next forward brings a new turn of a conversation: its tokens are traced dense like a prompt, and the
+        masks are rebuilt from them (blended with the earlier scores) and the drift baseline refitted."""
+        self._turn = True
+
+    def begin_forward(self, valid: torch.Tensor, trace_only: bool = False, replay: bool = False) -> Step:
+        """Prepare a forward of `valid.shape[1]` tokens ([batch, tokens] bool, False = padding).
+
+        trace_only: a dense pass that only traces (`prune_prefill`'s first pass); replay: the pruned pass over the
+        same prompt tokens that follows it (not written to the ring, not monitored)."""
+        if len(self.rows) != valid.shape[0]:
+            raise RuntimeError(f"batch size changed from {len(self.rows)} to {valid.shape[0]} inside one sequence; "
+                               "dartprune keeps per-row state and does not follow beam reordering")
+        self._valid = valid.bool().cpu()
+        self._replay = replay
+        if self._turn:
+            self._turn = False
+            for row in self.rows:
+                self._enter_tracing(row, Event.TURN, target=1)
+        batch, tokens = valid.shape
+        dense = not self.prunes or trace_only or any(row.phase is Phase.TRACING for row in self.rows)
+        importance = self.prunes and any(row.phase is Phase.TRACING and not row.built for row in self.rows)
+        self._signal = [None] * len(self.monitored)
+        self._active = {}
+        if self.ring is not None and not replay:
+            self.ring.begin(tokens, self._valid)
+        self._step = Step(dense=dense, importance=importance, monitor=tuple(self.monitored) if not replay else (),
+                          batch=batch, tokens=tokens)
+        return self._step
+
+    def trace(self, layer: int, x: torch.Tensor, u: torch.Tensor | None = None, h: torch.Tensor | None = None,
+              f: torch.Tensor | None = None) -> None:
+        """Report a dense FFN of this forward: its input x and activations u ([batch, tokens, .]), and, when
+        `step.importance`, the residual h entering the FFN block and the block's output f."""
+        step = self._step
+        if self.ring is not None and not self._replay:
+            self.ring.write_x(layer, x.reshape(step.batch, step.tokens, -1))
+        if not self.prunes:
+            return
+        tracing = self._tracing_mask()
+        kind = self.method.trace_kind()
+        if u is not None and kind is not None and tracing.any():
+            sumsq = squared_activations(u.detach().reshape(step.batch, step.tokens, -1), tracing, kind,
+                                        self.config.ema_decay)
+            for b, row in enumerate(self.rows):
+                if tracing[b].any():
+                    previous = row.trace.sumsq.get(layer)
+                    if previous is not None and kind == "ema":
+                        previous.mul_(self.config.ema_decay ** int(tracing[b].sum()))
+                    row.trace.sumsq[layer] = sumsq[b] if previous is None else previous + sumsq[b]
+        if step.importance and h is not None and f is not None:
+            shape = (step.batch, step.tokens, -1)
+            means = layer_importance(h.detach().reshape(shape), f.detach().reshape(shape), tracing,
+                                     self.config.importance)
+            for b, row in enumerate(self.rows):
+                count = int(tracing[b].sum())
+                if count:
+                    row.trace.importance[layer] = row.trace.importance.get(layer, 0.0) + float(means[b]) * count
+
+    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The pruned FFN of this forward on input x (any shape [..., hidden])."""
+        step = self._step
+        if self.ring is not None and not self._replay:
+            self.ring.write_x(layer, x.reshape(step.batch, step.tokens, -1))
+        if self._compact:
+            return self.prefix[layer].forward(x)
+        parts = self.parts[layer]
+        x3 = x.reshape(step.batch, step.tokens, -1)
+        if self.per_token:
+            u = activations(parts, x3)
+            active = self.method.active(layer, u)
+            self._active[layer] = active.sum(dim=-1).cpu()
+            y = nn.functional.linear(u * active, parts.down, parts.down_bias)
+        else:
+            y = masked_ffn(parts, x3, self._masks[layer])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def record_inputs(self, xs: torch.Tensor) -> None:
+        """The FFN inputs of every layer at once ([layers, batch, tokens, hidden]), for a loop that runs the FFNs
+        itself from `keep_counts` (the prefix of each layer's permuted weights)."""
+        if self.ring is not None and not self._replay:
+            self.ring.write_all_x(xs)
+
+    def observe_attention(self, j: int, a: torch.Tensor) -> None:
+        """The output of monitored layer `self.monitored[j]`'s attention block in this forward ([batch, tokens,
+        hidden], after its output projection, before the residual add)."""
+        step = self._step
+        a = a.detach().reshape(step.batch, step.tokens, -1).float()
+        self._signal[j] = a
+        if self.ring is not None and not self._replay:
+            self.ring.write_a(j, a)
+
+    def end_forward(self, account: bool = True) -> None:
+        """After the forward: accounting, masks for rows that finished tracing, drift, re-traces."""
+        step = self._step
+        if account:
+            for b, row in enumerate(self.rows):
+                if row.position == 0:
+                    row.prompt_tokens = int(self._valid[b].sum())
+            self._account(step.dense)
+        if self.ring is not None and not self._replay:
+            self.ring.end()                   # this forward's tokens are the newest in the buffer from here on
+        have_signal = bool(self.monitored) and all(s is not None for s in self._signal)
+        signal = torch.stack(self._signal) if have_signal else None      # [monitored, batch, tokens, hidden]
+        for b, row in enumerate(self.rows):
+            tokens = int(self._valid[b].sum())
+            if row.phase is Phase.TRACING:
+                row.trace.tokens += tokens
+                if signal is not None:
+                    row.trace.signal.append(signal[:, b][:, self._valid[b]])
+                if row.trace.tokens >= row.target:
+                    self._build(b)
+            elif row.phase is Phase.PRUNED and signal is not None and not self._replay:
+                row.flops["monitoring"] += costs.monitoring_flops(tokens, len(self.monitored), self.hidden,
+                                                                  self.config.window)
+                if row.drift.observe(signal[:, b][:, self._valid[b]], row.position):
+                    if self.config.retrace == "dense-steps":
+                        self._enter_tracing(row, Event.DRIFT_DENSE, target=self.config.dense_steps)
+                    else:
+                        self._begin_retrace(row)
+            if row.phase is Phase.RETRACING:
+                self._rescore(b, math.ceil(len(self.layers) / self.config.retrace_spread))
+        self._step = None
+
+    def retrace(self, row: int = 0, now: bool = True) -> RetraceRecord | None:
+        """Re-trace row `row` from its ring buffer as the monitor would: every layer at once (`now`, returning the
+        record), or spread over the next forwards as `retrace_spread` says."""
+        if self.ring is None or not self.rows[row].built:
+            raise RuntimeError("nothing to re-trace: the method does not follow drift, or the sequence has no masks")
+        state = self.rows[row]
+        if state.phase is Phase.RETRACING:          # finish a spread re-trace first
+            self._rescore(row, len(self.layers))
+        self._begin_retrace(state)
+        if not now:
+            return None
+        self._rescore(row, len(self.layers))
+        return state.retraces[-1]
+
+    def _begin_retrace(self, state: _Row) -> None:
+        state.phase = next_phase(state.phase, Event.DRIFT)
+        state.pending = list(range(len(self.layers)))
+        state.retrace_position, state.retrace_seconds, state.retrace_changed = state.position, 0.0, {}
+
+    @property
+    def runs_prefix(self) -> bool:
+        """Pruned forwards of this sequence run each layer over the prefix of its permuted weights (a batch of one
+        on the compact path), so a loop may run them itself from `keep_counts`."""
+        return self._compact
+
+    @property
+    def keeps_ring(self) -> bool:
+        """The method re-traces from a ring buffer of FFN inputs (a loop that runs the FFNs itself passes them to
+        `record_inputs`)."""
+        return self.ring is not None
+
+    def keep_counts(self) -> list[int]:
+        """Neurons each layer runs in a pruned forward of a batch of one (the prefix of its permuted weights)."""
+        return [p.k for p in self.prefix] if self.prunes else list(self.sizes)
+
+    def kept(self, row: int, layer: int) -> torch.Tensor:
+        """Row `row`'s kept neuron ids in `layer`, ascending."""
+        state = self.rows[row]
+        if not state.built or not self.prunes:
+            return torch.arange(self.sizes[layer])
+        return self.prefix[layer].kept() if self._compact else state.kept[layer]
+
+    def scores(self, row: int, layer: int) -> torch.Tensor:
+        """Row `row`'s current neuron scores in `layer`, by neuron id (empty before its masks are built)."""
+        state = self.rows[row]
+        return state.scores[layer] if state.scores else torch.zeros(0)
+
+    def phase(self, row: int = 0) -> Phase:
+        return self.rows[row].phase
+
+    def stats(self) -> list[SequenceStats]:
+        """One `SequenceStats` per row of the current (or last) sequence."""
+        return [self._row_stats(row) for row in self.rows]
+
+    def reset(self) -> None:
+        """Forget the sequence (its statistics too); the next `start` begins a new one."""
+        self.rows = []
+        self.ring = None
+
+    def close(self) -> None:
+        """Forget the sequence and put every weight back in its original order and layout (bit for bit)."""
+        for prefix in self.prefix:
+            prefix.restore()
+        for weight in self._relaid:
+            to_row_major(weight)
+        self._relaid, self.prefix = [], []
+        self.rows = []
+        self.ring = None
+
+    # ----------------------------------------------------------------- rows and phases
+    def _new_row(self) -> _Row:
+        c = self.config
+        drift = DriftMonitor(c.window, c.delta, c.floor, c.trigger_count, c.cooldown)
+        return _Row(phase=Phase.TRACING, target=max(1, c.min_trace_tokens), drift=drift)
+
+    def _enter_tracing(self, row: _Row, event: Event, target: int) -> None:
+        row.phase = next_phase(row.phase, event)
+        row.target = target
+        row.trace = _Trace()
+        row.pending = []
+
+    def _tracing_mask(self) -> torch.Tensor:
+        """[batch, tokens]: valid tokens of the rows that are tracing in this forward."""
+        tracing = torch.tensor([row.phase is Phase.TRACING for row in self.rows])
+        return self._valid & tracing[:, None]
+
+    # ----------------------------------------------------------------- masks
+    @torch.no_grad()
+    def _build(self, b: int) -> None:
+        """The row finished tracing: budgets (first time), scores, kept sets, execution, drift baseline."""
+        row = self.rows[b]
+        trace = row.trace
+        first = not row.built
+        if not self.prunes:
+            row.keep, row.built, row.trace = list(self.sizes), True, _Trace()
+            row.phase = next_phase(row.phase, Event.TRACED)
+            return
+        fresh = [self._trace_scores(i, trace.sumsq.get(i)) for i in range(len(self.layers))]
+        if first:
+            importance = torch.tensor([[trace.importance.get(i, 0.0) / max(1, trace.tokens)
+                                        for i in range(len(self.layers))]])
+            importance = self.method.layer_importance(importance)[0]
+            sparsity = self.config.sparsity if self.prunes else 0.0
+            allocation = self.config.replace(allocation=self.method.allocation_for())
+            row.keep = keep_counts(pruning_ratios(importance, sparsity, allocation), self.sizes)
+            row.scores = fresh
+            row.kept = [None] * len(self.layers)
+            row.flops["tracing"] += costs.tracing_flops(trace.tokens, self.sizes, self.hidden)
+        else:
+            row.scores = [self._blend(old, new) for old, new in zip(row.scores, fresh)]
+        changed = [self._apply(b, i) for i in range(len(self.layers))]
+        if self.monitored:
+            baseline = torch.cat(trace.signal, dim=1) if trace.signal else None
+            if baseline is not None:
+                row.drift.fit(baseline) if first else row.drift.refit(baseline)
+        if not first:
+            row.retraces.append(RetraceRecord(row.position, 0.0, changed))
+        row.built = True
+        row.phase = next_phase(row.phase, Event.TRACED)
+        row.trace = _Trace()
+
+    def _trace_scores(self, layer: int, sumsq: torch.Tensor | None) -> torch.Tensor:
+        """Per-neuron-id scores from a traced sum of squares (in the layer's current neuron order)."""
+        if sumsq is not None and self.prefix:
+            sumsq = self.prefix[layer].to_ids(sumsq)
+        scores = self.method.neuron_scores(layer, sumsq, self.sizes[layer])
+        if self.config.prior is not None:
+            scores = scores * self._prior(layer)
+        return scores
+
+    def _blend(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """A re-trace's scores: the fresh ones, with a share of the old blended in (both unit length first: the
+        old summed over the prompt, the fresh over a few tokens)."""
+        blend = self.config.retrace_blend
+        return (1 - blend) * _unit(new) + blend * _unit(old) if blend else new
+
+    def _apply(self, b: int, layer: int) -> int:
+        """Row b's kept set of `layer` from its scores, into the execution; returns the neurons that entered."""
+        row = self.rows[b]
+        kept = top_neurons(row.scores[layer], row.keep[layer])
+        if self._compact:
+            return self.prefix[layer].keep(kept)
+        previous, row.kept[layer] = row.kept[layer], kept
+        if not self.per_token:
+            if self._masks[layer] is None:
+                self._masks[layer] = torch.ones(len(self.rows), 1, self.sizes[layer], dtype=self.parts[layer].up.dtype,
+                                                device=self.parts[layer].up.device)
+            self._masks[layer][b, 0] = self.prefix[layer].mask(kept, self._masks[layer].dtype).to(
+                self._masks[layer].device)
+        if previous is None:
+            return int(kept.numel())
+        was = torch.zeros(self.sizes[layer], dtype=torch.bool)
+        was[previous] = True
+        return int((~was[kept]).sum())
+
+    def _prior(self, layer: int) -> torch.Tensor:
+        """Computed once per model weight and kind, kept while the model lives (in neuron-id order: computed
+        before any permutation, when the engine is built)."""
+        cached = _PRIOR_CACHE.setdefault(self._down_weights[layer], {})
+        if self.config.prior not in cached:
+            cached[self.config.prior] = vocab_prior(self.prefix[layer].to_ids(self.parts[layer].down)
+                                                    if self.prefix else self.parts[layer].down,
+                                                    self.adapter.output_embeddings(), self.config.prior)
+        return cached[self.config.prior]
+
+    # ----------------------------------------------------------------- re-trace from the ring
+    @torch.no_grad()
+    def _rescore(self, b: int, count: int) -> None:
+        """Re-score up to `count` of row b's pending layers from the ring buffer; when none is left, the row's
+        drift baseline is refitted from the buffer and the re-trace recorded."""
+        row = self.rows[b]
+        start = time.perf_counter()
+        order = self.ring.order(b)
+        tokens = order.numel()
+        kind = self.method.trace_kind()
+        valid = torch.ones(1, tokens, dtype=torch.bool)
+        layers, row.pending = row.pending[:count], row.pending[count:]
+        for i in layers:
+            x = self.ring.x[i, b].index_select(0, order.to(self.ring.x.device))
+            sumsq = squared_activations(activations(self.parts[i], x)[None], valid, kind, self.config.ema_decay)[0]
+            row.scores[i] = self._blend(row.scores[i], self._trace_scores(i, sumsq))
+            row.retrace_changed[i] = self._apply(b, i)
+        row.flops["retrace"] += costs.retrace_flops(tokens, [self.sizes[i] for i in layers], self.hidden, self.gated)
+        row.retrace_seconds += time.perf_counter() - start
+        if not row.pending:
+            if self.monitored:
+                row.drift.refit(self.ring.a[:, b].index_select(1, order.to(self.ring.a.device)))
+            changed = [row.retrace_changed.get(i, 0) for i in range(len(self.layers))]
+            row.retraces.append(RetraceRecord(row.retrace_position, row.retrace_seconds, changed))
+            row.phase = next_phase(row.phase, Event.RESCORED)
+
+    # ----------------------------------------------------------------- accounting
+    def _account(self, dense: bool) -> None:
+        active = None
+        if self._active and not dense:  # per-token execution: count the neurons that really ran
+            per_token = torch.stack(list(self._active.values())).sum(dim=0)
+            per_token = per_token + sum(s for i, s in enumerate(self.sizes) if i not in self._active)
+            active = (per_token * self._valid).sum(dim=1).tolist()
+        total = sum(self.sizes)
+        for b, row in enumerate(self.rows):
+            tokens = int(self._valid[b].sum())
+            row.position += tokens
+            row.dense_flops += tokens * self._dense_per_token
+            row.neurons_total += tokens * total
+            if active is not None:
+                row.neurons_executed += active[b]
+            elif dense or not row.built:
+                row.neurons_executed += tokens * total
+            else:
+                row.neurons_executed += tokens * sum(row.keep)
+
+    def _row_stats(self, row: _Row) -> SequenceStats:
+        keep = row.keep or list(self.sizes)
+        state = costs.state_bytes(self.sizes, self.hidden, self.config.ring_size, len(self.monitored),
+                                  self.config.window, self.parts[0].up.element_size(), self.ring is not None)
+        return SequenceStats(
+            method=self.config.method, sparsity=self.config.sparsity, tokens=row.position,
+            prompt_tokens=row.prompt_tokens, keep_counts=list(keep), intermediate_sizes=list(self.sizes),
+            retraces=list(row.retraces), windows=list(row.drift.records),
+            executed_sparsity=1 - row.neurons_executed / row.neurons_total if row.neurons_total else 0.0,
+            state_bytes=state["total"] if self.prunes else 0, overhead_flops=dict(row.flops),
+            dense_flops=row.dense_flops, retrace_seconds=sum(r.seconds for r in row.retraces))
+
+    def _monitored_layers(self) -> list[int]:
+        count = len(self.layers)
+        for layer in self.config.monitored_layers:
+            if not -count <= layer < count:
+                raise ConfigError(f"monitored layer {layer} is out of range for a model with {count} layers")
+        return sorted({layer % count for layer in self.config.monitored_layers})

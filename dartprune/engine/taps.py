@@ -1,0 +1,102 @@
+"""Seeing what a Hugging Face model's FFNs do, for tracing (the engine) and calibration, through one mechanism.
+
+`FFNTaps` stands a small module in for each layer's FFN. In a dense forward it runs the original module and
+reports (layer, x, u, h, f): x the FFN's input, u its activations (the down projection's input, read by a forward
+pre-hook), h the residual stream entering the FFN block (its norm's input, a pre-hook too) and f the block's
+output (after the post-FFN norm where a family has one). In a pruned forward it calls `pruned(layer, x)` instead
+and nothing is read: the hooks are only installed while dense forwards run.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dartprune.architectures import get_adapter
+
+Report = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], None]
+
+
+class TappedFFN(nn.Module):
+    """Stands in for one layer's FFN module (the original stays its child and runs unchanged when dense)."""
+
+    def __init__(self, index: int, original: nn.Module, taps: FFNTaps):
+        super().__init__()
+        self.index = index
+        self.original = original
+        self._taps = [taps]      # a list, so the taps are not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = self._taps[0]
+        if not taps.dense:
+            return taps.pruned(self.index, x)
+        y = self.original(x)
+        taps.observed(self.index, x, y)
+        return y
+
+
+class FFNTaps:
+    """Installed on a model until `remove()`; `dense` says which kind of forward comes next."""
+
+    def __init__(self, model: nn.Module, report: Report,
+                 pruned: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.layers()
+        self.report = report
+        self.pruned = pruned
+        self.dense = True
+        self.want_h = True
+        self._u: dict[int, torch.Tensor] = {}
+        self._h: dict[int, torch.Tensor] = {}
+        self._hooks: list = []
+        # looked up before the stand-ins replace the FFN modules (adapters find them through the FFN module)
+        self.originals = [self.adapter.ffn(layer) for layer in self.layers]
+        self._downs = [self.adapter.down_proj(layer) for layer in self.layers]
+        self._norms = [self.adapter.ffn_input_norm(layer) for layer in self.layers]
+        self._out_norms = [self.adapter.ffn_output_norm(layer) for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            self.adapter.set_ffn(layer, TappedFFN(i, self.originals[i], self))
+        self.set_mode(dense=True, want_h=True)
+
+    def set_mode(self, dense: bool, want_h: bool = False) -> None:
+        """Dense forwards read u (and h when `want_h`); pruned forwards read nothing."""
+        if (dense, want_h) == (self.dense, self.want_h) and (self._hooks or not dense):
+            return
+        self._remove_hooks()
+        self.dense, self.want_h = dense, want_h
+        if not dense:
+            return
+        for i in range(len(self.layers)):
+            self._hooks.append(self._downs[i].register_forward_pre_hook(self._keep(self._u, i)))
+            norm = self._norms[i]
+            if want_h and norm is not None:
+                self._hooks.append(norm.register_forward_pre_hook(self._keep(self._h, i)))
+
+    def observed(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        u = self._u.pop(index, None)
+        h = f = None
+        if self.want_h:
+            h = self._h.pop(index, x)            # families without an FFN input norm: the input is h
+            norm = self._out_norms[index]
+            f = norm(y) if norm is not None else y
+        self.report(index, x, u, h, f)
+
+    @staticmethod
+    def _keep(store: dict[int, torch.Tensor], index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            store[index] = args[0].detach()
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._u.clear()
+        self._h.clear()
+
+    def remove(self) -> None:
+        """The model's own FFN modules back, no hooks."""
+        self._remove_hooks()
+        for layer, original in zip(self.layers, self.originals):
+            self.adapter.set_ffn(layer, original)

@@ -1,0 +1,237 @@
+"""The native decode loop: equal to Hugging Face's forward and generate, dense and pruned, with and without the
+compiled step; sampling, streaming, stop strings and EOS."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dartprune
+from dartprune import DartConfig
+from dartprune.decode import kernel as kernel_module
+from dartprune.decode.generate import Generator, SamplingParams, TextStream, sample
+from dartprune.decode.model import NativeModel, native_supported
+from dartprune.engine import Engine
+from tests.helpers import teacher_forced_logits
+from tests.tiny_models import CONFIGS, FAMILIES, random_ids, tiny_model, tiny_tokenizer
+
+NATIVE = ["gemma", "gemma2", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"]
+HAIR_TRIGGER = dict(floor=0.0, delta=0.0, trigger_count=1, cooldown=0)   # re-traces at almost every window
+
+
+def native_logits(native: NativeModel, ids: torch.Tensor, prefix: int, chunk: int = 1) -> torch.Tensor:
+    """The prefix as one forward, then `chunk` tokens at a time: every position's logits."""
+    out = [native.forward(ids[:prefix])]
+    for start in range(prefix, ids.numel(), chunk):
+        out.append(native.forward(ids[start:start + chunk]))
+    return torch.cat(out)
+
+
+def windowed(family: str, window: int = 4) -> torch.nn.Module:
+    config = copy.deepcopy(CONFIGS[family])
+    config.sliding_window = window
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def test_native_loop_covers_the_llama_and_gemma_families_only():
+    assert sorted(f for f in FAMILIES if native_supported(tiny_model(f))) == NATIVE
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize("family", NATIVE)
+def test_native_forward_equals_hugging_face(family, kernel):
+    model = tiny_model(family)
+    ids = random_ids(1, 30, seed=1)[0]
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]
+    native = NativeModel(model, kernel=kernel)
+    assert (native.kernel is not None) == (kernel and kernel_module.library() is not None)
+    assert (native_logits(native, ids, 12, chunk=1) - reference).abs().max() <= 1e-4
+    native.reset()
+    assert (native_logits(native, ids, 5, chunk=4) - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+def test_sliding_window_attention_equals_hugging_face(family):
+    model = windowed(family)
+    ids = random_ids(1, 24, seed=2)[0]
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]
+    native = NativeModel(model)
+    assert any(layer.window == 4 for layer in native.decoder.layers)
+    assert (native_logits(native, ids, 10) - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_pruned_native_loop_equals_attach_with_hugging_face(family, kernel):
+    """The engine driven by the native loop and by Hugging Face hooks computes the same logits and re-traces at
+    the same positions (one engine, two drivers)."""
+    model = tiny_model(family)
+    ids = random_ids(1, 60, seed=3)[0]
+    config = DartConfig(sparsity=0.6, **HAIR_TRIGGER)
+    with dartprune.attach(model, config) as handle:
+        reference = teacher_forced_logits(model, ids[None], prefix=16)[0]
+        expected = handle.stats()[0]
+    engine = Engine(model, config)
+    native = NativeModel(model, engine, kernel=kernel)
+    ours = native_logits(native, ids, 16)
+    stats = engine.stats()[0]
+    engine.close()
+    assert (ours - reference).abs().max() <= 1e-4
+    assert stats.retrace_positions == expected.retrace_positions and stats.retrace_count >= 3
+    assert stats.keep_counts == expected.keep_counts
+    assert stats.executed_sparsity == pytest.approx(expected.executed_sparsity)
+
+
+def test_native_generation_equals_hugging_face_generate_on_smollm2(smollm2):
+    """Greedy, dense: the same 64 tokens as `model.generate`."""
+    model, tokenizer = smollm2
+    ids = tokenizer("The history of the printing press", return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        expected = model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+                                  max_new_tokens=64, min_new_tokens=64, do_sample=False, temperature=None,
+                                  top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)[0, ids.numel():]
+    with Generator(model, tokenizer, loop="native") as generator:
+        result = generator.generate(ids, SamplingParams(max_new_tokens=64, ignore_eos=True))
+    assert result.tokens == expected.tolist() and result.finish_reason == "length"
+
+
+def test_generator_picks_its_loop_and_other_families_use_hugging_face():
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor(tokenizer("the harbour").input_ids)
+    for family, loop in (("llama", "native"), ("gpt2", "hf")):
+        model = tiny_model(family)
+        with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+            result = generator.generate(ids, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        assert generator.loop == loop and len(result.tokens) == 12
+        assert result.stats.tokens == ids.numel() + 11 and result.stats.keep_counts != [96] * 4
+    with pytest.raises(ValueError, match="--loop hf"):
+        Generator(tiny_model("gpt2"), tokenizer, loop="native")
+
+
+def test_native_and_hf_loops_generate_the_same_pruned_tokens():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    ids = torch.tensor(tokenizer("the light on the water").input_ids)
+    outputs = []
+    for loop in ("native", "hf"):
+        with Generator(model, tokenizer, DartConfig(sparsity=0.5), loop=loop) as generator:
+            outputs.append(generator.generate(ids, SamplingParams(max_new_tokens=30, ignore_eos=True)))
+    assert outputs[0].tokens == outputs[1].tokens
+    assert outputs[0].stats.retrace_positions == outputs[1].stats.retrace_positions
+
+
+def test_sampling_is_seeded_and_filters_follow_their_definitions():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 3.0])
+    assert sample(logits, SamplingParams(), None) == 4
+    draws = [sample(logits, SamplingParams(temperature=1.0, seed=0), torch.Generator().manual_seed(0))
+             for _ in range(3)]
+    assert len(set(draws)) == 1                                          # the same generator seed, the same draw
+    top1 = SamplingParams(temperature=5.0, top_k=1)
+    assert {sample(logits, top1, torch.Generator().manual_seed(s)) for s in range(20)} == {4}
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5)                 # p(4) = 0.63 alone reaches 0.5
+    assert {sample(logits, nucleus, torch.Generator().manual_seed(s)) for s in range(20)} == {4}
+    wide = SamplingParams(temperature=1.0, top_p=0.9)
+    assert len({sample(logits, wide, torch.Generator().manual_seed(s)) for s in range(60)}) >= 2
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_new_tokens=0), dict(stop=("",))):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen2")
+    ids = torch.tensor(tokenizer("the harbour").input_ids)
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+        runs = [generator.generate(ids, SamplingParams(max_new_tokens=20, temperature=1.0, seed=s, ignore_eos=True))
+                for s in (1, 1, 2)]
+    assert runs[0].tokens == runs[1].tokens != runs[2].tokens
+
+
+class Tokens:
+    """A tokenizer stand-in whose tokens are characters (decode joins them)."""
+
+    eos_token_id = None
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(chr(t) for t in tokens)
+
+
+def test_text_stream_holds_back_possible_stop_strings_and_cuts_at_them():
+    sent = []
+    stream = TextStream(Tokens(), ["###", "END"], sent.append)
+    for char in "Hello #":
+        assert not stream.add(ord(char))
+    assert "".join(sent) == "Hello"                              # " #" could start "###": held back
+    assert not stream.add(ord("#"))
+    assert stream.add(ord("#"))                                  # "###" appeared
+    assert stream.text == "Hello " and "".join(sent) == "Hello "
+    stream = TextStream(Tokens(), [], sent.clear() or sent.append)
+    for char in "ab\ufffd":
+        stream.add(ord(char))
+    assert "".join(sent) == "ab"                                 # an incomplete character waits
+    stream.finish()
+    assert "".join(sent) == "ab\ufffd"
+
+
+def test_generation_stops_at_eos_and_at_stop_strings():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    ids = torch.tensor(tokenizer("the harbour").input_ids)
+    with Generator(model, tokenizer) as generator:
+        free = generator.generate(ids, SamplingParams(max_new_tokens=40, ignore_eos=True))
+        text = free.text
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        stopped = generator.generate(ids, SamplingParams(max_new_tokens=40, stop=(stop,), ignore_eos=True))
+        first_new = next(j for j in range(1, 40) if free.tokens[j] not in free.tokens[:j])
+        generator.eos = {free.tokens[first_new]}
+        ended = generator.generate(ids, SamplingParams(max_new_tokens=40))
+    assert stopped.finish_reason == "stop" and stopped.text == text[:text.find(stop)]
+    assert ended.finish_reason == "eos" and ended.tokens == free.tokens[:first_new]
+    assert free.finish_reason == "length" and len(free.tokens) == 40
+
+
+def test_generation_refuses_what_does_not_fit_the_context():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    with Generator(model, tokenizer) as generator, pytest.raises(ValueError, match="context of 4096"):
+        generator.generate(torch.ones(4090, dtype=torch.long), SamplingParams(max_new_tokens=10))
+
+
+def test_without_the_kernel_the_pytorch_step_runs(monkeypatch):
+    monkeypatch.setattr("dartprune.decode.model.library", lambda: None)
+    model = tiny_model("llama")
+    native = NativeModel(model)
+    assert native.kernel is None
+    ids = random_ids(1, 10)[0]
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]
+    assert (native_logits(native, ids, 4) - reference).abs().max() <= 1e-4
+
+
+def test_kernel_refuses_a_position_outside_the_cache():
+    native = NativeModel(tiny_model("llama"), capacity=8)
+    if native.kernel is None:
+        pytest.skip(f"no compiled step here: {kernel_module.unavailable_reason()}")
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.kernel.run(3, 8, [96] * 4, [], False, 1)
+
+
+def test_engine_lays_down_projections_out_neuron_major_and_restores_them():
+    model = tiny_model("llama")
+    down = model.model.layers[0].mlp.down_proj.weight
+    before = down.detach().clone()
+    assert down.is_contiguous()
+    engine = Engine(model, DartConfig(sparsity=0.5))
+    assert down.t().is_contiguous() and torch.equal(down, before)
+    engine.close()
+    assert down.is_contiguous() and torch.equal(down, before)
