@@ -70,20 +70,21 @@ def test_sliding_window_attention_equals_hugging_face(family):
     assert (native_logits(native, ids, 10) - reference).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("chunk", [1, 5])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
-def test_pruned_native_loop_equals_attach_with_hugging_face(family, kernel):
+def test_pruned_native_loop_equals_attach_with_hugging_face(family, kernel, chunk):
     """The engine driven by the native loop and by Hugging Face hooks computes the same logits and re-traces at
-    the same positions (one engine, two drivers)."""
+    the same positions (one engine, two drivers), token by token and in teacher-forced chunks."""
     model = tiny_model(family)
     ids = random_ids(1, 60, seed=3)[0]
     config = DartConfig(sparsity=0.6, **HAIR_TRIGGER)
     with dartprune.attach(model, config) as handle:
-        reference = teacher_forced_logits(model, ids[None], prefix=16)[0]
+        reference = teacher_forced_logits(model, ids[None], prefix=16, chunk=chunk)[0]
         expected = handle.stats()[0]
     engine = Engine(model, config)
     native = NativeModel(model, engine, kernel=kernel)
-    ours = native_logits(native, ids, 16)
+    ours = native_logits(native, ids, 16, chunk=chunk)
     stats = engine.stats()[0]
     engine.close()
     assert (ours - reference).abs().max() <= 1e-4
@@ -219,11 +220,13 @@ def test_without_the_kernel_the_pytorch_step_runs(monkeypatch):
 
 
 def test_kernel_refuses_a_position_outside_the_cache():
-    native = NativeModel(tiny_model("llama"), capacity=8)
+    native = NativeModel(tiny_model("llama"), capacity=32)
     if native.kernel is None:
         pytest.skip(f"no compiled step here: {kernel_module.unavailable_reason()}")
     with pytest.raises(ValueError, match="outside the cache"):
-        native.kernel.run(3, 8, [96] * 4, [], False, 1)
+        native.kernel.run([3], 32, [96] * 4, [], False, 1)
+    with pytest.raises(ValueError, match="takes 1 to"):
+        native.kernel.run([3] * (native.kernel.max_tokens + 1), 1, [96] * 4, [], False, 1)
 
 
 def test_engine_lays_down_projections_out_neuron_major_and_restores_them():

@@ -98,8 +98,10 @@ def library() -> ctypes.CDLL | None:
     lib.dart_scratch_floats.restype = ctypes.c_long
     lib.dart_scratch_floats.argtypes = [ctypes.POINTER(_Model)]
     lib.dart_bind_scratch.argtypes = [ctypes.POINTER(_Model), _P]
-    lib.dart_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int, _P, _P, ctypes.POINTER(ctypes.c_int),
-                              ctypes.c_int, _P, ctypes.c_int]
+    lib.dart_max_tokens.restype = ctypes.c_long
+    lib.dart_forward.restype = ctypes.c_int
+    lib.dart_forward.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int,
+                                 _P, _P, ctypes.POINTER(ctypes.c_int), ctypes.c_int, _P, ctypes.c_int]
     _LIBRARY = lib
     return lib
 
@@ -164,8 +166,7 @@ class KernelStep:
             target.keep = parts.intermediate_size
         m.layer = self.layers
         m.max_threads = max(1, os.cpu_count() or 1)
-        self.logits = torch.empty(m.vocab)
-        self.inputs = torch.empty(m.layers, m.hidden)
+        self.max_tokens = int(self.lib.dart_max_tokens())
         self._bound = (None, None, None)
 
     def _bind(self) -> None:
@@ -184,18 +185,28 @@ class KernelStep:
         self.lib.dart_bind_scratch(ctypes.byref(m), _ptr(self.scratch))
         self._bound = bound
 
-    def run(self, token: int, pos: int, keep: list[int], monitored: list[int], want_inputs: bool,
+    def run(self, tokens: list[int], start: int, keep: list[int], monitored: list[int], want_inputs: bool,
             threads: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Logits [vocab], FFN inputs [layers, hidden] (when wanted) and the monitored layers' attention outputs
-        [len(monitored), hidden] of one token. The cache must already hold room for position `pos`."""
-        if not 0 < pos < self.native.cache.capacity:
-            raise ValueError(f"position {pos} is outside the cache (capacity {self.native.cache.capacity})")
+        """Logits [T, vocab], FFN inputs [layers, T, hidden] (when wanted) and the monitored layers' attention
+        outputs [len(monitored), T, hidden] of T <= max_tokens tokens at positions start.. (the cache must already
+        hold room for them)."""
+        count = len(tokens)
+        if not (0 < start and start + count <= self.native.cache.capacity):
+            raise ValueError(f"positions {start}..{start + count - 1} are outside the cache (capacity "
+                             f"{self.native.cache.capacity})")
+        if not 1 <= count <= self.max_tokens:
+            raise ValueError(f"the compiled forward takes 1 to {self.max_tokens} tokens, not {count}")
         self._bind()
         for i, k in enumerate(keep):
             self.layers[i].keep = k
-        attention = torch.empty(len(monitored), self.model.hidden) if monitored else None
+        m = self.model
+        logits = torch.empty(count, m.vocab)
+        inputs = torch.empty(m.layers, count, m.hidden) if want_inputs else None
+        attention = torch.empty(len(monitored), count, m.hidden) if monitored else None
         layers = (ctypes.c_int * len(monitored))(*monitored) if monitored else None
-        self.lib.dart_step(ctypes.byref(self.model), token, pos, _ptr(self.logits),
-                           _ptr(self.inputs) if want_inputs else None, layers, len(monitored),
-                           _ptr(attention) if attention is not None else None, threads)
-        return self.logits, (self.inputs if want_inputs else None), attention
+        ids = (ctypes.c_int * count)(*tokens)
+        status = self.lib.dart_forward(ctypes.byref(m), ids, count, start, _ptr(logits), _ptr(inputs), layers,
+                                       len(monitored), _ptr(attention), threads)
+        if status != 0:
+            raise RuntimeError("the compiled forward refused its arguments")
+        return logits, inputs, attention

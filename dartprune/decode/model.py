@@ -130,9 +130,9 @@ class NativeModel:
             elif new_turn:
                 engine.new_turn()
             step = engine.begin_forward(torch.ones(1, tokens, dtype=torch.bool))
-        if self.kernel is not None and tokens == 1 and start > 0 and (
+        if self.kernel is not None and tokens <= self.kernel.max_tokens and start > 0 and (
                 step is None or (not step.dense and engine.runs_prefix)):
-            return self._kernel_step(int(ids[0]), start, step)
+            return self._kernel_forward(ids.tolist(), start, step)
         d = self.decoder
         tables = self.rotary(start + tokens)
         x = d.embed(ids)                                                     # [T, H], model dtype
@@ -160,21 +160,21 @@ class NativeModel:
             engine.end_forward()
         return logits
 
-    def _kernel_step(self, token: int, pos: int, step) -> torch.Tensor:
-        """One token through the compiled step; the engine gets what it would from the PyTorch step."""
+    def _kernel_forward(self, tokens: list[int], start: int, step) -> torch.Tensor:
+        """A few tokens through the compiled forward; the engine gets what it would from the PyTorch one."""
         engine = self.engine
         keep = engine.keep_counts() if engine is not None else [p.intermediate_size for p in self.parts]
         monitored = list(engine.monitored) if step is not None and step.monitor else []
-        logits, inputs, attention = self.kernel.run(token, pos, keep, monitored,
+        logits, inputs, attention = self.kernel.run(tokens, start, keep, monitored,
                                                     engine is not None and engine.keeps_ring, torch.get_num_threads())
-        self.cache.length = pos + 1
+        self.cache.length = start + len(tokens)
         if engine is not None:
             if inputs is not None:
-                engine.record_inputs(inputs.view(inputs.shape[0], 1, 1, -1))
+                engine.record_inputs(inputs[:, None])
             for j in range(len(monitored)):
-                engine.observe_attention(j, attention[j].view(1, 1, -1))
+                engine.observe_attention(j, attention[j][None])
             engine.end_forward()
-        return logits[None].clone()
+        return logits
 
     def _dense_ffn(self, i: int, h: torch.Tensor, x: torch.Tensor, layer: DecoderLayer, step) -> torch.Tensor:
         """The full FFN, reported to the engine when it traces (u, and the residual x and block output f)."""
