@@ -15,7 +15,7 @@ from dartprune import DartConfig, attach
 from dartprune.cli.main import main as cli_main
 from dartprune.evaluation import EvalSettings, run_evaluation
 from dartprune.evaluation.core import (
-    MethodSpec, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs,
+    MethodSpec, Session, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs,
 )
 from dartprune.provenance import versions
 from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, load_text, mc_items
@@ -63,27 +63,35 @@ def check_recorded(result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- protocol
-def test_teacher_forced_dense_equals_plain_forward(tiny):
-    model, _, _ = tiny
+@pytest.mark.parametrize("loop", ["native", "hf"])
+def test_teacher_forced_dense_equals_plain_forward(tiny, loop):
+    model, tokenizer, _ = tiny
     ids = torch.randint(3, VOCAB, (70,), generator=torch.Generator().manual_seed(0))
     for traced, chunk in ((20, 5), (1, 3), (0, 5)):
-        with attach(model, DartConfig(method="dense")):
-            scored = teacher_forced_logprobs(model, ids, traced, chunk)
+        with Session(model, tokenizer, DartConfig(method="dense"), loop) as session:
+            scored = session.score(ids, traced, chunk)
         reference = dense_reference_logprobs(model, ids, traced)
         assert scored.logprobs.shape == (70 - traced - 1,)
         assert torch.allclose(scored.logprobs, reference, atol=1e-4, rtol=0)
 
 
-def test_teacher_forced_prunes_every_scored_token(tiny):
-    """Under a pruned method the first scored token already differs from dense: it comes from a pruned forward."""
-    model, _, _ = tiny
+def test_teacher_forced_prunes_every_scored_token_in_both_loops_alike(tiny):
+    """Under a pruned method the first scored token already differs from dense: it comes from a pruned forward;
+    the native loop and Hugging Face with the engine attached score alike."""
+    model, tokenizer, _ = tiny
     ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(1))
-    with attach(model, DartConfig(method="static", sparsity=0.7)) as handle:
-        scored = teacher_forced_logprobs(model, ids, 20, 5)
-        stats = handle.stats()[0]
-    assert stats.prompt_tokens == 20 and stats.tokens == 39
+    scored = {}
+    for loop in ("native", "hf"):
+        with Session(model, tokenizer, DartConfig(method="dart", sparsity=0.7, window=3), loop) as session:
+            scored[loop] = session.score(ids, 20, 3)
+            stats = session.stats()[0]
+        assert stats.prompt_tokens == 20 and stats.tokens == 39
     dense = dense_reference_logprobs(model, ids, 20)
-    assert not torch.isclose(scored.logprobs[0], dense[0], atol=1e-4)
+    assert not torch.isclose(scored["native"].logprobs[0], dense[0], atol=1e-4)
+    assert torch.allclose(scored["native"].logprobs, scored["hf"].logprobs, atol=1e-4)
+    with attach(model, DartConfig(method="dart", sparsity=0.7, window=3)):
+        direct = teacher_forced_logprobs(model, ids, 20, 3)
+    assert torch.allclose(direct.logprobs, scored["hf"].logprobs, atol=1e-6)
 
 
 def test_method_specs_dense_once_and_unknown_method():
@@ -102,8 +110,8 @@ def test_ppl_dense_matches_direct_computation(tiny):
     task = Perplexity(settings, model, tokenizer, versions())
     task.prepare()
     assert len(task.windows) == 2 and all(len(w) == 64 for w in task.windows)
-    with attach(model, DartConfig(method="dense")) as handle:
-        [result] = task.evaluate(spec("dense", 0.0), handle)
+    with Session(model, tokenizer, DartConfig(method="dense")) as session:
+        [result] = task.evaluate(spec("dense", 0.0), session)
     nll = torch.cat([-dense_reference_logprobs(model, w, 16) for w in task.windows])
     assert result.metrics["scored_tokens"] == nll.numel() == 2 * (64 - 17)
     assert math.log(result.metrics["ppl"]) == pytest.approx(float(nll.mean()), abs=1e-4)
@@ -119,8 +127,8 @@ def test_drift_splits_a_and_b_at_the_switch(tiny):
     task.prepare()
     [(name, ids, switch)] = task.sequences
     assert name == "harbour->orbits" and switch == 16 + 24 and len(ids) == 16 + 48
-    with attach(model, DartConfig(method="dense")) as handle:
-        [result] = task.evaluate(spec("dense", 0.0), handle)
+    with Session(model, tokenizer, DartConfig(method="dense")) as session:
+        [result] = task.evaluate(spec("dense", 0.0), session)
     lp = dense_reference_logprobs(model, ids, 16)
     split = switch - 17
     assert math.log(result.metrics["ppl_a"]) == pytest.approx(-float(lp[:split].mean()), abs=1e-4)
@@ -212,9 +220,9 @@ def test_mc_mask_is_traced_from_the_context_only(tiny, method):
                   [("Question: what did she see in the garden?\nAnswer:", c) for c in
                    (" a cat", " the big dog ran far away, and then came back home", " x")])
     kept: dict[int, list[torch.Tensor]] = {}
-    with attach(model, DartConfig(method=method, sparsity=0.5, window=3)) as handle:
-        lls = score_item(model, tokenizer, item, 3, on_traced=lambda c: kept.__setitem__(
-            c, [handle.engine.kept(0, layer) for layer in range(len(handle.engine.layers))]))
+    with Session(model, tokenizer, DartConfig(method=method, sparsity=0.5, window=3)) as session:
+        lls = score_item(session, tokenizer, item, 3, on_traced=lambda c: kept.__setitem__(
+            c, [session.engine.kept(0, layer) for layer in range(len(session.engine.layers))]))
     assert len(lls) == 3 and sorted(kept) == [0, 1, 2]
     for layer in range(len(kept[0])):
         assert torch.equal(kept[0][layer], kept[1][layer]) and torch.equal(kept[0][layer], kept[2][layer])
@@ -224,8 +232,8 @@ def test_mc_mask_is_traced_from_the_context_only(tiny, method):
 def test_mc_dense_scores_match_plain_forward(tiny):
     model, tokenizer, _ = tiny
     item = load_mc("copa", 1, MINI)[0]
-    with attach(model, DartConfig(method="dense")):
-        lls = score_item(model, tokenizer, item, 5)
+    with Session(model, tokenizer, DartConfig(method="dense")) as session:
+        lls = score_item(session, tokenizer, item, 5)
     for ll, (context, continuation) in zip(lls, item.pairs):
         ctx, cont = encode_pair(tokenizer, context, continuation)
         assert ll == pytest.approx(float(dense_reference_logprobs(model, ctx + cont, len(ctx) - 1).sum()), abs=1e-4)
@@ -325,9 +333,9 @@ def test_lm_eval_backend_local_copa(tiny, tmp_path, monkeypatch, lm_eval_backend
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert len(samples) == 2
     model = tiny_model("llama")  # a fresh copy: the backend loaded its own from the folder
-    with attach(model, DartConfig(method="dart", sparsity=0.5, window=4)):
+    with Session(model, tokenizer, DartConfig(method="dart", sparsity=0.5, window=4), "hf") as session:
         for sample, item in zip(sorted(samples, key=lambda s: s["doc_id"]), load_mc("copa", 2, MINI)):
-            ours = score_item(model, tokenizer, item, 4)
+            ours = score_item(session, tokenizer, item, 4)
             theirs = [float(r[0][0]) for r in sample["resps"]]
             assert theirs == pytest.approx(ours, abs=1e-4)
 

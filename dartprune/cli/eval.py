@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="xsum / cnn_dailymail: another jsonl in the local layout (docs/data.md), e.g. xsum=my.jsonl")
     p.add_argument("--topic-tokens", type=int, default=d.topic_tokens, help="topics: tokens generated per prompt")
     p.add_argument("--chat", default=d.chat, choices=["auto", "yes", "no"], help="topics: use the chat template")
+    p.add_argument("--loop", default=d.loop, choices=["auto", "native", "hf"],
+                   help="decode loop: dartprune's native loop (Llama and Gemma families; auto picks it where it "
+                        "runs) or Hugging Face with the engine attached")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster "
                                               "for batch-1 decoding on a busy 2-core machine)")
     p.add_argument("--calibration-file", action="append", default=[], metavar="[METHOD=]FILE",
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                             text=args.text, prefix=args.prefix, ppl_window=args.ppl_window,
                             ppl_windows=args.ppl_windows, drift_segment=args.drift_segment,
                             drift_pairs=args.drift_pairs, mc_sets=args.mc_sets, summary_files=summary_files,
-                            topic_tokens=args.topic_tokens, chat=args.chat, threads=args.threads,
+                            topic_tokens=args.topic_tokens, chat=args.chat, threads=args.threads, loop=args.loop,
                             calibration=calibration)
     run_evaluation(settings)
     return 0

@@ -1,20 +1,21 @@
-"""What every evaluation task shares: loading, method specs, attaching the engine, the teacher-forced scoring
-protocol (docs/algorithm.md §7), versions, and progress bars."""
+"""What every evaluation task shares: loading, method specs, the session that runs one method (the native loop
+where the model has one, else Hugging Face with the engine attached), the teacher-forced scoring protocol
+(docs/algorithm.md §7), and progress bars."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from dartprune.engine import DartConfig, DartHandle, attach
-from dartprune.methods import METHODS
+from dartprune.decode.generate import Generator, SamplingParams
+from dartprune.engine import DartConfig, SequenceStats
 from dartprune.engine.config import ConfigError
+from dartprune.methods import METHODS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,13 +114,78 @@ def method_specs(methods: list[str], sparsities: list[float], extra: dict[str, A
     return specs
 
 
-@contextlib.contextmanager
-def attached(model, spec: MethodSpec) -> Iterator[DartHandle]:
-    handle = attach(model, spec.config)
-    try:
-        yield handle
-    finally:
-        handle.detach()
+class Session:
+    """One method spec on one model: teacher-forced scoring and greedy generation, dense or pruned.
+
+    It runs dartprune's native loop where the model has one (and the method is not per-token), else Hugging Face
+    with the engine attached; both compute the same (tested). `close()` restores the model."""
+
+    def __init__(self, model, tokenizer, config: DartConfig, loop: str = "auto"):
+        self.generator = Generator(model, tokenizer, config, loop=loop)
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+
+    @property
+    def engine(self):
+        return self.generator.engine
+
+    @property
+    def loop(self) -> str:
+        return self.generator.loop
+
+    def stats(self) -> list[SequenceStats]:
+        """The statistics of the last sequence."""
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self.generator.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def score(self, ids: list[int] | torch.Tensor, traced: int, chunk: int,
+              on_traced: Callable[[], None] | None = None) -> Scored:
+        """log p(ids[t] | ids[:t]) for t in traced+1 .. len(ids)-1 (see PROTOCOL_TEACHER_FORCED)."""
+        if self.generator.native is None:
+            return teacher_forced_logprobs(self.model, ids, traced, chunk, on_traced)
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        total = ids.numel()
+        _check_protocol(total, traced, chunk)
+        native = self.generator.native
+        native.reset()
+        first = max(traced, 1)
+        logits = native.forward(ids[:first])
+        if on_traced is not None:
+            on_traced()
+        logprobs, greedy = [], []
+        if traced == 0:
+            _collect(logits[-1:], ids[1:2], logprobs, greedy)
+        for start in range(first, total - 1, chunk):
+            end = min(start + chunk, total - 1)
+            _collect(native.forward(ids[start:end]), ids[start + 1:end + 1], logprobs, greedy)
+        return Scored(torch.cat(logprobs), torch.cat(greedy))
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, stop: list[str] | None = None) -> tuple[str, int]:
+        """Greedy continuation of `ids`: (text cut at the first stop string, new token count)."""
+        result = self.generator.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(stop or ())))
+        return result.text.strip(), len(result.tokens)
+
+
+def _collect(logits: torch.Tensor, targets: torch.Tensor, logprobs: list, greedy: list) -> None:
+    logp = logits.float().log_softmax(-1)
+    logprobs.append(logp.gather(1, targets[:, None].to(logp.device))[:, 0].cpu())
+    greedy.append((logp.argmax(-1) == targets.to(logp.device)).cpu())
+
+
+def _check_protocol(total: int, traced: int, chunk: int) -> None:
+    if total < 2 or not 0 <= traced < total - 1:
+        raise ValueError(f"need at least one scored token: {total} tokens, traced prefix {traced}")
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
 
 
 def summarise_stats(stats: list) -> dict[str, float]:
@@ -169,10 +235,7 @@ def teacher_forced_logprobs(model, ids: list[int] | torch.Tensor, traced: int, c
     """
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
     total = ids.shape[1]
-    if total < 2 or not 0 <= traced < total - 1:
-        raise ValueError(f"need at least one scored token: {total} tokens, traced prefix {traced}")
-    if chunk < 1:
-        raise ValueError("chunk must be >= 1")
+    _check_protocol(total, traced, chunk)
     first = max(traced, 1)
     out = model(input_ids=ids[:, :first], attention_mask=torch.ones(1, first, dtype=torch.long), use_cache=True)
     if on_traced is not None:

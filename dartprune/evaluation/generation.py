@@ -22,20 +22,6 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     return {k: v.fmeasure for k, v in scores.items()}
 
 
-@torch.no_grad()
-def greedy(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, stop: list[str] | None = None) -> tuple[str, int]:
-    """Greedy continuation of `ids` ([1, T]); returns (text cut at the first stop string, new token count)."""
-    extra = {"stop_strings": stop, "tokenizer": tokenizer} if stop else {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, pad_token_id=pad, **extra)
-    new = out[0, ids.shape[1]:]
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    for s in stop or []:
-        text = text.split(s)[0]
-    return text.strip(), int(new.numel())
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -48,13 +34,13 @@ class _GenerationTask(Task):
         super().__init__(*args, **kwargs)
         self.dense_outputs: list[str] | None = None
 
-    def evaluate(self, spec: MethodSpec, handle) -> list:
+    def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()
         outputs, stats, scores, new_tokens = [], [], [], 0
         for i, (ids, max_new, reference) in enumerate(progress(self.items, f"{self.name} {spec.label}")):
-            text, count = greedy(self.model, self.tokenizer, ids, max_new, self.stop)
+            text, count = session.generate(ids, max_new, self.stop)
             new_tokens += count
-            stats += handle.stats()
+            stats += session.stats()
             outputs.append(text)
             row: dict[str, float] = {}
             if reference is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from dartprune.evaluation.core import (
-    MethodSpec, encode_pair, needs_bos_every_window, progress, summarise_stats, teacher_forced_logprobs,
+    MethodSpec, encode_pair, needs_bos_every_window, progress, summarise_stats,
 )
 from dartprune.data import MCItem, load_mc
 from dartprune.evaluation.registry import Task, register_task
@@ -22,16 +22,16 @@ PROTOCOL_MC = (
     "length of the choice text (lm-eval's acc_norm length, equal to its character length for ASCII)")
 
 
-def score_item(model, tokenizer, item: MCItem, chunk: int, bos: bool = False, on_traced=None,
+def score_item(session, tokenizer, item: MCItem, chunk: int, bos: bool = False, on_traced=None,
                after=None) -> list[float]:
-    """Summed continuation log-likelihood of every choice of `item`.
+    """Summed continuation log-likelihood of every choice of `item`, scored by `session`.
 
     on_traced(choice) runs right after the context prefill of a choice; after(choice) once it is scored."""
     scores = []
     for choice, (context, continuation) in enumerate(item.pairs):
         ctx, cont = encode_pair(tokenizer, context, continuation, bos)
         hook = (lambda c=choice: on_traced(c)) if on_traced is not None else None
-        scores.append(teacher_forced_logprobs(model, ctx + cont, len(ctx) - 1, chunk, on_traced=hook).total)
+        scores.append(session.score(ctx + cont, len(ctx) - 1, chunk, on_traced=hook).total)
         if after is not None:
             after(choice)
     return scores
@@ -53,15 +53,15 @@ class MultipleChoice(Task):
                      for name in self.settings.mc_sets}
         self.bos = needs_bos_every_window(self.model, self.settings.model)
 
-    def evaluate(self, spec: MethodSpec, handle) -> list:
+    def evaluate(self, spec: MethodSpec, session) -> list:
         results, accs, norms = [], [], []
         for name, items in self.sets.items():
             started = time.perf_counter()
             correct = correct_norm = 0
             stats, prefix_tokens = [], []
             for item in progress(items, f"mc {name} {spec.label}"):
-                lls = score_item(self.model, self.tokenizer, item, spec.config.window, self.bos,
-                                 after=lambda c: stats.extend(handle.stats()))
+                lls = score_item(session, self.tokenizer, item, spec.config.window, self.bos,
+                                 after=lambda c: stats.extend(session.stats()))
                 norm = [ll / max(1, len(choice.encode("utf-8"))) for ll, choice in zip(lls, item.choices)]
                 pred, pred_norm = _argmax(lls), _argmax(norm)
                 correct += pred == item.label

@@ -7,7 +7,6 @@ import time
 
 from dartprune.evaluation.core import (
     PROTOCOL_TEACHER_FORCED, MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats,
-    teacher_forced_logprobs,
 )
 from dartprune.data import Text, load_text
 from dartprune.evaluation.registry import Task, register_task
@@ -57,15 +56,15 @@ class Perplexity(Task):
         self.windows = [head + ids[i * body:(i + 1) * body] for i in range(windows)]
         self.source = text.name
 
-    def evaluate(self, spec: MethodSpec, handle) -> list:
+    def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()
         nll, count, stats, per_window = 0.0, 0, [], []
         for ids in progress(self.windows, f"ppl {spec.label}"):
-            scored = teacher_forced_logprobs(self.model, ids, self.settings.prefix, spec.config.window)
+            scored = session.score(ids, self.settings.prefix, spec.config.window)
             nll -= scored.total
             count += scored.logprobs.numel()
             per_window.append(_ppl(-scored.total, scored.logprobs.numel()))
-            stats += handle.stats()
+            stats += session.stats()
         self.details.append({"task": self.name, "method": spec.method, "sparsity": spec.sparsity,
                              "window_ppl": per_window,
                              "retrace_positions": [s.retrace_positions for s in stats]})
@@ -96,13 +95,13 @@ class Drift(Task):
             self.sequences.append((f"{a}->{b}", ids_a + ids_b, len(ids_a)))
         self.traces: dict[tuple[str, str, float], object] = {}
 
-    def evaluate(self, spec: MethodSpec, handle) -> list:
+    def evaluate(self, spec: MethodSpec, session) -> list:
         out = []
         prefix = self.settings.prefix
         for name, ids, switch in progress(self.sequences, f"drift {spec.label}"):
             started = time.perf_counter()
-            scored = teacher_forced_logprobs(self.model, ids, prefix, spec.config.window)
-            stats = handle.stats()
+            scored = session.score(ids, prefix, spec.config.window)
+            stats = session.stats()
             # scored target t (0-based) is token prefix + 1 + t; A's tokens end at `switch`
             split = switch - (prefix + 1)
             lp_a, lp_b = scored.logprobs[:split], scored.logprobs[split:]

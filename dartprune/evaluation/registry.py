@@ -51,6 +51,7 @@ class EvalSettings:
     topic_tokens: int = 128  # topics: greedy tokens generated per prompt
     chat: str = "auto"  # topics: "auto" (chat template when the tokenizer has one), "yes", "no"
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    loop: str = "auto"  # "native" (dartprune's loop, Llama and Gemma families), "hf", or "auto"
     calibration: dict[str, str] = field(default_factory=dict)  # method -> calibration file (wanda-static, threshold)
 
     def limit_for(self, task: str) -> int | None:
@@ -89,8 +90,8 @@ class Result:
 
 
 class Task(ABC):
-    """A task prepares its data once (`prepare`), then `evaluate` runs it for one method spec with the engine
-    attached; specs come dense first, so generation tasks can keep the dense outputs as a reference."""
+    """A task prepares its data once (`prepare`), then `evaluate` runs it for one method spec through a `Session`;
+    specs come dense first, so generation tasks can keep the dense outputs as a reference."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -108,8 +109,8 @@ class Task(ABC):
         """Load and tokenise the data (honouring settings.limit)."""
 
     @abstractmethod
-    def evaluate(self, spec: MethodSpec, handle) -> list[Result]:
-        """Score the prepared items with `spec`'s method (`handle` attached, None for dense)."""
+    def evaluate(self, spec: MethodSpec, session) -> list[Result]:
+        """Score the prepared items with `spec`'s method, run by `session` (a `core.Session`)."""
 
     def result(self, spec: MethodSpec, subtask: str, metrics: dict[str, float], items: int,
                prefix_length: float | str, engine: dict[str, float], seconds: float, **extra: Any) -> Result:

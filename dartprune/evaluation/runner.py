@@ -8,7 +8,7 @@ import torch
 
 from dartprune.evaluation import generation, mc, ppl  # noqa: F401  (registers the tasks)
 from dartprune.data import data_dir
-from dartprune.evaluation.core import attached, load_for_eval, method_specs, progress
+from dartprune.evaluation.core import Session, load_for_eval, method_specs, progress
 from dartprune.provenance import command_line, git_state, versions
 from dartprune.evaluation.registry import EvalSettings, Result, get_task
 from dartprune.evaluation.report import markdown, plot_drift_traces, plot_quality, write_details, write_json
@@ -48,8 +48,8 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     for task in progress(tasks, "tasks", leave=True):
         cls = type(task)
         for spec in progress(specs, f"{cls.name} methods", leave=True):
-            with attached(model, spec) as handle:
-                results += task.evaluate(spec, handle)
+            with Session(model, tokenizer, spec.config, settings.loop) as session:
+                results += task.evaluate(spec, session)
             write_json(out / "results.json", meta, results)  # partial results survive an interrupted run
         details += task.details
         if cls.name == "drift":
