@@ -20,7 +20,9 @@ from dartprune.evaluation.core import (
 from dartprune.provenance import versions
 from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, load_text, mc_items
 from dartprune.evaluation.mc import score_item
-from dartprune.evaluation.ppl import Drift, Perplexity
+from dartprune.evaluation.drift import Drift, drift_sequences
+from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
+from dartprune.evaluation.ppl import Perplexity
 from tests.conftest import MINI
 from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
@@ -119,21 +121,71 @@ def test_ppl_dense_matches_direct_computation(tiny):
     assert result.prefix_length == 16 and result.method == "dense"
 
 
-def test_drift_splits_a_and_b_at_the_switch(tiny):
+MINI_GENRES = {"story": ["gutenberg:harbour"], "recipe": ["gutenberg:kitchen"], "science": ["gutenberg:orbits"],
+               "code": ["python:argparse"]}
+
+
+def test_drift_sequences_pair_every_genre_and_never_reuse_text(tiny):
+    _, tokenizer, _ = tiny
+    sequences = drift_sequences(tokenizer, prefix=16, segment=12, genres=MINI_GENRES, root=MINI, bos=1)
+    switches = [q for q in sequences if q.kind == "switch"]
+    controls = [q for q in sequences if q.kind == "control"]
+    assert len(switches) == 4 * 3 and len(controls) == 4 * 3
+    assert {(q.genre_a, q.genre_b) for q in switches} == {(a, b) for a in MINI_GENRES for b in MINI_GENRES if a != b}
+    assert all(len(q.ids) == 16 + 24 and q.switch == 28 and q.ids[0] == 1 for q in sequences)
+    assert [q.split for q in switches[:4]] == ["tune", "test", "tune", "test"]
+    # segments of one source are consecutive and never handed out twice
+    pieces = [tuple(q.ids[1:28]) for q in sequences if q.genre_a == "recipe"]
+    assert len(set(pieces)) == len(pieces)
+
+
+def test_drift_metrics_count_false_retraces_and_detection_exactly():
+    records = [
+        {"kind": "switch", "nll_before": 1.0, "nll_after": 2.0, "nll_after_64": 2.5, "nll_all": 1.5,
+         "scored_before": 100, "scored_all": 200, "false_retraces": 1, "first_after": 30, "executed_sparsity": 0.4},
+        {"kind": "switch", "nll_before": 3.0, "nll_after": 4.0, "nll_after_64": 4.5, "nll_all": 3.5,
+         "scored_before": 100, "scored_all": 200, "false_retraces": 0, "first_after": 90, "executed_sparsity": 0.4},
+        {"kind": "control", "nll_before": 1.0, "nll_after": 1.0, "nll_after_64": 1.0, "nll_all": 1.0,
+         "scored_before": 100, "scored_all": 500, "false_retraces": 2, "first_after": None, "executed_sparsity": 0.5},
+    ]
+    m = Drift._metrics(records)
+    assert m["ppl_before"] == pytest.approx(math.exp(2.0)) and m["ppl_after"] == pytest.approx(math.exp(3.0))
+    assert m["ppl_control"] == pytest.approx(math.e) and m["false_per_1k_control"] == pytest.approx(4.0)
+    assert m["false_per_1k_before"] == pytest.approx(5.0)
+    assert m["detected_64"] == 0.5 and m["median_delay"] == 60
+    assert (m["switches"], m["controls"]) == (2, 1)
+
+
+def test_paired_bootstrap_of_geometric_mean_ratios():
+    a, b = [1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 3.5, 4.5]
+    estimate, low, high = bootstrap([a, b], ratio_of_geomeans, samples=500)
+    assert estimate == pytest.approx(math.exp(-0.5)) and low == pytest.approx(high) == pytest.approx(estimate)
+    estimate, low, high = bootstrap([a, a[::-1]], ratio_of_geomeans, samples=500)
+    assert estimate == pytest.approx(1.0) and low < 1.0 < high
+    recovered = bootstrap([[2.0, 2.2], [3.0, 3.0], [1.0, 1.0]], gap_recovered, samples=200)
+    assert recovered[0] == pytest.approx(0.45)
+    with pytest.raises(ValueError):
+        bootstrap([a, b[:2]], ratio_of_geomeans)
+
+
+def test_drift_task_scores_switches_and_controls_and_compares_methods(tiny, tmp_path):
     model, tokenizer, _ = tiny
-    settings = EvalSettings(model="tiny", limit=1, prefix=16, drift_segment=24, data_dir=str(MINI),
-                            drift_pairs=[("harbour", "orbits")])
-    task = Drift(settings, model, tokenizer, versions())
-    task.prepare()
-    [(name, ids, switch)] = task.sequences
-    assert name == "harbour->orbits" and switch == 16 + 24 and len(ids) == 16 + 48
-    with Session(model, tokenizer, DartConfig(method="dense")) as session:
-        [result] = task.evaluate(spec("dense", 0.0), session)
-    lp = dense_reference_logprobs(model, ids, 16)
-    split = switch - 17
-    assert math.log(result.metrics["ppl_a"]) == pytest.approx(-float(lp[:split].mean()), abs=1e-4)
-    assert math.log(result.metrics["ppl_b"]) == pytest.approx(-float(lp[split:].mean()), abs=1e-4)
-    assert result.metrics["retraces"] == 0 and result.extra["switch_at"] == switch
+    settings = EvalSettings(model="tiny", methods=["dart", "static"], sparsities=[0.5], tasks=["drift"],
+                            out=str(tmp_path / "drift"), data_dir=str(MINI), prefix=16, drift_profile="quick",
+                            drift_sources=MINI_GENRES, drift_split="test", extra={"trigger_count": 1, "floor": 0.0,
+                                                                                  "delta": 0.0, "cooldown": 0})
+    results, out = run_evaluation(settings, model, tokenizer, command="test", echo=False)
+    by = {r.method: r for r in results}
+    assert set(by) == {"dense", "dart", "static"} and by["dense"].items == 6 + 6
+    assert by["dense"].metrics["false_per_1k_control"] == 0 and by["static"].metrics["detected_64"] == 0
+    assert by["dart"].metrics["false_per_1k_control"] > 0          # a hair-trigger monitor fires everywhere
+    assert by["dart"].metrics["executed_sparsity"] == pytest.approx(by["static"].metrics["executed_sparsity"])
+    saved = json.loads((out / "results.json").read_text())
+    parts = {c["part"] for c in saved["comparisons"] if c["method"] == "dart@0.5"}
+    assert parts == {"after switch", "before switch", "controls"}
+    first = saved["comparisons"][0]
+    assert first["ppl_ratio_vs_static"][1] <= first["ppl_ratio_vs_static"][0] <= first["ppl_ratio_vs_static"][2]
+    assert "## Paired comparisons" in (out / "results.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------- multiple choice
@@ -246,7 +298,7 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["--model", str(folder), "--methods", "dart,static", "--sparsity", "0.5,0.7", "--data-dir", str(MINI),
                  "--tasks", "ppl,drift,mc,xsum,cnn_dailymail,topics", "--out", str(out), "--limit", "2",
-                 "--drift-pairs", "harbour:orbits,kitchen:harbour",
+                 "--drift-profile", "quick", "--drift-sources", "story=gutenberg:harbour;code=python:argparse",
                  "--mc-sets", "copa,winogrande", "--ppl-window", "64", "--prefix", "16", "--drift-segment", "32",
                  "--topic-tokens", "12", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
@@ -266,12 +318,12 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
                                                                         "rougeL_vs_dense"}
     assert by[("topics", "two_topic_prompts", "dart", 0.7)]["items"] == 2
     assert "retraces_mean" in by[("topics", "two_topic_prompts", "dart", 0.7)]["engine"]
-    assert by[("drift", "kitchen->harbour", "dart", 0.5)]["metrics"]["ppl_b"] > 0
+    assert by[("drift", "all", "dart", 0.5)]["metrics"]["ppl_after"] > 0
     assert by[("cnn_dailymail", "cnn_dailymail_0shot", "dense", 0.0)]["items"] == 1
     assert str(MINI) not in (out / "results.json").read_text()   # no machine paths in results
     assert (out / "results.md").read_text().startswith("# dartprune eval")
     pngs = {p.name for p in out.glob("*.png")}
-    assert {"plot_ppl_ppl.png", "plot_drift_ppl_b.png", "plot_mc_acc_norm.png", "plot_xsum_rougeL.png",
+    assert {"plot_ppl_ppl.png", "plot_drift_ppl_after.png", "plot_mc_acc_norm.png", "plot_xsum_rougeL.png",
             "plot_topics_rougeL_vs_dense.png"} <= pngs
     assert (out / "details.jsonl").read_text().count("\n") > 10
 

@@ -31,14 +31,16 @@ def _limit(text: str) -> int | dict[str, int]:
     return limits
 
 
-def _pairs(text: str) -> list[tuple[str, str]]:
-    pairs = []
-    for item in _csv(str)(text):
-        a, sep, b = item.partition(":")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"drift pair {item!r} must look like A:B (Gutenberg names)")
-        pairs.append((a, b))
-    return pairs
+def _sources(text: str) -> dict[str, list[str]]:
+    genres = {}
+    for item in text.split(";"):
+        genre, sep, sources = item.partition("=")
+        if not sep or not genre.strip() or not sources.strip():
+            raise argparse.ArgumentTypeError(f"--drift-sources item {item!r} must look like GENRE=SOURCE[+SOURCE]")
+        genres[genre.strip()] = [src.strip() for src in sources.split("+") if src.strip()]
+    if len(genres) < 2:
+        raise argparse.ArgumentTypeError("--drift-sources needs at least two genres (a switch goes between two)")
+    return genres
 
 
 def _task_names() -> list[str]:
@@ -59,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=_csv(str), default=d.tasks, help="comma-separated: " + ",".join(sorted(_task_names())))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--limit", type=_limit, help="items per task: N for every task, or TASK=N,... (mc: per set; "
-                                                "ppl: windows; drift: pairs; xsum, cnn_dailymail: articles; topics: prompts)")
+                                                "ppl: windows; drift: switch sequences (and half as many controls); xsum, cnn_dailymail: "
+                                                "articles; topics: prompts)")
     p.add_argument("--data-dir", help="local evaluation data folder (default: $DARTPRUNE_DATA, else the Hugging "
                                       "Face Hub by the usual dataset names; layout in docs/data.md)")
     p.add_argument("--text", default=d.text, help="ppl: a text file, gutenberg:NAME, wikitext2 or python:MODULE "
@@ -71,8 +74,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ppl-windows", type=int, default=d.ppl_windows, help="ppl: windows (without --limit)")
     p.add_argument("--drift-segment", type=int, default=d.drift_segment,
                    help="drift: tokens of A's continuation and of B")
-    p.add_argument("--drift-pairs", type=_pairs, default=d.drift_pairs,
-                   help="drift: comma-separated A:B Gutenberg names, e.g. austen-emma:bible-kjv")
+    p.add_argument("--drift-profile", default=d.drift_profile, choices=["full", "quick"],
+                   help="drift: full (7 genres, 42 switch sequences and 21 controls) or quick (3 genres, short)")
+    p.add_argument("--drift-sources", type=_sources, default=None, metavar="GENRE=SOURCE[+SOURCE];...",
+                   help="drift: your own genres and text sources (docs/data.md) instead of the built-in ones, e.g. "
+                        "'code=python:argparse+python:csv;wiki=wikitext2'")
+    p.add_argument("--drift-split", default=d.drift_split, choices=["all", "tune", "test"],
+                   help="drift: every sequence, or the half to choose settings on (tune) or to report on (test)")
     p.add_argument("--mc-sets", type=_csv(str), default=d.mc_sets, help="mc: comma-separated sets")
     p.add_argument("--summary-file", action="append", default=[], metavar="TASK=FILE",
                    help="xsum / cnn_dailymail: another jsonl in the local layout (docs/data.md), e.g. xsum=my.jsonl")
@@ -117,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
                             tasks=args.tasks, out=args.out, limit=args.limit, seed=args.seed, extra=extra,
                             text=args.text, prefix=args.prefix, ppl_window=args.ppl_window,
                             ppl_windows=args.ppl_windows, drift_segment=args.drift_segment,
-                            drift_pairs=args.drift_pairs, mc_sets=args.mc_sets, summary_files=summary_files,
+                            drift_profile=args.drift_profile, drift_split=args.drift_split,
+                            drift_sources=args.drift_sources, mc_sets=args.mc_sets, summary_files=summary_files,
                             topic_tokens=args.topic_tokens, chat=args.chat, threads=args.threads, loop=args.loop,
                             calibration=calibration)
     run_evaluation(settings)

@@ -75,6 +75,7 @@ class _Row:
     kept: list[torch.Tensor | None] = field(default_factory=list)  # per layer, the mask path's kept ids (a batch of
     pending: list[int] = field(default_factory=list)  # one reads its prefix instead) / RETRACING: layers to re-score
     retrace_position: int = 0
+    triggered_at: int = 0
     retrace_seconds: float = 0.0
     retrace_changed: dict[int, int] = field(default_factory=dict)
     position: int = 0
@@ -263,6 +264,7 @@ class Engine:
                 if row.drift.observe(signal[:, b][:, self._valid[b]], row.position):
                     if self.config.retrace == "dense-steps":
                         self._enter_tracing(row, Event.DRIFT_DENSE, target=self.config.dense_steps)
+                        row.triggered_at = row.position
                     else:
                         self._begin_retrace(row)
             if row.phase is Phase.RETRACING:
@@ -359,6 +361,7 @@ class Engine:
     @torch.no_grad()
     def _build(self, b: int) -> None:
         """The row finished tracing: budgets (first time), scores, kept sets, execution, drift baseline."""
+        start = time.perf_counter()
         row = self.rows[b]
         trace = row.trace
         first = not row.built
@@ -385,7 +388,9 @@ class Engine:
             if baseline is not None:
                 row.drift.fit(baseline) if first else row.drift.refit(baseline)
         if not first:
-            row.retraces.append(RetraceRecord(row.position, 0.0, changed))
+            row.retraces.append(RetraceRecord(row.position, time.perf_counter() - start, changed, row.triggered_at
+                                              if row.triggered_at else row.position))
+            row.triggered_at = 0
         row.built = True
         row.phase = next_phase(row.phase, Event.TRACED)
         row.trace = _Trace()

@@ -9,9 +9,17 @@ from dartprune.engine.drift import WindowRecord
 
 @dataclass
 class RetraceRecord:
+    """One re-trace: where its masks changed (tokens seen when the new neurons took over), what it cost, and
+    where the monitor fired (earlier than `position` for the dense-steps re-trace, which traces first)."""
+
     position: int
     seconds: float
     neurons_changed: list[int]
+    triggered_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.triggered_at is None:
+            self.triggered_at = self.position
 
 
 @dataclass
@@ -39,6 +47,11 @@ class SequenceStats:
     @property
     def retrace_positions(self) -> list[int]:
         return [r.position for r in self.retraces]
+
+    @property
+    def trigger_positions(self) -> list[int]:
+        """Where the monitor fired for each re-trace (token count seen then)."""
+        return [r.triggered_at for r in self.retraces]
 
     @property
     def layer_sparsity(self) -> list[float]:

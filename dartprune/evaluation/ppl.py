@@ -1,5 +1,5 @@
-"""`ppl` and `drift`: perplexity by the protocol of docs/algorithm.md §7 (traced prefix, teacher-forced chunks <= W, drift monitor
-live), on one long text, and across a text switch A -> B."""
+"""`ppl`: perplexity of a long text by the protocol of docs/algorithm.md §7 (traced prefix, teacher-forced chunks
+<= W, drift monitor live)."""
 from __future__ import annotations
 
 import math
@@ -72,51 +72,3 @@ class Perplexity(Task):
                             len(self.windows), self.settings.prefix, summarise_stats(stats),
                             time.perf_counter() - started, window_tokens=self.settings.ppl_window,
                             bos_every_window=self.bos, text=self.source)]
-
-
-@register_task
-class Drift(Task):
-    name = "drift"
-    description = "text A's prefix and continuation, then text B, teacher-forced: ppl on A and on B, re-traces"
-    primary = ("ppl_b", False)
-    protocol = ("drift: ids = A[:P] + A[P:P+S] + B[:S] (S = --drift-segment); " + PROTOCOL_TEACHER_FORCED
-                + "; ppl_a over A's scored continuation, ppl_b over B (switch at token P+S)")
-
-    def prepare(self) -> None:
-        s = self.settings
-        pairs = s.drift_pairs[:s.limit_for("drift")]
-        self.bos = needs_bos_every_window(self.model, s.model)
-        head = [self.tokenizer.bos_token_id] if self.bos else []
-        self.sequences = []
-        for a, b in pairs:
-            ids_a = head + text_tokens(self.tokenizer, load_text(f"gutenberg:{a}", s.data_dir),
-                                       s.prefix + s.drift_segment - len(head))
-            ids_b = text_tokens(self.tokenizer, load_text(f"gutenberg:{b}", s.data_dir), s.drift_segment)
-            self.sequences.append((f"{a}->{b}", ids_a + ids_b, len(ids_a)))
-        self.traces: dict[tuple[str, str, float], object] = {}
-
-    def evaluate(self, spec: MethodSpec, session) -> list:
-        out = []
-        prefix = self.settings.prefix
-        for name, ids, switch in progress(self.sequences, f"drift {spec.label}"):
-            started = time.perf_counter()
-            scored = session.score(ids, prefix, spec.config.window)
-            stats = session.stats()
-            # scored target t (0-based) is token prefix + 1 + t; A's tokens end at `switch`
-            split = switch - (prefix + 1)
-            lp_a, lp_b = scored.logprobs[:split], scored.logprobs[split:]
-            positions = stats[0].retrace_positions if stats else []
-            after = [p - switch for p in positions if p >= switch]
-            metrics = {"ppl_a": _ppl(-float(lp_a.sum()), lp_a.numel()),
-                       "ppl_b": _ppl(-float(lp_b.sum()), lp_b.numel()),
-                       "retraces": len(positions), "retraces_before_switch": len(positions) - len(after),
-                       "first_retrace_after_switch": after[0] if after else float("nan")}
-            self.traces[(name, spec.method, spec.sparsity)] = stats[0] if stats else None
-            self.details.append({"task": self.name, "pair": name, "method": spec.method, "sparsity": spec.sparsity,
-                                 "switch_at": switch, "retrace_positions": positions,
-                                 "windows": [[w.position, w.cosine, w.threshold, w.pressure]
-                                             for w in (stats[0].windows if stats else [])]})
-            out.append(self.result(spec, name, metrics, 1, prefix, summarise_stats(stats),
-                                   time.perf_counter() - started, switch_at=switch, tokens=len(ids),
-                                   retrace_positions=positions, bos_every_window=self.bos))
-        return out

@@ -42,9 +42,9 @@ class EvalSettings:
     ppl_window: int = 512  # ppl: tokens per window (prefix included)
     ppl_windows: int = 8  # ppl: number of windows (--limit overrides)
     drift_segment: int = 256  # drift: tokens of A's continuation and of B
-    drift_pairs: list[tuple[str, str]] = field(default_factory=lambda: [
-        ("austen-emma", "bible-kjv"), ("shakespeare-hamlet", "carroll-alice"),
-        ("whitman-leaves", "chesterton-thursday")])
+    drift_profile: str = "full"  # drift: "full" (7 genres, --drift-segment) or "quick" (3 genres, 24 tokens)
+    drift_split: str = "all"  # drift: "all", "tune" (to choose settings on) or "test" (to report them on)
+    drift_sources: dict[str, list[str]] | None = None  # drift: genre -> text sources instead of the built-in ones
     mc_sets: list[str] = field(default_factory=lambda: [
         "piqa", "arc_easy", "arc_challenge", "boolq", "copa", "openbookqa", "winogrande", "siqa", "commonsenseqa"])
     summary_files: dict[str, str] = field(default_factory=dict)  # xsum / cnn_dailymail: another jsonl, same layout
@@ -55,7 +55,7 @@ class EvalSettings:
     calibration: dict[str, str] = field(default_factory=dict)  # method -> calibration file (wanda-static, threshold)
 
     def limit_for(self, task: str) -> int | None:
-        """Items for `task`: mc items per set, ppl windows, drift pairs, summaries, topic prompts."""
+        """Items for `task`: mc items per set, ppl windows, drift switch sequences, summaries, topic prompts."""
         if isinstance(self.limit, dict):
             return self.limit.get(task)
         return self.limit
@@ -107,6 +107,14 @@ class Task(ABC):
 
     def prepare(self) -> None:
         """Load and tokenise the data (honouring settings.limit)."""
+
+    def comparisons(self) -> list[dict]:
+        """Paired comparisons across the evaluated methods, once they all ran (none by default)."""
+        return []
+
+    def plot_traces(self, out) -> list:
+        """Extra plots of the task's own (none by default)."""
+        return []
 
     @abstractmethod
     def evaluate(self, spec: MethodSpec, session) -> list[Result]:

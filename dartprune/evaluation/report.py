@@ -33,9 +33,9 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def write_json(path: Path, meta: dict, results: list[Result]) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=1,
-                               default=str) + "\n")
+def write_json(path: Path, meta: dict, results: list[Result], comparisons: list[dict] | None = None) -> None:
+    path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results],
+                                "comparisons": comparisons or []}, indent=1, default=str) + "\n")
 
 
 def write_details(path: Path, details: list[dict]) -> None:
@@ -54,7 +54,8 @@ def _summary_columns(results: list[Result]) -> list[tuple[str, str, str]]:
             columns.append((task, "mean" if "mean" in subtasks else subtasks[0], "acc_norm"))
             columns.append((task, "mean" if "mean" in subtasks else subtasks[0], "acc"))
         elif task == "drift":
-            columns += [(task, "*", "ppl_a"), (task, "*", "ppl_b"), (task, "*", "retraces")]
+            columns += [(task, "*", m) for m in ("ppl_before", "ppl_after", "ppl_control", "false_per_1k_control",
+                                                 "detected_64", "executed_sparsity")]
         elif task in ("xsum", "cnn_dailymail"):
             columns += [(task, "*", "rougeL"), (task, "*", "rougeL_vs_dense")]
         elif task == "topics":
@@ -78,7 +79,31 @@ def _value(results: list[Result], label: str, task: str, subtask: str, metric: s
     return sum(values) / len(values) if values else float("nan")
 
 
-def markdown(meta: dict, results: list[Result]) -> str:
+def _interval(value) -> str:
+    if not value:
+        return "-"
+    estimate, low, high = value
+    return f"{_fmt(estimate)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def comparisons_markdown(comparisons: list[dict]) -> list[str]:
+    """The paired comparisons as a table: ratios of geometric-mean perplexity and gap recovered, 95% intervals."""
+    if not comparisons:
+        return []
+    lines = ["## Paired comparisons", "",
+             "Over the same sequences, with 95% bootstrap intervals (2,000 resamples of the sequences). "
+             "ppl ratio < 1: lower perplexity than the other method. Gap recovered: the share of static's "
+             "log-perplexity gap to dense that the method closes (1 = dense, 0 = static, < 0 worse than static).", "",
+             "| task | method | part | items | ppl ratio vs static | gap recovered | ppl ratio vs dense |",
+             "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['task']} | {c['method']} | {c['part']} | {c['items']} | "
+                     f"{_interval(c.get('ppl_ratio_vs_static'))} | {_interval(c.get('gap_recovered'))} | "
+                     f"{_interval(c.get('ppl_ratio_vs_dense'))} |")
+    return lines + [""]
+
+
+def markdown(meta: dict, results: list[Result], comparisons: list[dict] | None = None) -> str:
     lines = [f"# dartprune eval: {meta['model']} ({meta['dtype']})", "",
              f"Command: `{meta.get('command', '')}`  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
@@ -87,8 +112,9 @@ def markdown(meta: dict, results: list[Result]) -> str:
     columns = _summary_columns(results)
     if columns:
         lines += ["## Summary", "",
-                  "Drift ppl columns: geometric mean over the pairs; mc: unweighted mean over the sets; "
-                  "retraces: mean per sequence.", "",
+                  "Drift: ppl columns are geometric means over sequences; false re-traces per 1,000 tokens of the "
+                  "controls; detected_64: share of switches followed by a re-trace within 64 tokens. mc: unweighted "
+                  "mean over the sets.", "",
                   "| method | " + " | ".join(_column_title(*c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for label in labels:
             lines.append(f"| {label} | " + " | ".join(_fmt(_value(results, label, *c)) for c in columns) + " |")
@@ -108,6 +134,7 @@ def markdown(meta: dict, results: list[Result]) -> str:
                          + f" | {_fmt(r.engine.get('executed_sparsity', float('nan')))}"
                          + f" | {_fmt(r.engine.get('retraces_mean', float('nan')))} | {r.seconds:.1f} |")
         lines.append("")
+    lines += comparisons_markdown(comparisons or [])
     return "\n".join(lines)
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from dartprune.evaluation import generation, mc, ppl  # noqa: F401  (registers the tasks)
+from dartprune.evaluation import drift, generation, mc, ppl  # noqa: F401  (registers the tasks)
 from dartprune.data import data_dir
 from dartprune.evaluation.core import Session, load_for_eval, method_specs, progress
 from dartprune.provenance import command_line, git_state, versions
 from dartprune.evaluation.registry import EvalSettings, Result, get_task
-from dartprune.evaluation.report import markdown, plot_drift_traces, plot_quality, write_details, write_json
+from dartprune.evaluation.report import markdown, plot_quality, write_details, write_json
 
 
 def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: str | None = None,
@@ -38,6 +38,7 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     results: list[Result] = []
     details: list[dict] = []
     plots: list[Path] = []
+    comparisons: list[dict] = []
     started = time.perf_counter()
     tasks = []
     for cls in task_classes:   # every task's data first: a missing set fails before any output or compute
@@ -52,14 +53,13 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
                 results += task.evaluate(spec, session)
             write_json(out / "results.json", meta, results)  # partial results survive an interrupted run
         details += task.details
-        if cls.name == "drift":
-            switches = {name: switch for name, _, switch in task.sequences}
-            plots += plot_drift_traces(task.traces, switches, out)
+        comparisons += [{"task": cls.name, **row} for row in task.comparisons()]
+        plots += task.plot_traces(out)
     meta["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(out / "results.json", meta, results)
+    write_json(out / "results.json", meta, results, comparisons)
     write_details(out / "details.jsonl", details)
     plots += plot_quality(results, out)
-    table = markdown(meta, results)
+    table = markdown(meta, results, comparisons)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
     if echo:
         print(table)

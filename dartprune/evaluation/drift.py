@@ -1,0 +1,248 @@
+"""`drift`: a benchmark with ground truth for DART's dynamic part.
+
+Switch sequences are text A (a traced prefix and its continuation) followed by text B of another genre; controls
+are text A continued for the same length, where nothing switches. Genres: novels, scripture, poetry, plays
+(Gutenberg books of the local data folder), encyclopaedic text (WikiText-2), news (CNN/DailyMail and XSum
+articles) and code (modules of Python's own standard library). Every ordered pair of different genres gives one
+switch sequence (42), every genre three controls (21); the sequences alternate between two splits, `tune` (to
+choose settings on) and `test` (to report them on).
+
+Each sequence is scored teacher-forced in chunks of at most W tokens with the drift monitor live
+(docs/algorithm.md §7), and gives: perplexity before and after the switch (and over the first 64 tokens after
+it), re-traces before the switch or anywhere in a control (false: nothing changed), the first re-trace after the
+switch (detected within 64 tokens, and the delay), and the executed sparsity. Methods are compared paired over the
+same sequences, with bootstrap intervals (`comparisons`).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+from dartprune.data import DataNotFoundError, load_summaries, load_text
+from dartprune.evaluation.core import PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress
+from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
+from dartprune.evaluation.registry import Task, register_task
+
+GENRES: dict[str, list[str]] = {
+    "novel": ["gutenberg:austen-emma", "gutenberg:melville-moby_dick", "gutenberg:chesterton-thursday",
+              "gutenberg:austen-persuasion", "gutenberg:carroll-alice", "gutenberg:edgeworth-parents",
+              "gutenberg:chesterton-brown", "gutenberg:austen-sense", "gutenberg:bryant-stories",
+              "gutenberg:chesterton-ball", "gutenberg:burgess-busterbrown"],
+    "scripture": ["gutenberg:bible-kjv"],
+    "poetry": ["gutenberg:whitman-leaves", "gutenberg:milton-paradise", "gutenberg:blake-poems"],
+    "play": ["gutenberg:shakespeare-hamlet", "gutenberg:shakespeare-caesar", "gutenberg:shakespeare-macbeth"],
+    "encyclopaedia": ["wikitext2"],
+    "news": ["news:cnn_dailymail", "news:xsum"],
+    "code": ["python:argparse", "python:typing", "python:dataclasses", "python:email.message", "python:http.client",
+             "python:textwrap", "python:csv", "python:pathlib", "python:logging"],
+}
+CONTROLS_PER_GENRE = 3
+DETECTION_WINDOW = 64
+PROFILES = {"full": {"segment": None, "genres": None},     # --drift-segment tokens, every genre
+            "quick": {"segment": 24, "genres": ["novel", "code", "encyclopaedia"]}}
+
+
+@dataclass
+class DriftSequence:
+    name: str
+    kind: str                 # "switch" or "control"
+    split: str                # "tune" or "test"
+    genre_a: str
+    genre_b: str
+    ids: list[int]
+    switch: int               # index of the first token of B (for a control: where B would start)
+
+
+class _Segments:
+    """Consecutive, never reused token segments of each source (a text is tokenised once, in its first 400k
+    characters, past a book's title page)."""
+
+    def __init__(self, tokenizer, root):
+        self.tokenizer, self.root = tokenizer, root
+        self.tokens: dict[str, list[int]] = {}
+        self.cursor: dict[str, int] = {}
+
+    def _text(self, source: str) -> str:
+        if source.startswith("news:"):
+            items = load_summaries(source.split(":", 1)[1], None, self.root)
+            bodies = [item["article"].rsplit("Article: ", 1)[-1].split("\n\nSummarize the above")[0] for item in items]
+            return "\n\n".join(bodies)
+        text = load_text(source, self.root).text
+        return text[2000:] if source.startswith("gutenberg:") else text
+
+    def take(self, source: str, count: int) -> list[int]:
+        if source not in self.tokens:
+            self.tokens[source] = self.tokenizer(self._text(source)[:400_000], add_special_tokens=False).input_ids
+            self.cursor[source] = 0
+        start = self.cursor[source]
+        if start + count > len(self.tokens[source]):
+            raise ValueError(f"{source} has too few tokens for the drift benchmark ({len(self.tokens[source])})")
+        self.cursor[source] = start + count
+        return self.tokens[source][start:start + count]
+
+
+def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list[str]] | None = None, root=None,
+                    bos: int | None = None) -> list[DriftSequence]:
+    """Every ordered pair of different genres as a switch sequence (prefix + segment tokens of A, then segment of
+    B), and three controls per genre (prefix + 2 segments of A); alternately in the tune and test splits.
+    genres: genre -> text sources (default GENRES)."""
+    genres = genres or GENRES
+    names = list(genres)
+    segments = _Segments(tokenizer, root)
+    head = [bos] if bos is not None else []
+    use = {g: 0 for g in names}
+
+    def source(genre: str) -> str:
+        sources = genres[genre]
+        use[genre] += 1
+        return sources[(use[genre] - 1) % len(sources)]
+
+    sequences = []
+    try:
+        for a in names:
+            for b in names:
+                if a == b:
+                    continue
+                src_a, src_b = source(a), source(b)
+                ids = head + segments.take(src_a, prefix + segment - len(head)) + segments.take(src_b, segment)
+                sequences.append(DriftSequence(f"{src_a}>{src_b}", "switch", "", a, b, ids, prefix + segment))
+        for genre in names:
+            for _ in range(CONTROLS_PER_GENRE):
+                src = source(genre)
+                ids = head + segments.take(src, prefix + 2 * segment - len(head))
+                sequences.append(DriftSequence(f"{src} (control)", "control", "", genre, genre, ids,
+                                               prefix + segment))
+    except DataNotFoundError as err:
+        raise DataNotFoundError(f"the drift benchmark reads Gutenberg books, WikiText-2, news articles and Python "
+                                f"source; one is missing: {err}") from err
+    for kind in ("switch", "control"):
+        for i, seq in enumerate(s for s in sequences if s.kind == kind):
+            seq.split = "tune" if i % 2 == 0 else "test"
+    return sequences
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@register_task
+class Drift(Task):
+    name = "drift"
+    description = ("drift benchmark: switch sequences across 7 genres and homogeneous controls; false re-traces, "
+                   "detection, perplexity before/after the switch, paired intervals")
+    primary = ("ppl_after", False)
+    protocol = ("drift: switch = A[:P] + A[P:P+S] + B[:S], control = A[:P+2S] (S = --drift-segment); "
+                + PROTOCOL_TEACHER_FORCED + "; false re-traces: monitor triggers before the switch or anywhere in "
+                "a control, per 1,000 scored tokens; detected: a trigger within 64 tokens after the switch; "
+                "ppl: geometric mean over sequences of each sequence's perplexity")
+
+    def prepare(self) -> None:
+        s = self.settings
+        if s.drift_profile not in PROFILES:
+            raise ValueError(f"--drift-profile must be one of {sorted(PROFILES)}, got {s.drift_profile!r}")
+        if s.drift_split not in ("all", "tune", "test"):
+            raise ValueError(f"--drift-split must be all, tune or test, got {s.drift_split!r}")
+        profile = PROFILES[s.drift_profile]
+        segment = profile["segment"] or s.drift_segment
+        genres = s.drift_sources or {g: GENRES[g] for g in profile["genres"] or GENRES}
+        bos = self.tokenizer.bos_token_id if needs_bos_every_window(self.model, s.model) else None
+        sequences = drift_sequences(self.tokenizer, s.prefix, segment, genres, s.data_dir, bos)
+        if s.drift_split != "all":
+            sequences = [q for q in sequences if q.split == s.drift_split]
+        limit = s.limit_for("drift")
+        if limit is not None:          # a limit keeps the same share of switches and controls
+            switches = [q for q in sequences if q.kind == "switch"][:limit]
+            controls = [q for q in sequences if q.kind == "control"][:max(1, limit // 2)]
+            sequences = switches + controls
+        self.sequences = sequences
+        self.prefix = s.prefix
+        self.records: dict[str, list[dict]] = {}
+        self.traces: dict[tuple[str, str, float], object] = {}
+
+    def evaluate(self, spec: MethodSpec, session) -> list:
+        started = time.perf_counter()
+        records = []
+        for seq in progress(self.sequences, f"drift {spec.label}"):
+            scored = session.score(seq.ids, self.prefix, spec.config.window)
+            stats = session.stats()[0]
+            nll = -scored.logprobs.double()
+            split = seq.switch - (self.prefix + 1)        # scored target j is token prefix + 1 + j
+            triggers = stats.trigger_positions
+            after = [p - seq.switch for p in triggers if p > seq.switch]
+            false = [p for p in triggers if p <= seq.switch] if seq.kind == "switch" else triggers
+            records.append({
+                "name": seq.name, "kind": seq.kind, "split": seq.split, "genre_a": seq.genre_a,
+                "genre_b": seq.genre_b, "switch": seq.switch, "tokens": len(seq.ids),
+                "nll_before": float(nll[:split].mean()), "nll_after": float(nll[split:].mean()),
+                "nll_after_64": float(nll[split:split + DETECTION_WINDOW].mean()), "nll_all": float(nll.mean()),
+                "scored_before": split, "scored_all": int(nll.numel()),
+                "false_retraces": len(false), "first_after": after[0] if after else None,
+                "triggers": triggers, "executed_sparsity": stats.executed_sparsity,
+                "retraces": stats.retrace_count})
+            if len(self.traces) < 6 and spec.method == "dart" and seq.kind == "switch":
+                self.traces[(seq.name, spec.method, spec.sparsity)] = stats
+        self.records[spec.label] = records
+        self.details += [{"task": self.name, "method": spec.method, "sparsity": spec.sparsity, **r} for r in records]
+        return [self.result(spec, self.settings.drift_split, self._metrics(records), len(records), self.prefix,
+                            {"executed_sparsity": _mean([r["executed_sparsity"] for r in records]),
+                             "retraces_mean": _mean([r["retraces"] for r in records]), "sequences": len(records)},
+                            time.perf_counter() - started, segment=self.sequences[0].switch - self.prefix)]
+
+    @staticmethod
+    def _metrics(records: list[dict]) -> dict[str, float]:
+        switches = [r for r in records if r["kind"] == "switch"]
+        controls = [r for r in records if r["kind"] == "control"]
+        delays = [r["first_after"] for r in switches if r["first_after"] is not None]
+        control_tokens = sum(r["scored_all"] for r in controls)
+        before_tokens = sum(r["scored_before"] for r in switches)
+        return {
+            "ppl_before": math.exp(_mean([r["nll_before"] for r in switches])),
+            "ppl_after": math.exp(_mean([r["nll_after"] for r in switches])),
+            "ppl_after_64": math.exp(_mean([r["nll_after_64"] for r in switches])),
+            "ppl_control": math.exp(_mean([r["nll_all"] for r in controls])),
+            "false_per_1k_control": 1000 * sum(r["false_retraces"] for r in controls) / control_tokens
+            if control_tokens else math.nan,
+            "false_per_1k_before": 1000 * sum(r["false_retraces"] for r in switches) / before_tokens
+            if before_tokens else math.nan,
+            "detected_64": _mean([float(r["first_after"] is not None and r["first_after"] <= DETECTION_WINDOW)
+                                  for r in switches]),
+            "median_delay": float(statistics.median(delays)) if delays else math.nan,
+            "executed_sparsity": _mean([r["executed_sparsity"] for r in records]),
+            "switches": len(switches), "controls": len(controls),
+        }
+
+    def comparisons(self) -> list[dict]:
+        """Every pruned method against static at the same sparsity (and against dense): paired ratio of geometric-
+        mean perplexities and the share of static's gap to dense recovered, with 95% bootstrap intervals."""
+        out = []
+        dense = self.records.get("dense")
+        for label, records in self.records.items():
+            method, _, sparsity = label.partition("@")
+            if method in ("dense", "static"):
+                continue
+            static = self.records.get(f"static@{sparsity}")
+            for part, key, kind in (("after switch", "nll_after", "switch"), ("before switch", "nll_before", "switch"),
+                                    ("controls", "nll_all", "control")):
+                mine = [r[key] for r in records if r["kind"] == kind]
+                if not mine:
+                    continue
+                row = {"method": label, "part": part, "items": len(mine)}
+                if static is not None:
+                    theirs = [r[key] for r in static if r["kind"] == kind]
+                    row["ppl_ratio_vs_static"] = bootstrap([mine, theirs], ratio_of_geomeans)
+                    if dense is not None:
+                        base = [r[key] for r in dense if r["kind"] == kind]
+                        row["gap_recovered"] = bootstrap([mine, theirs, base], gap_recovered)
+                if dense is not None:
+                    base = [r[key] for r in dense if r["kind"] == kind]
+                    row["ppl_ratio_vs_dense"] = bootstrap([mine, base], ratio_of_geomeans)
+                out.append(row)
+        return out
+
+    def plot_traces(self, out) -> list:
+        from dartprune.evaluation.report import plot_drift_traces
+        switches = {seq.name: seq.switch for seq in self.sequences}
+        return plot_drift_traces(self.traces, switches, out)
+
