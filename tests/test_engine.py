@@ -6,7 +6,7 @@ import torch
 import dartprune
 from dartprune import ConfigError, DartConfig
 from dartprune.engine.budgets import depth_protection, keep_counts, pruning_ratios
-from dartprune.engine.drift import DriftMonitor
+from dartprune.engine.drift import PaperDetector
 from dartprune.engine.weights import PrefixFFN, masked_ffn
 from dartprune.engine.scoring import top_neurons
 from tests.helpers import teacher_forced_logits
@@ -305,7 +305,7 @@ def test_dense_steps_count_tokens_when_forwards_carry_several():
 
 
 def test_drift_monitor_waits_for_two_windows_and_triggers_on_pressure():
-    monitor = DriftMonitor(window=5, delta=0.1, floor=0.1, trigger_count=2, cooldown=1)
+    monitor = PaperDetector(window=5, delta=0.1, floor=0.1, trigger_count=2, cooldown=1)
     base = torch.randn(1, 1, 16)
     monitor.fit(base.expand(1, 3, 16) + 0.01 * torch.randn(1, 3, 16))
     assert not monitor.fitted

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("generate", "models", "eval", "bench", "calibrate", "harness")
+SUBCOMMANDS = ("generate", "chat", "serve", "models", "eval", "bench", "calibrate", "harness")
 
 
 def build_parser() -> argparse.ArgumentParser:

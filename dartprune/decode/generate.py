@@ -50,7 +50,7 @@ class Generation:
 
     text: str
     tokens: list[int]
-    finish_reason: str                 # "stop" (stop string), "eos" or "length"
+    finish_reason: str                 # "stop" (stop string), "eos", "length" or "interrupted"
     prompt_tokens: int
     ttft_s: float                      # prompt in, first token out
     step_s: list[float] = field(default_factory=list)   # each later token
@@ -192,9 +192,10 @@ class Generator:
 
     @torch.inference_mode()
     def continue_(self, ids: torch.Tensor, params: SamplingParams, on_text: Callable[[str], None] | None = None,
-                  new_turn: bool = True) -> Generation:
+                  new_turn: bool = True, should_stop: Callable[[], bool] | None = None) -> Generation:
         """Native loop: feed `ids` after what the sequence holds (a new conversation turn when `new_turn`), then
-        generate. The sequence keeps its cache for the next call."""
+        generate. The sequence keeps its cache for the next call. `should_stop()` is asked after every token (a
+        reply interrupted that way ends with finish reason "interrupted")."""
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stream = TextStream(self.tokenizer, params.stop, on_text)
         start = time.perf_counter()
@@ -211,6 +212,9 @@ class Generator:
                 reason = "stop"
                 break
             if len(stream.tokens) >= params.max_new_tokens:
+                break
+            if should_stop is not None and should_stop():
+                reason = "interrupted"
                 break
             start = time.perf_counter()
             token = sample(self.native.forward(torch.tensor([token]))[-1], params, generator)

@@ -57,6 +57,19 @@ static void rms_norm(const float *x, const float *w, float *out, int n, float ep
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * (w[i] + offset);
 }
 
+/* a . b with 32 independent partial sums: one running sum would wait on the latency of every add (a chain of
+ * dependent FMAs), several keep the vector units busy; the compiler vectorises the inner loop */
+static inline float dot(const float *a, const float *b, int n) {
+    float acc[32] = {0};
+    int c = 0;
+    for (; c + 32 <= n; c += 32)
+        for (int j = 0; j < 32; j++) acc[j] += a[c + j] * b[c + j];
+    float s = 0.0f;
+    for (int j = 0; j < 32; j++) s += acc[j];
+    for (; c < n; c++) s += a[c] * b[c];
+    return s;
+}
+
 /* y[t, r] = W[r, 0:cols] . x[t] (+ b[r]) for T tokens (x rows of ldx, y rows of ldy): weight rows split over
  * the team, each read once for all tokens (call inside a parallel region) */
 static void matmul(const float *W, long ld, const float *x, long ldx, const float *b, float *y, long ldy, int rows,
@@ -65,10 +78,7 @@ static void matmul(const float *W, long ld, const float *x, long ldx, const floa
     for (int r = 0; r < rows; r++) {
         const float *w = W + (long)r * ld;
         for (int t = 0; t < T; t++) {
-            const float *xt = x + t * ldx;
-            float acc = 0.0f;
-            #pragma omp simd reduction(+:acc)
-            for (int c = 0; c < cols; c++) acc += w[c] * xt[c];
+            float acc = dot(w, x + t * ldx, cols);
             y[t * ldy + r] = b ? acc + b[r] : acc;
         }
     }
@@ -88,17 +98,9 @@ static void ffn_in(const Model *m, const Layer *L, const float *x, float *u, int
         const float *wu = L->up + (long)i * H, *wg = m->gated ? L->gate + (long)i * H : NULL;
         for (int t = 0; t < T; t++) {
             const float *xt = x + (long)t * H;
-            float su = 0.0f;
-            if (wg) {
-                float sg = 0.0f;
-                #pragma omp simd reduction(+:sg, su)
-                for (int c = 0; c < H; c++) { sg += wg[c] * xt[c]; su += wu[c] * xt[c]; }
-                u[(long)t * I + i] = activate(sg, m->act) * su;
-            } else {
-                #pragma omp simd reduction(+:su)
-                for (int c = 0; c < H; c++) su += wu[c] * xt[c];
-                u[(long)t * I + i] = activate(L->up_bias ? su + L->up_bias[i] : su, m->act);
-            }
+            float su = dot(wu, xt, H);
+            if (wg) u[(long)t * I + i] = activate(dot(wg, xt, H), m->act) * su;
+            else u[(long)t * I + i] = activate(L->up_bias ? su + L->up_bias[i] : su, m->act);
         }
     }
 }
@@ -189,13 +191,10 @@ int dart_forward(const Model *m, const int *tokens, int T, int start, float *log
                 const float *vc = m->v_cache + ((long)l * KVH + kvh) * m->capacity * D;
                 float *s = m->scores + (long)item * m->capacity, *qh = q + (long)t * QN + head * D, top = -INFINITY;
                 for (int p = first; p <= pos; p++) {
-                    float dot = 0.0f;
-                    #pragma omp simd reduction(+:dot)
-                    for (int c = 0; c < D; c++) dot += qh[c] * kc[(long)p * D + c];
-                    dot *= m->attention_scale;
-                    if (m->attention_softcap > 0) dot = tanhf(dot / m->attention_softcap) * m->attention_softcap;
-                    s[p] = dot;
-                    if (dot > top) top = dot;
+                    float score = dot(qh, kc + (long)p * D, D) * m->attention_scale;
+                    if (m->attention_softcap > 0) score = tanhf(score / m->attention_softcap) * m->attention_softcap;
+                    s[p] = score;
+                    if (score > top) top = score;
                 }
                 float total = 0.0f;
                 for (int p = first; p <= pos; p++) { s[p] = expf(s[p] - top); total += s[p]; }

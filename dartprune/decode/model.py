@@ -131,7 +131,7 @@ class NativeModel:
                 engine.new_turn()
             step = engine.begin_forward(torch.ones(1, tokens, dtype=torch.bool))
         if self.kernel is not None and tokens <= self.kernel.max_tokens and start > 0 and (
-                step is None or (not step.dense and engine.runs_prefix)):
+                step is None or not engine.prunes or (not step.dense and engine.runs_prefix)):
             return self._kernel_forward(ids.tolist(), start, step)
         d = self.decoder
         tables = self.rotary(start + tokens)

@@ -36,6 +36,7 @@ class DartConfig:
     min_trace_tokens: a prompt shorter than this is too short to trace from: the first decoded tokens run dense
         and are traced too, and the masks are built once this many tokens have been traced (the paper's
         masking step). 1 builds them from the prompt whatever its length.
+    detector: the drift detector (`dartprune.engine.drift.DETECTORS`): "paper" is the paper's cosine test.
     window/delta/floor/trigger_count/cooldown: drift monitor W, delta, floor, c0 and windows ignored after a
         re-trace. c0 = 3 and cooldown = 4 were chosen by benchmarks/drift_tuning.py (results in
         benchmarks/results/drift_tuning.md): at 50% sparsity on SmolLM2, c0 = 1 re-traced 7-9 times inside
@@ -48,6 +49,7 @@ class DartConfig:
     retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset, the plain
         form). 0.3 by measurement (benchmarks/drift_tuning.py): scores from R = 16 tokens alone are noisy, and
         keeping 30% of the previous (unit-normalised) scores gave lower perplexity after every switch tried.
+    turn_blend: weight of the earlier scores blended into a new conversation turn's (0 = the turn alone).
     retrace_spread: decode steps over which a buffer re-trace's scoring is spread (a slice of the layers per
         step, each layer switching to its new neurons when scored), so that no step stalls for the whole
         re-trace; 1 scores every layer in the step that triggered it.
@@ -71,6 +73,7 @@ class DartConfig:
     prior: str | None = None
     prune_prefill: bool = False
     min_trace_tokens: int = 1
+    detector: str = "paper"
     window: int = 5
     delta: float = 0.1
     floor: float = 0.1
@@ -82,6 +85,7 @@ class DartConfig:
     dense_steps: int = 16
     retrace_blend: float = 0.3
     retrace_spread: int = 1
+    turn_blend: float = 0.0
     path: Literal["compact", "mask"] = "compact"
     seed: int = 0
     calibration_file: str | None = None
@@ -98,11 +102,13 @@ class DartConfig:
         _choice("score", self.score, SCORES)
         _choice("prior", self.prior, PRIORS)
         _choice("retrace", self.retrace, RETRACE_MODES)
+        from dartprune.engine.drift import DETECTORS
+        _choice("detector", self.detector, tuple(DETECTORS))
         _choice("path", self.path, PATHS)
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         for name in ("early_width", "late_width", "early_floor", "late_floor", "p_min", "p_max", "ema_decay",
-                     "retrace_blend"):
+                     "retrace_blend", "turn_blend"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {value!r}")

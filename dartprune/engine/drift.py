@@ -1,9 +1,16 @@
-"""Drift monitor (docs/algorithm.md §4): compare windows of the attention output with the context's mean direction."""
+"""Drift detectors (docs/algorithm.md §4): each watches one sequence's monitored signal (the attention output of
+the monitored layers, [layers, tokens, hidden] float32) and says when the text has moved on. They are found by
+name (`DartConfig.detector`) in a registry, like the methods."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from dartprune.engine.config import DartConfig
 
 _EPS = 1e-12
 
@@ -23,10 +30,50 @@ class WindowRecord:
     pressure: int
 
 
-@dataclass
-class DriftMonitor:
-    """One sequence's drift state. Signals are [monitored layers, tokens, hidden] float32 tensors."""
+class Detector(ABC):
+    """One sequence's drift detector."""
 
+    name: ClassVar[str] = ""
+    records: list[WindowRecord]
+
+    @abstractmethod
+    def fit(self, signal: torch.Tensor) -> None:
+        """Start over from the signal of the tokens a mask was traced on."""
+
+    @abstractmethod
+    def observe(self, signal: torch.Tensor, end_position: int) -> bool:
+        """Take the signal of new tokens (ending at sequence position `end_position`); True when a re-trace is due."""
+
+    def refit(self, signal: torch.Tensor) -> None:
+        """After a re-trace, from the signal of the tokens it was traced on."""
+        self.fit(signal)
+
+    @abstractmethod
+    def state_bytes(self) -> int:
+        ...
+
+
+DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register_detector(cls: type[Detector]) -> type[Detector]:
+    DETECTORS[cls.name] = cls
+    return cls
+
+
+def make_detector(config: DartConfig) -> Detector:
+    return DETECTORS[config.detector].from_config(config)
+
+
+@register_detector
+@dataclass
+class PaperDetector(Detector):
+    """The paper's rule: each window of W tokens is compared (cosine of its mean) with the traced tokens' mean
+    direction; a window below mu - max(delta * sigma, floor) (mu, sigma over the traced tokens' own windows) adds
+    one to a pressure that other windows lower by one; the pressure reaching c0 asks for a re-trace, after which
+    `cooldown` windows pass unscored."""
+
+    name: ClassVar[str] = "paper"
     window: int
     delta: float
     floor: float
@@ -41,6 +88,10 @@ class DriftMonitor:
     records: list[WindowRecord] = field(default_factory=list)
     _baseline: list[torch.Tensor] = field(default_factory=list)
     _pending: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: DartConfig) -> PaperDetector:
+        return cls(config.window, config.delta, config.floor, config.trigger_count, config.cooldown)
 
     @property
     def fitted(self) -> bool:

@@ -28,7 +28,7 @@ from dartprune.architectures import get_adapter
 from dartprune.engine import costs
 from dartprune.engine.budgets import keep_counts, layer_importance, pruning_ratios
 from dartprune.engine.config import ConfigError, DartConfig
-from dartprune.engine.drift import DriftMonitor
+from dartprune.engine.drift import Detector, make_detector
 from dartprune.engine.phase import Event, Phase, next_phase
 from dartprune.engine.ring import Ring
 from dartprune.engine.scoring import squared_activations, top_neurons, vocab_prior
@@ -67,7 +67,8 @@ class _Row:
 
     phase: Phase
     target: int                    # tokens to trace before the masks are (re)built
-    drift: DriftMonitor
+    drift: Detector
+    reason: Event | None = None    # why the row traces now (None: its first prompt)
     trace: _Trace = field(default_factory=_Trace)
     built: bool = False
     keep: list[int] = field(default_factory=list)
@@ -343,11 +344,11 @@ class Engine:
     # ----------------------------------------------------------------- rows and phases
     def _new_row(self) -> _Row:
         c = self.config
-        drift = DriftMonitor(c.window, c.delta, c.floor, c.trigger_count, c.cooldown)
-        return _Row(phase=Phase.TRACING, target=max(1, c.min_trace_tokens), drift=drift)
+        return _Row(phase=Phase.TRACING, target=max(1, c.min_trace_tokens), drift=make_detector(c))
 
     def _enter_tracing(self, row: _Row, event: Event, target: int) -> None:
         row.phase = next_phase(row.phase, event)
+        row.reason = event
         row.target = target
         row.trace = _Trace()
         row.pending = []
@@ -380,8 +381,11 @@ class Engine:
             row.scores = fresh
             row.kept = [None] * len(self.layers)
             row.flops["tracing"] += costs.tracing_flops(trace.tokens, self.sizes, self.hidden)
+        elif row.reason is Event.TURN and not self.method.follows_turns:
+            fresh = row.scores                        # the mask of the first turn stays
         else:
-            row.scores = [self._blend(old, new) for old, new in zip(row.scores, fresh)]
+            weight = self.config.turn_blend if row.reason is Event.TURN else self.config.retrace_blend
+            row.scores = [self._blend(old, new, weight) for old, new in zip(row.scores, fresh)]
         changed = [self._apply(b, i) for i in range(len(self.layers))]
         if self.monitored:
             baseline = torch.cat(trace.signal, dim=1) if trace.signal else None
@@ -404,10 +408,10 @@ class Engine:
             scores = scores * self._prior(layer)
         return scores
 
-    def _blend(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def _blend(self, old: torch.Tensor, new: torch.Tensor, weight: float | None = None) -> torch.Tensor:
         """A re-trace's scores: the fresh ones, with a share of the old blended in (both unit length first: the
         old summed over the prompt, the fresh over a few tokens)."""
-        blend = self.config.retrace_blend
+        blend = self.config.retrace_blend if weight is None else weight
         return (1 - blend) * _unit(new) + blend * _unit(old) if blend else new
 
     def _apply(self, b: int, layer: int) -> int:

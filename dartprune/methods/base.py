@@ -52,6 +52,8 @@ class Method:
     execution: ClassVar[str] = "kept-set"
     # watch the attention output for drift and re-trace (config.retrace says how)
     follows_drift: ClassVar[bool] = False
+    # rebuild the masks from each new conversation turn (else the first turn's masks stay)
+    follows_turns: ClassVar[bool] = False
 
     def __init__(self, config: DartConfig, parts: list[FFNParts], model: nn.Module):
         self.config = config

@@ -8,3 +8,4 @@ class Dart(Method):
     name = "dart"
     description = "prompt-traced neurons, sensitivity budgets, re-traced on attention drift (no calibration)"
     follows_drift = True
+    follows_turns = True

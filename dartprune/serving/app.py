@@ -1,0 +1,309 @@
+"""An OpenAI-compatible HTTP server for one model, dense or pruned: `/v1/chat/completions` and `/v1/completions`
+(streamed as server-sent events or not), `/v1/models` and `/health`.
+
+Requests run one after another on the model (a lock); each is a new sequence, so nothing of one request reaches
+another. DART settings come from the command line and can be changed per request with the extra field
+`"dartprune": {"method": ..., "sparsity": ..., ...}` (any DartConfig field); the response carries the usual usage
+counts and, under `"dartprune"`, the engine's figures for that request. Errors are OpenAI-style JSON with a 4xx
+status, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from dartprune.decode.generate import Generation, Generator, SamplingParams
+from dartprune.engine import DartConfig
+from dartprune.engine.config import ConfigError
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class APIError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    dartprune: dict[str, Any] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Common):
+    prompt: str
+
+
+@dataclass
+class ModelServer:
+    """The model, its tokenizer and the generator for the settings last asked for (built again when a request
+    asks for other settings); `lock` serves requests one after another."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    config: DartConfig
+    loop: str = "auto"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _generator: Generator | None = None
+
+    def settings(self, overrides: dict[str, Any] | None) -> DartConfig:
+        try:
+            return DartConfig.from_dict({**dataclasses.asdict(self.config), **(overrides or {})})
+        except (ConfigError, TypeError) as err:
+            raise APIError(400, f"dartprune settings: {err}", param="dartprune") from err
+
+    def generator(self, config: DartConfig) -> Generator:
+        if self._generator is None or self._generator.config != config:
+            if self._generator is not None:
+                self._generator.close()
+            self._generator = Generator(self.model, self.tokenizer, config, loop=self.loop)
+        return self._generator
+
+    def run(self, ids: torch.Tensor, params: SamplingParams, config: DartConfig, on_text=None,
+            should_stop=None) -> Generation:
+        with self.lock:
+            generator = self.generator(config)
+            generator.check_length(ids.numel(), params.max_new_tokens)
+            if generator.native is not None:
+                generator.native.reset()
+                return generator.continue_(ids, params, on_text, new_turn=False, should_stop=should_stop)
+            return generator.generate(ids, params, on_text)
+
+    def close(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+
+def _params(request: _Common, max_tokens: int | None) -> SamplingParams:
+    if request.n != 1:
+        raise APIError(400, "only n = 1 is supported", param="n")
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    try:
+        return SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                              seed=request.seed, stop=tuple(stop))
+    except ValueError as err:
+        raise APIError(400, str(err)) from err
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _figures(result: Generation, config: DartConfig, loop: str) -> dict[str, Any]:
+    stats = result.stats
+    return {"method": config.method, "sparsity": config.sparsity, "loop": loop,
+            "executed_sparsity": round(stats.executed_sparsity, 4), "retraces": stats.retrace_count,
+            "state_bytes": stats.state_bytes, "tokens_per_s": round(result.tokens_per_s, 2)}
+
+
+def create_app(server: ModelServer) -> FastAPI:
+    """The FastAPI application serving `server`'s model."""
+    app = FastAPI(title="dartprune", description=__doc__.splitlines()[0])
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception) -> JSONResponse:
+        return APIError(500, f"{type(err).__name__}: {err}", kind="server_error").response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        kind = first.get("type", "")
+        message = "the body is not valid JSON" if kind == "json_invalid" else \
+            f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        return APIError(400, message, param=where).response()
+
+    def check_model(name: str) -> None:
+        if name != server.name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {server.name!r}",
+                           param="model", code="model_not_found")
+
+    def encode_chat(request: ChatRequest) -> torch.Tensor:
+        if not request.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if not getattr(server.tokenizer, "chat_template", None):
+            raise APIError(400, f"{server.name} has no chat template; use /v1/completions", param="messages")
+        ids = server.tokenizer.apply_chat_template([m.model_dump() for m in request.messages],
+                                                   add_generation_prompt=True, return_dict=True)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long).reshape(-1)
+
+    def encode_prompt(request: CompletionRequest) -> torch.Tensor:
+        if not request.prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        return torch.tensor(server.tokenizer(request.prompt).input_ids, dtype=torch.long)
+
+    def prepare(request: _Common, ids: torch.Tensor, max_tokens: int) -> tuple[SamplingParams, DartConfig]:
+        params = _params(request, max_tokens)
+        config = server.settings(request.dartprune)
+        context = getattr(server.model.config, "max_position_embeddings", None)
+        if context is not None and ids.numel() + params.max_new_tokens > context:
+            raise APIError(400, f"this request has {ids.numel()} prompt tokens and asks for "
+                                f"{params.max_new_tokens} more, over the model's context of {context} tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        return params, config
+
+    async def run(ids, params, config) -> Generation:
+        try:
+            return await asyncio.to_thread(server.run, ids, params, config)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+
+    def stream(http: Request, ids, params, config, chunk, final, include_usage: bool) -> StreamingResponse:
+        """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, then [DONE]."""
+        pieces: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                result = server.run(ids, params, config, on_text=lambda text: pieces.put(("text", text)),
+                                    should_stop=stop.is_set)
+                pieces.put(("done", result))
+            except Exception as err:  # noqa: BLE001 - reported in the stream, the server goes on
+                pieces.put(("error", err))
+
+        async def events() -> AsyncIterator[str]:
+            threading.Thread(target=work, daemon=True).start()
+            first = chunk(None, None)
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
+            while True:
+                try:
+                    kind, value = await asyncio.to_thread(pieces.get, True, 0.5)
+                except queue.Empty:
+                    if await http.is_disconnected():
+                        stop.set()
+                    continue
+                if kind == "text":
+                    yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                elif kind == "error":
+                    body = {"error": {"message": str(value), "type": "server_error", "param": None, "code": None}}
+                    yield f"data: {json.dumps(body)}\n\n"
+                    break
+                else:
+                    yield f"data: {json.dumps(chunk(None, _finish(value.finish_reason)))}\n\n"
+                    if include_usage:
+                        yield f"data: {json.dumps(final(value))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": server.name}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
+                                            "owned_by": "dartprune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatRequest, http: Request):
+        check_model(request.model)
+        ids = encode_chat(request)
+        params, config = prepare(request, ids, request.max_completion_tokens or request.max_tokens
+                                 or DEFAULT_MAX_TOKENS)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage(result: Generation) -> dict[str, int]:
+            return {"prompt_tokens": ids.numel(), "completion_tokens": len(result.tokens),
+                    "total_tokens": ids.numel() + len(result.tokens)}
+
+        if request.stream:
+            def chunk(text, reason):
+                delta = {"role": "assistant", "content": ""} if text is None and reason is None else (
+                    {"content": text} if text is not None else {})
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+            def final(result):
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
+                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+
+            include = bool(request.stream_options and request.stream_options.include_usage)
+            return stream(http, ids, params, config, chunk, final, include)
+        result = await run(ids, params, config)
+        return {"id": ident, "object": "chat.completion", "created": created, "model": server.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "finish_reason": _finish(result.finish_reason)}],
+                "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, http: Request):
+        check_model(request.model)
+        ids = encode_prompt(request)
+        params, config = prepare(request, ids, request.max_tokens or 16)
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage(result: Generation) -> dict[str, int]:
+            return {"prompt_tokens": ids.numel(), "completion_tokens": len(result.tokens),
+                    "total_tokens": ids.numel() + len(result.tokens)}
+
+        if request.stream:
+            def chunk(text, reason):
+                if text is None and reason is None:
+                    return None
+                return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}]}
+
+            def final(result):
+                return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
+                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+
+            include = bool(request.stream_options and request.stream_options.include_usage)
+            return stream(http, ids, params, config, chunk, final, include)
+        result = await run(ids, params, config)
+        return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
+                "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
+                             "logprobs": None}],
+                "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+
+    return app

@@ -1,0 +1,245 @@
+"""Conversations, `dartprune chat` and `dartprune serve`: the cache kept across turns and each turn traced; the
+OpenAI-compatible server driven by the official `openai` client (streaming and not), bad requests answered with a
+4xx and the server still serving, and a bounded load test on the loopback address."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from dartprune import DartConfig
+from dartprune.cli.chat import chat_loop
+from dartprune.decode.chat import Conversation
+from dartprune.decode.generate import Generator, SamplingParams
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def chat_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+def test_conversation_keeps_the_cache_and_traces_each_turn():
+    model, tokenizer = tiny_model("llama"), chat_tokenizer()
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+        chat = Conversation(generator)
+        first = chat.say("the harbour at night", params)
+        cached = generator.native.cache.length
+        second = chat.say("how do you bake bread?", params)
+        engine = generator.engine
+        kept_after = [engine.kept(0, layer) for layer in range(len(engine.layers))]
+        stats = engine.stats()[0]
+    assert cached == len(chat.turns[0].reply.tokens) - 1 + len(chat.render(chat.messages[:1]))
+    assert chat.turns[1].new_tokens < len(chat.render(chat.messages[:3]))      # only the new turn was fed
+    # one sequence: every cached token fed once, and again where a rewind cut the cache back
+    assert stats.tokens == generator.native.cache.length + sum(t.rewound for t in chat.turns)
+    assert len(chat.messages) == 4 and chat.messages[3]["content"] == second.text
+    assert first.stats.keep_counts == stats.keep_counts                       # budgets stay; the neurons move
+    fresh = Generator(model, tokenizer, DartConfig(sparsity=0.5))
+    try:
+        single = Conversation(fresh)
+        single.say("the harbour at night", params)
+        kept_first = [fresh.engine.kept(0, layer) for layer in range(len(fresh.engine.layers))]
+    finally:
+        fresh.close()
+    assert any(not torch.equal(a, b) for a, b in zip(kept_first, kept_after))  # the second turn re-traced
+
+
+def test_static_keeps_the_first_turns_mask():
+    model, tokenizer = tiny_model("llama"), chat_tokenizer()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    with Generator(model, tokenizer, DartConfig(method="static", sparsity=0.5)) as generator:
+        chat = Conversation(generator)
+        chat.say("the harbour at night", params)
+        before = [generator.engine.kept(0, layer) for layer in range(4)]
+        chat.say("how do you bake bread?", params)
+        after = [generator.engine.kept(0, layer) for layer in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_conversation_equals_one_sequence_for_dense():
+    """Dense, the turn-by-turn cache gives the same reply as rendering the whole conversation at once."""
+    model, tokenizer = tiny_model("qwen2"), chat_tokenizer()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    with Generator(model, tokenizer) as generator:
+        chat = Conversation(generator)
+        chat.say("the harbour at night", params)
+        reply = chat.say("and in the morning?", params)
+        whole = generator.generate(torch.tensor(chat.render(chat.messages[:3])), params)
+    assert reply.tokens == whole.tokens
+
+
+def test_chat_loop_commands_and_interrupt():
+    model, tokenizer = tiny_model("llama"), chat_tokenizer()
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+        chat = Conversation(generator)
+        out = io.StringIO()
+        chat_loop(chat, SamplingParams(max_new_tokens=5, ignore_eos=True),
+                  io.StringIO("the harbour\n/stats\n/nope\n/reset\n/stats\nbread\n/quit\nnever read\n"), out, False)
+        text = out.getvalue()
+        assert "1 turn, 5 reply tokens" in text and "unknown command /nope" in text
+        assert "conversation reset" in text and "no turns yet" in text and len(chat.turns) == 1
+        stops = iter([False, False, True])
+        reply = chat.say("and then?", SamplingParams(max_new_tokens=20, ignore_eos=True),
+                         should_stop=lambda: next(stops))
+        assert reply.finish_reason == "interrupted" and len(reply.tokens) == 3
+
+
+def test_conversation_needs_the_native_loop_and_a_template():
+    with pytest.raises(ValueError, match="native loop"):
+        Conversation(Generator(tiny_model("gpt2"), chat_tokenizer()))
+    with pytest.raises(ValueError, match="chat template"):
+        Conversation(Generator(tiny_model("llama"), tiny_tokenizer()))
+
+
+# ----------------------------------------------------------------------------------------------- the server
+def _http(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, or of a POST of `body`, with the standard library only."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    uvicorn = pytest.importorskip("uvicorn")
+    from dartprune.serving.app import ModelServer, create_app
+    torch.set_num_threads(1)
+    model_server = ModelServer(tiny_model("llama"), chat_tokenizer(), "tiny", DartConfig(sparsity=0.5))
+    port = _free_port()
+    config = uvicorn.Config(create_app(model_server), host="127.0.0.1", port=port, log_level="error")
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if running.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    running.should_exit = True
+    thread.join(timeout=10)
+    model_server.close()
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key="not-needed", max_retries=0)
+
+
+def test_openai_client_chat_and_completions(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the harbour"}],
+                                           max_tokens=6, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 6 and reply.usage.total_tokens == (
+        reply.usage.prompt_tokens + reply.usage.completion_tokens)
+    extension = reply.model_extra["dartprune"]
+    assert extension["method"] == "dart" and extension["sparsity"] == 0.5 and 0 < extension["executed_sparsity"] < 0.5
+    text = client.completions.create(model="tiny", prompt="the light on the water", max_tokens=5, temperature=0,
+                                     extra_body={"dartprune": {"method": "static", "sparsity": 0.7}})
+    assert text.object == "text_completion" and text.model_extra["dartprune"]["method"] == "static"
+    assert text.model_extra["dartprune"]["sparsity"] == 0.7
+
+
+def test_openai_client_streams_the_same_text(client):
+    messages = [{"role": "user", "content": "bread and water"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    pieces, reasons, usage = [], [], None
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert reasons[-1] == whole.choices[0].finish_reason and usage.completion_tokens == whole.usage.completion_tokens
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="the harbour", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == client.completions.create(model="tiny", prompt="the harbour", max_tokens=6,
+                                                 temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": "tiny", "messages": []}, 400, "messages must not be empty"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"sparsity": 1.5}}, 400,
+     "sparsity"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"windw": 3}}, 400, "windw"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400,
+     "over the model's context"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "pirate", "content": "hi"}]}, 400, "role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, needle):
+    code, answer = _http(server + "/v1/chat/completions", json.dumps(body).encode())
+    assert code == status
+    error = answer["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert _http(server + "/health") == (200, {"status": "ok", "model": "tiny"})
+
+
+def test_malformed_json_is_a_400(server):
+    code, answer = _http(server + "/v1/completions", b"{not json")
+    assert code == 400 and "JSON" in answer["error"]["message"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_load_eight_clients_fifty_requests(client):
+    """Every response complete and well-formed, none lost; memory flat across the second half of the load."""
+    def one(i: int) -> tuple[int, str, str]:
+        if i % 2:
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"turn {i}"}],
+                                               max_tokens=4, temperature=0)
+            return i, r.choices[0].finish_reason, r.object
+        r = client.completions.create(model="tiny", prompt=f"prompt {i}", max_tokens=4, temperature=0)
+        return i, r.choices[0].finish_reason, r.object
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(8) as pool:
+        warm = list(pool.map(one, range(25)))
+        before = _rss_mb()
+        rest = list(pool.map(one, range(25, 50)))
+        after = _rss_mb()
+    results = warm + rest
+    assert sorted(i for i, _, _ in results) == list(range(50))
+    assert all(reason in ("stop", "length") for _, reason, _ in results)
+    assert {kind for _, _, kind in results} == {"chat.completion", "text_completion"}
+    assert after - before < 50, (before, after)
