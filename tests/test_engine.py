@@ -340,3 +340,31 @@ def test_config_from_dict_names_unknown_keys():
 def test_monitored_layer_out_of_range():
     with pytest.raises(ConfigError, match="out of range"):
         dartprune.attach(tiny_model("llama"), DartConfig(monitored_layers=(LAYERS,)))
+
+
+def test_attach_works_on_a_model_dispatched_over_cpu_and_disk(tmp_path):
+    """accelerate's device map with disk offload: offloaded layers run through their own modules with masked
+    activations (their weights are loaded only while they run); the rest permute in place. Same logits as the
+    model held whole in memory, and detach leaves it as it was."""
+    from transformers import AutoModelForCausalLM
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                      offload_folder=tmp_path / "offload").eval()
+    assert dispatched.model.layers[1].mlp.gate_proj.weight.device.type == "meta"
+    ids = random_ids(1, 40, seed=4)
+    config = DartConfig(sparsity=0.6, floor=0.0, delta=0.0, trigger_count=1, cooldown=0)
+    results = {}
+    for name, m in (("memory", model), ("dispatched", dispatched)):
+        with dartprune.attach(m, config) as handle:
+            results[name] = teacher_forced_logits(m, ids, prefix=12, chunk=3)
+            results[name + "_stats"] = handle.stats()[0]
+    assert (results["memory"] - results["dispatched"]).abs().max() <= 1e-4
+    assert results["memory_stats"].retrace_positions == results["dispatched_stats"].retrace_positions
+    assert results["dispatched_stats"].retrace_count >= 2
+    dense = teacher_forced_logits(dispatched, ids, prefix=12)
+    with torch.no_grad():
+        assert (dense - model(ids).logits).abs().max() <= 1e-5

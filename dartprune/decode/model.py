@@ -23,11 +23,13 @@ from dartprune.engine import Engine
 
 
 def native_supported(model: nn.Module) -> bool:
-    """Whether the native loop runs this model (else Hugging Face `generate` does)."""
+    """Whether the native loop runs this model (else Hugging Face `generate` does): a Llama- or Gemma-family
+    decoder with every weight in memory (not offloaded by a device map)."""
     try:
-        return get_adapter(model).decoder() is not None
+        decoder = get_adapter(model).decoder()
     except ValueError:
         return False
+    return decoder is not None and all(p.device.type != "meta" for p in model.parameters())
 
 
 class KVCache:
@@ -79,9 +81,9 @@ class NativeModel:
     def __init__(self, model: nn.Module, engine: Engine | None = None, capacity: int = 256, kernel: bool = True):
         adapter = get_adapter(model)
         decoder = adapter.decoder()
-        if decoder is None:
-            raise ValueError(f"the native decode loop does not run model type {model.config.model_type!r}; "
-                             "use Hugging Face generate (`--loop hf`)")
+        if not native_supported(model):
+            raise ValueError(f"the native decode loop runs Llama- and Gemma-family models held in memory, not this "
+                             f"{model.config.model_type!r} model; use Hugging Face generate (`--loop hf`)")
         if engine is not None and engine.model is not model:
             raise ValueError("the engine must be built on the same model")
         self.model = model

@@ -33,7 +33,8 @@ from dartprune.engine.phase import Event, Phase, next_phase
 from dartprune.engine.ring import Ring
 from dartprune.engine.scoring import squared_activations, top_neurons, vocab_prior
 from dartprune.engine.stats import RetraceRecord, SequenceStats
-from dartprune.engine.weights import PrefixFFN, activations, masked_ffn, to_neuron_major, to_row_major
+from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_ffn, offloaded, to_neuron_major,
+                                     to_row_major)
 from dartprune.methods import get_method
 
 _PRIOR_CACHE: weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -108,14 +109,19 @@ class Engine:
         self.prunes = self.method.prunes and config.sparsity > 0
         # down projections laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read
         # after that, so they are views of the layout in use
-        self._relaid = [w for w in self._down_weights if to_neuron_major(w)] if self.prunes else []
+        self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
+        self._relaid = [w for i, w in enumerate(self._down_weights)
+                        if i not in self._offloaded and to_neuron_major(w)] if self.prunes else []
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
         self.follows_drift = self.prunes and self.method.follows_drift
         self.per_token = self.prunes and self.method.execution == "per-token"
         self.hidden = self.parts[0].up.shape[1]
         self.gated = self.parts[0].gated
         self.monitored = self._monitored_layers() if self.follows_drift else []
-        self.prefix = [PrefixFFN(p) for p in self.parts] if self.prunes else []
+        self.prefix: list[PrefixFFN | ModuleFFN] = [
+            ModuleFFN(self.adapter.ffn(layer), self.adapter.down_proj(layer), p.intermediate_size)
+            if i in self._offloaded else PrefixFFN(p)
+            for i, (layer, p) in enumerate(zip(self.layers, self.parts))] if self.prunes else []
         layer_params = sum(p.numel() for p in nn.ModuleList(self.layers).parameters())
         self._dense_per_token = costs.dense_flops_per_token(layer_params, self.adapter.output_embeddings().numel())
         self.rows: list[_Row] = []
@@ -143,7 +149,9 @@ class Engine:
         self._masks = [None] * len(self.layers)
         self.ring = None
         if self.follows_drift:
-            dtype, device = self.parts[0].up.dtype, self.parts[0].up.device
+            dtype = self.parts[0].up.dtype
+            devices = [p.up.device for p in self.parts if p.up.device.type != "meta"]
+            device = devices[0] if devices else torch.device("cpu")
             self.ring = Ring(len(self.layers), len(self.monitored), batch, self.config.ring_size, self.hidden, dtype,
                              device)
 
@@ -189,8 +197,8 @@ class Engine:
         tracing = self._tracing_mask()
         kind = self.method.trace_kind()
         if u is not None and kind is not None and tracing.any():
-            sumsq = squared_activations(u.detach().reshape(step.batch, step.tokens, -1), tracing, kind,
-                                        self.config.ema_decay)
+            sumsq = squared_activations(u.detach().reshape(step.batch, step.tokens, -1), tracing.to(u.device), kind,
+                                        self.config.ema_decay).cpu()
             for b, row in enumerate(self.rows):
                 if tracing[b].any():
                     previous = row.trace.sumsq.get(layer)
@@ -213,6 +221,8 @@ class Engine:
             self.ring.write_x(layer, x.reshape(step.batch, step.tokens, -1))
         if self._compact:
             return self.prefix[layer].forward(x)
+        if layer in self._offloaded:
+            return self.prefix[layer].forward(x, self._masks[layer])
         parts = self.parts[layer]
         x3 = x.reshape(step.batch, step.tokens, -1)
         if self.per_token:
@@ -294,8 +304,8 @@ class Engine:
     @property
     def runs_prefix(self) -> bool:
         """Pruned forwards of this sequence run each layer over the prefix of its permuted weights (a batch of one
-        on the compact path), so a loop may run them itself from `keep_counts`."""
-        return self._compact
+        on the compact path, every weight in memory), so a loop may run them itself from `keep_counts`."""
+        return self._compact and not self._offloaded
 
     @property
     def keeps_ring(self) -> bool:
@@ -334,7 +344,7 @@ class Engine:
     def close(self) -> None:
         """Forget the sequence and put every weight back in its original order and layout (bit for bit)."""
         for prefix in self.prefix:
-            prefix.restore()
+            prefix.release() if isinstance(prefix, ModuleFFN) else prefix.restore()
         for weight in self._relaid:
             to_row_major(weight)
         self._relaid, self.prefix = [], []
@@ -438,6 +448,8 @@ class Engine:
         before any permutation, when the engine is built)."""
         cached = _PRIOR_CACHE.setdefault(self._down_weights[layer], {})
         if self.config.prior not in cached:
+            if layer in self._offloaded:
+                raise ConfigError("the vocabulary prior needs the FFN weights in memory; this layer is offloaded")
             cached[self.config.prior] = vocab_prior(self.prefix[layer].to_ids(self.parts[layer].down)
                                                     if self.prefix else self.parts[layer].down,
                                                     self.adapter.output_embeddings(), self.config.prior)
@@ -457,7 +469,9 @@ class Engine:
         layers, row.pending = row.pending[:count], row.pending[count:]
         for i in layers:
             x = self.ring.x[i, b].index_select(0, order.to(self.ring.x.device))
-            sumsq = squared_activations(activations(self.parts[i], x)[None], valid, kind, self.config.ema_decay)[0]
+            x = x.to(self.parts[i].up.device) if i not in self._offloaded else x
+            sumsq = squared_activations(self.prefix[i].activations(x)[None].cpu(), valid, kind,
+                                        self.config.ema_decay)[0]
             row.scores[i] = self._blend(row.scores[i], self._trace_scores(i, sumsq))
             row.retrace_changed[i] = self._apply(b, i)
         row.flops["retrace"] += costs.retrace_flops(tokens, [self.sizes[i] for i in layers], self.hidden, self.gated)

@@ -31,7 +31,8 @@ class Ring:
         """x: [batch, tokens, hidden] FFN inputs of this forward."""
         take = self.slots.numel()
         last = x if x.shape[1] == take else x[:, -take:]
-        self.x[layer].index_copy_(1, self.slots.to(self.x.device), last.detach() if last.requires_grad else last)
+        last = last.detach() if last.requires_grad else last
+        self.x[layer].index_copy_(1, self.slots.to(self.x.device), last.to(self.x.device, self.x.dtype))
 
     def write_all_x(self, xs: torch.Tensor) -> None:
         """xs: [layers, batch, tokens, hidden] FFN inputs of every layer (a decode loop that has them at once)."""
@@ -39,7 +40,7 @@ class Ring:
         self.x.index_copy_(2, self.slots.to(self.x.device), xs[:, :, -take:])
 
     def write_a(self, j: int, a: torch.Tensor) -> None:
-        self.a[j].index_copy_(1, self.slots.to(self.a.device), a[:, -self.slots.numel():].float())
+        self.a[j].index_copy_(1, self.slots.to(self.a.device), a[:, -self.slots.numel():].float().to(self.a.device))
 
     def end(self) -> None:
         take = self.slots.numel()

@@ -116,7 +116,11 @@ class PrefixFFN:
         self.up_bias = p.up_bias[:k] if p.up_bias is not None else None
         self.down_t = p.down[:, :k].t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """u of every neuron for inputs x, by position."""
+        return activations(self.parts, x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The FFN over the kept prefix. Two or three 2-D matmuls: every op is paid once per layer and token."""
         flat = x.reshape(-1, x.shape[-1])
         act = self.parts.act
@@ -130,6 +134,80 @@ class PrefixFFN:
         bias = self.parts.down_bias
         y = torch.mm(u, self.down_t) if bias is None else torch.addmm(bias, u, self.down_t)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class ModuleFFN:
+    """A layer whose weights are not in memory while it waits (offloaded by accelerate's device map to the CPU or
+    disk, and loaded by its hooks only while its own modules run): it runs through the model's FFN module, the
+    activations of pruned neurons masked by a forward pre-hook on the down projection. Correct, not faster; the
+    neuron order never changes, so the `PrefixFFN` interface holds with the identity order."""
+
+    def __init__(self, module: nn.Module, down: nn.Module, size: int):
+        self.module, self.size, self.k = module, size, size
+        self._kept = torch.arange(size)
+        self._mask: torch.Tensor | None = None
+        self._captured: torch.Tensor | None = None
+        self._hook = down.register_forward_pre_hook(self._on_down)
+
+    def _on_down(self, module: nn.Module, args: tuple):
+        if self._captured is not None:
+            self._captured = args[0].detach()
+            return None
+        if self._mask is not None:
+            return (args[0] * self._mask.to(args[0].device, args[0].dtype),)
+        return None
+
+    def position(self) -> torch.Tensor:
+        return torch.arange(self.size)
+
+    def kept(self) -> torch.Tensor:
+        return self._kept
+
+    def to_ids(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def mask(self, kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(self.size, dtype=dtype)
+        out[kept] = 1
+        return out
+
+    def keep(self, kept: torch.Tensor) -> int:
+        was = torch.zeros(self.size, dtype=torch.bool)
+        was[self._kept] = True
+        entering = int((~was[kept]).sum())
+        self._kept, self.k = kept, kept.numel()
+        return entering
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """u for inputs x: the module runs (so its weights are loaded) and the down projection's input is kept."""
+        self._captured = torch.empty(0)
+        try:
+            self.module(x)
+            return self._captured
+        finally:
+            self._captured = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The module with pruned activations zeroed: `mask` ([batch, 1, I], the mask path's per-row masks) or
+        this layer's own kept set."""
+        self._mask = mask if mask is not None else self.mask(self._kept, x.dtype)
+        try:
+            return self.module(x)
+        finally:
+            self._mask = None
+
+    def restore(self) -> None:
+        self._kept, self.k = torch.arange(self.size), self.size
+
+    def release(self) -> None:
+        """The masking hook off the down projection (the engine closes)."""
+        self.restore()
+        self._hook.remove()
+
+
+def offloaded(parts: FFNParts) -> bool:
+    """The FFN's weights are placeholders (meta tensors) that accelerate loads only while the modules run."""
+    return any(t is not None and t.device.type == "meta" for t in (parts.gate, parts.up, parts.down))
 
 
 def to_neuron_major(weight: nn.Parameter) -> bool:

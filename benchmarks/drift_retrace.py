@@ -1,0 +1,138 @@
+"""What a re-trace is worth, separated from detection: re-traces forced at known positions of the drift benchmark.
+
+For each setting the sequences are scored teacher-forced in chunks of W tokens (as `dartprune eval --tasks drift`)
+with the monitor switched off, and a re-trace forced:
+- `oracle`: once, `delay` tokens after the switch (controls: at the same position), from the ring buffer;
+- `periodic`: every `period` tokens after the prompt.
+Perplexity after the switch, before it and on the controls are compared with static (no re-trace) and dense,
+paired over the sequences. This says how much of static's gap to dense a re-trace can recover when it comes at
+the right moment, how that depends on the ring size and the blend with the old scores, and whether re-tracing
+inside an unchanged text costs anything.
+
+    python benchmarks/drift_retrace.py --model smollm2-135m --sparsity 0.5 --split tune --out benchmarks/results/drift/retrace_smollm2.md
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dartprune import DartConfig  # noqa: E402
+from dartprune.decode.model import NativeModel  # noqa: E402
+from dartprune.engine import Engine  # noqa: E402
+from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
+from dartprune.evaluation.drift import drift_sequences  # noqa: E402
+from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans  # noqa: E402
+from dartprune.models import load_model  # noqa: E402
+
+NEVER = 10 ** 9
+
+
+@torch.no_grad()
+def score(model, sequences, prefix: int, config: DartConfig | None, retrace_at) -> list[dict]:
+    """Per sequence: mean NLL before and after the switch (or over a control). `retrace_at(seq)` gives the
+    positions (tokens fed) after which a re-trace is forced."""
+    engine = Engine(model, config) if config is not None else None
+    native = NativeModel(model, engine)
+    rows = []
+    try:
+        for seq in sequences:
+            ids = torch.tensor(seq.ids)
+            native.reset()
+            native.forward(ids[:prefix])
+            marks = sorted(retrace_at(seq)) if engine is not None else []
+            logps = []
+            window = config.window if config is not None else 5
+            start = prefix
+            while start < len(seq.ids) - 1:
+                end = min(start + window, len(seq.ids) - 1)
+                if marks and marks[0] < end:                  # stop the chunk at the re-trace position
+                    end = max(marks[0], start + 1)
+                logits = native.forward(ids[start:end])
+                logps.append(logits.float().log_softmax(-1).gather(1, ids[start + 1:end + 1, None])[:, 0])
+                start = end
+                while marks and marks[0] <= start:
+                    marks.pop(0)
+                    engine.retrace(0)
+            nll = -torch.cat(logps).double()
+            split = seq.switch - (prefix + 1)
+            rows.append({"kind": seq.kind, "before": float(nll[:split].mean()), "after": float(nll[split:].mean()),
+                         "all": float(nll.mean())})
+    finally:
+        if engine is not None:
+            engine.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--prefix", type=int, default=128)
+    parser.add_argument("--segment", type=int, default=256)
+    parser.add_argument("--split", default="tune", choices=["tune", "test", "all"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
+    sequences = [s for s in drift_sequences(tokenizer, args.prefix, args.segment, bos=bos)
+                 if args.split == "all" or s.split == args.split]
+    base = dict(sparsity=args.sparsity, trigger_count=NEVER)
+    settings = [("dense", None, lambda s: []),
+                ("static", DartConfig(method="static", sparsity=args.sparsity), lambda s: [])]
+    for ring in (16, 64):
+        for blend in (0.0, 0.3):
+            settings.append((f"oracle R={ring} blend={blend}", DartConfig(ring_size=ring, retrace_blend=blend, **base),
+                             lambda s, r=ring: [s.switch + r]))
+    for period, ring in ((64, 64),):
+        settings.append((f"periodic every {period}, R={ring} blend=0.3",
+                         DartConfig(ring_size=ring, retrace_blend=0.3, **base),
+                         lambda s, p=period: list(range(args.prefix + p, len(s.ids), p))))
+    results = {}
+    lines = [f"# Forced re-traces on the drift benchmark ({args.split} split), {args.model} at sparsity "
+             f"{args.sparsity:g}", "", f"`{' '.join(sys.argv)}`", "",
+             f"{sum(s.kind == 'switch' for s in sequences)} switch sequences, "
+             f"{sum(s.kind == 'control' for s in sequences)} controls; prefix {args.prefix}, segments {args.segment}, "
+             "chunks of W = 5. Perplexities are geometric means over sequences; ratios and gap recovered are paired "
+             "against static with 95% bootstrap intervals.", "",
+             "| setting | ppl after switch | ppl before | ppl controls | after: ratio vs static | after: gap recovered "
+             "| controls: ratio vs static | s |", "|---|---|---|---|---|---|---|---|"]
+    for name, config, marks in settings:
+        started = time.perf_counter()
+        results[name] = score(model, sequences, args.prefix, config, marks)
+        rows = results[name]
+        sw = [r for r in rows if r["kind"] == "switch"]
+        ct = [r for r in rows if r["kind"] == "control"]
+        line = (f"| {name} | {math.exp(sum(r['after'] for r in sw) / len(sw)):.1f} | "
+                f"{math.exp(sum(r['before'] for r in sw) / len(sw)):.1f} | "
+                f"{math.exp(sum(r['all'] for r in ct) / len(ct)):.1f} | ")
+        if name not in ("dense", "static"):
+            st, dn = results["static"], results["dense"]
+            ratio = bootstrap([[r["after"] for r in sw], [r["after"] for r in st if r["kind"] == "switch"]],
+                              ratio_of_geomeans)
+            gap = bootstrap([[r["after"] for r in sw], [r["after"] for r in st if r["kind"] == "switch"],
+                             [r["after"] for r in dn if r["kind"] == "switch"]], gap_recovered)
+            control = bootstrap([[r["all"] for r in ct], [r["all"] for r in st if r["kind"] == "control"]],
+                                ratio_of_geomeans)
+            line += " | ".join(f"{e:.3f} [{lo:.3f}, {hi:.3f}]" for e, lo, hi in (ratio, gap, control))
+        else:
+            line += "- | - | -"
+        lines.append(line + f" | {time.perf_counter() - started:.0f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
