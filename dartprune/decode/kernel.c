@@ -57,17 +57,52 @@ static void rms_norm(const float *x, const float *w, float *out, int n, float ep
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * (w[i] + offset);
 }
 
-/* a . b with 32 independent partial sums: one running sum would wait on the latency of every add (a chain of
- * dependent FMAs), several keep the vector units busy; the compiler vectorises the inner loop */
+/* 8-float vectors (GCC/Clang vector extensions): one AVX register where the CPU has AVX, two SSE ones otherwise */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+
+static inline float sum8(v8 v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+/* a . b with four independent vector sums: one running sum would wait on the latency of every add (a chain of
+ * dependent FMAs), four keep the vector units busy */
 static inline float dot(const float *a, const float *b, int n) {
-    float acc[32] = {0};
+    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     int c = 0;
-    for (; c + 32 <= n; c += 32)
-        for (int j = 0; j < 32; j++) acc[j] += a[c + j] * b[c + j];
-    float s = 0.0f;
-    for (int j = 0; j < 32; j++) s += acc[j];
+    for (; c + 32 <= n; c += 32) {
+        s0 += load8(a + c) * load8(b + c);
+        s1 += load8(a + c + 8) * load8(b + c + 8);
+        s2 += load8(a + c + 16) * load8(b + c + 16);
+        s3 += load8(a + c + 24) * load8(b + c + 24);
+    }
+    for (; c + 8 <= n; c += 8) s0 += load8(a + c) * load8(b + c);
+    float s = sum8((s0 + s1) + (s2 + s3));
     for (; c < n; c++) s += a[c] * b[c];
     return s;
+}
+
+/* out[t] = w . x[t] for t < T: the row is read once for all tokens, four tokens at a time (four independent
+ * vector sums), a remaining token by `dot` */
+static void dots(const float *w, const float *x, long ldx, int cols, int T, float *out) {
+    int t = 0;
+    for (; t + 4 <= T; t += 4) {
+        const float *x0 = x + t * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        int c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            v8 wv = load8(w + c);
+            a0 += wv * load8(x0 + c);
+            a1 += wv * load8(x1 + c);
+            a2 += wv * load8(x2 + c);
+            a3 += wv * load8(x3 + c);
+        }
+        float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
+        for (; c < cols; c++) { s0 += w[c] * x0[c]; s1 += w[c] * x1[c]; s2 += w[c] * x2[c]; s3 += w[c] * x3[c]; }
+        out[t] = s0; out[t + 1] = s1; out[t + 2] = s2; out[t + 3] = s3;
+    }
+    for (; t < T; t++) out[t] = dot(w, x + t * ldx, cols);
 }
 
 /* y[t, r] = W[r, 0:cols] . x[t] (+ b[r]) for T tokens (x rows of ldx, y rows of ldy): weight rows split over
@@ -76,11 +111,9 @@ static void matmul(const float *W, long ld, const float *x, long ldx, const floa
                    int cols, int T) {
     #pragma omp for schedule(static)
     for (int r = 0; r < rows; r++) {
-        const float *w = W + (long)r * ld;
-        for (int t = 0; t < T; t++) {
-            float acc = dot(w, x + t * ldx, cols);
-            y[t * ldy + r] = b ? acc + b[r] : acc;
-        }
+        float out[MAX_TOKENS];
+        dots(W + (long)r * ld, x, ldx, cols, T, out);
+        for (int t = 0; t < T; t++) y[t * ldy + r] = b ? out[t] + b[r] : out[t];
     }
 }
 
@@ -95,13 +128,12 @@ static void ffn_in(const Model *m, const Layer *L, const float *x, float *u, int
     int H = m->hidden, I = m->intermediate;
     #pragma omp for schedule(static)
     for (int i = 0; i < n; i++) {
-        const float *wu = L->up + (long)i * H, *wg = m->gated ? L->gate + (long)i * H : NULL;
-        for (int t = 0; t < T; t++) {
-            const float *xt = x + (long)t * H;
-            float su = dot(wu, xt, H);
-            if (wg) u[(long)t * I + i] = activate(dot(wg, xt, H), m->act) * su;
-            else u[(long)t * I + i] = activate(L->up_bias ? su + L->up_bias[i] : su, m->act);
-        }
+        float su[MAX_TOKENS], sg[MAX_TOKENS];
+        dots(L->up + (long)i * H, x, H, H, T, su);
+        if (m->gated) dots(L->gate + (long)i * H, x, H, H, T, sg);
+        for (int t = 0; t < T; t++)
+            u[(long)t * I + i] = m->gated ? activate(sg[t], m->act) * su[t]
+                                          : activate(L->up_bias ? su[t] + L->up_bias[i] : su[t], m->act);
     }
 }
 
@@ -117,8 +149,13 @@ static void down_rows(const Model *m, const float *D, const float *u, const floa
         const float *w = D + (long)i * H;
         for (int t = 0; t < T; t++) {
             float ui = u[(long)t * I + i], *pt = p + (long)t * H;
-            #pragma omp simd
-            for (int c = 0; c < H; c++) pt[c] += ui * w[c];
+            v8 uv = {ui, ui, ui, ui, ui, ui, ui, ui};
+            int c = 0;
+            for (; c + 8 <= H; c += 8) {
+                v8 acc = load8(pt + c) + uv * load8(w + c);
+                memcpy(pt + c, &acc, sizeof acc);
+            }
+            for (; c < H; c++) pt[c] += ui * w[c];
         }
     }
     #pragma omp for schedule(static)
