@@ -34,7 +34,7 @@ from dartprune.models import load_model  # noqa: E402
 NEVER = 10 ** 9
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(model, sequences, prefix: int, config: DartConfig | None, retrace_at) -> list[dict]:
     """Per sequence: mean NLL before and after the switch (or over a control). `retrace_at(seq)` gives the
     positions (tokens fed) after which a re-trace is forced."""

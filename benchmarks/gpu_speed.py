@@ -10,9 +10,8 @@ entering neurons swapped into the prefix).
 
 Part 2 (`--whole-model`, if memory allows): a whole Llama-3.1-8B-shaped model from `LlamaConfig`, random
 weights, greedy decode with dartprune's native loop (`dartprune.decode`), dense vs the engine's `static` method
-at each sparsity (the prompt traced, the mask fixed, uniform budgets). The native loop's PyTorch step is eager,
-so on a GPU it is launch-bound at batch 1 and the pruning gain is diluted; part 1's graph replay is the
-kernel-level figure.
+at each sparsity (the prompt traced, the mask fixed, uniform budgets), every decode step replayed from a CUDA
+graph (`dartprune.decode.graph.GraphStep`; eager on the CPU).
 
 Byte ceilings come from `dartprune.benchmarks.ceiling` (whole model and FFN only).
 
@@ -178,6 +177,7 @@ def _llama(shapes: Shapes, dtype: torch.dtype, device: str):
 def whole_model_benchmark(shapes: Shapes, sparsities: list[float], dtype: torch.dtype, device: str,
                           prompt_len: int, new_tokens: int, repeats: int) -> dict:
     from dartprune import DartConfig
+    from dartprune.decode.graph import GraphStep
     from dartprune.decode.model import NativeModel
     from dartprune.engine import Engine
 
@@ -189,20 +189,21 @@ def whole_model_benchmark(shapes: Shapes, sparsities: list[float], dtype: torch.
 
     def decode(engine) -> dict:
         native = NativeModel(model, engine, capacity=prompt_len + new_tokens)
+        graph = GraphStep(native)                  # replayed from a CUDA graph on a GPU, eager on the CPU
         samples = []
         for _ in range(repeats):
             native.reset()
-            token = native.forward(ids)[-1].argmax()
+            token = int(native.forward(ids)[-1].argmax())
             steps = []
             for _ in range(new_tokens - 1):
                 sync()
                 begin = time.perf_counter()
-                token = native.forward(token.reshape(1))[-1].argmax()
+                token = int(graph.forward(token)[-1].argmax())
                 sync()
                 steps.append(time.perf_counter() - begin)
             samples.append(statistics.median(steps) * 1e3)
         return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-                "kernel": native.kernel is not None}
+                "cuda_graph": graph.capture}
 
     out = {"build_s": build_s, "params": sum(p.numel() for p in model.parameters()), "dense_tpot_ms": decode(None),
            "rows": []}

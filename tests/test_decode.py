@@ -238,3 +238,30 @@ def test_engine_lays_down_projections_out_neuron_major_and_restores_them():
     assert down.t().is_contiguous() and torch.equal(down, before)
     engine.close()
     assert down.is_contiguous() and torch.equal(down, before)
+
+
+@pytest.mark.parametrize("method", ["dense", "dart"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_static_shape_step_for_cuda_graphs_equals_the_native_forward(family, method):
+    """The step CUDA graphs replay, run eagerly on the CPU: the same logits and re-traces as the native forward."""
+    from dartprune.decode.graph import GraphStep
+    model = windowed(family, window=8) if family == "gemma3_text" else tiny_model(family)
+    ids = random_ids(1, 50, seed=7)[0]
+    config = DartConfig(method=method, sparsity=0.0 if method == "dense" else 0.6, min_trace_tokens=14,
+                        **HAIR_TRIGGER)
+    outputs, stats = [], []
+    for use_graph_step in (False, True):
+        engine = Engine(model, config)
+        native = NativeModel(model, engine, capacity=64, kernel=False)
+        step = GraphStep(native, capture=False)
+        logits = [native.forward(ids[:10])]
+        for t in range(10, 50):
+            logits.append(step.forward(int(ids[t])) if use_graph_step else native.forward(ids[t:t + 1]))
+        outputs.append(torch.cat(logits))
+        stats.append(engine.stats()[0])
+        engine.close()
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-4
+    assert stats[0].retrace_positions == stats[1].retrace_positions
+    assert stats[0].executed_sparsity == pytest.approx(stats[1].executed_sparsity)
+    if method == "dart":
+        assert stats[1].retrace_count >= 2 and stats[1].prompt_tokens == 10

@@ -168,6 +168,9 @@ class KernelStep:
         m.max_threads = max(1, os.cpu_count() or 1)
         self.max_tokens = int(self.lib.dart_max_tokens())
         self._bound = (None, None, None)
+        self._keep: list[int] = []
+        self._monitored: list[int] = []
+        self._layer_ids = None
 
     def _bind(self) -> None:
         """(Re)point at the cache, the rotary tables and scratch sized for the cache's capacity."""
@@ -197,16 +200,20 @@ class KernelStep:
         if not 1 <= count <= self.max_tokens:
             raise ValueError(f"the compiled forward takes 1 to {self.max_tokens} tokens, not {count}")
         self._bind()
-        for i, k in enumerate(keep):
-            self.layers[i].keep = k
+        if keep != self._keep:                       # the budgets change once per sequence
+            for i, k in enumerate(keep):
+                self.layers[i].keep = k
+            self._keep = list(keep)
         m = self.model
         logits = torch.empty(count, m.vocab)
         inputs = torch.empty(m.layers, count, m.hidden) if want_inputs else None
         attention = torch.empty(len(monitored), count, m.hidden) if monitored else None
-        layers = (ctypes.c_int * len(monitored))(*monitored) if monitored else None
+        if monitored != self._monitored:
+            self._monitored, self._layer_ids = list(monitored), (ctypes.c_int * len(monitored))(*monitored)
         ids = (ctypes.c_int * count)(*tokens)
-        status = self.lib.dart_forward(ctypes.byref(m), ids, count, start, _ptr(logits), _ptr(inputs), layers,
-                                       len(monitored), _ptr(attention), threads)
+        status = self.lib.dart_forward(ctypes.byref(m), ids, count, start, _ptr(logits), _ptr(inputs),
+                                       self._layer_ids if monitored else None, len(monitored), _ptr(attention),
+                                       threads)
         if status != 0:
             raise RuntimeError("the compiled forward refused its arguments")
         return logits, inputs, attention

@@ -36,7 +36,8 @@ class DartConfig:
     min_trace_tokens: a prompt shorter than this is too short to trace from: the first decoded tokens run dense
         and are traced too, and the masks are built once this many tokens have been traced (the paper's
         masking step). 1 builds them from the prompt whatever its length.
-    detector: the drift detector (`dartprune.engine.drift.DETECTORS`): "paper" is the paper's cosine test.
+    detector: the drift detector (`dartprune.engine.drift.DETECTORS`): "paper" is the paper's cosine test,
+        "shift" a level-shift test on the same cosines (shift_history, shift_persist, shift_k; see drift.py).
     window/delta/floor/trigger_count/cooldown: drift monitor W, delta, floor, c0 and windows ignored after a
         re-trace. c0 = 3 and cooldown = 4 were chosen by benchmarks/drift_tuning.py (results in
         benchmarks/results/drift_tuning.md): at 50% sparsity on SmolLM2, c0 = 1 re-traced 7-9 times inside
@@ -74,6 +75,9 @@ class DartConfig:
     prune_prefill: bool = False
     min_trace_tokens: int = 1
     detector: str = "paper"
+    shift_history: int = 8
+    shift_persist: int = 2
+    shift_k: float = 3.0
     window: int = 5
     delta: float = 0.1
     floor: float = 0.1
@@ -116,13 +120,14 @@ class DartConfig:
             raise ConfigError("early_width and late_width must be > 0")
         if self.p_min > self.p_max:
             raise ConfigError(f"p_min ({self.p_min}) must not exceed p_max ({self.p_max})")
-        for name in ("window", "trigger_count", "ring_size", "dense_steps", "retrace_spread", "min_trace_tokens"):
+        for name in ("window", "trigger_count", "ring_size", "dense_steps", "retrace_spread", "min_trace_tokens",
+                     "shift_history", "shift_persist"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.cooldown, int) or self.cooldown < 0:
             raise ConfigError(f"cooldown must be an integer >= 0, got {self.cooldown!r}")
-        if self.delta < 0 or self.floor < 0:
-            raise ConfigError("delta and floor must be >= 0")
+        if self.delta < 0 or self.floor < 0 or self.shift_k < 0:
+            raise ConfigError("delta, floor and shift_k must be >= 0")
         if not self.monitored_layers:
             raise ConfigError("monitored_layers must name at least one layer")
         needs = METHODS[self.method].calibration

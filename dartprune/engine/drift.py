@@ -154,3 +154,81 @@ class PaperDetector(Detector):
     def state_bytes(self) -> int:
         tensors = [t for t in (self.reference, *self._baseline, *self._pending) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@register_detector
+@dataclass
+class ShiftDetector(Detector):
+    """A level-shift test on the same cosines, robust to the text drifting slowly away from its prompt.
+
+    Each window of W tokens gives c = cos(window mean, reference) as in the paper's rule, but a window is compared
+    with the level of the sequence's own recent windows, not with the traced tokens' in-sample cosines (which sit
+    higher than any later window of the same text: the reference is their own mean). The level is the median of
+    the last `history` windows before the `persist` newest ones, the spread their median absolute deviation; a
+    re-trace is due when the mean of the newest `persist` windows falls below level - max(k * spread, floor).
+    The history starts from the traced tokens' leave-one-out cosines (each window against the mean of the others)
+    and restarts after every re-trace."""
+
+    name: ClassVar[str] = "shift"
+    window: int
+    history: int
+    persist: int
+    k: float
+    floor: float
+    reference: torch.Tensor | None = None
+    values: list[float] = field(default_factory=list)
+    records: list[WindowRecord] = field(default_factory=list)
+    _pending: list[torch.Tensor] = field(default_factory=list)
+    _baseline: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: DartConfig) -> ShiftDetector:
+        return cls(config.window, config.shift_history, config.shift_persist, config.shift_k, config.floor)
+
+    def fit(self, signal: torch.Tensor) -> None:
+        self._baseline = [signal.float()]
+        self.reference, self.values, self._pending = None, [], []
+        self._try_fit()
+
+    def _try_fit(self) -> None:
+        tokens = torch.cat(self._baseline, dim=1)
+        count = tokens.shape[1] // self.window
+        if count < 2:
+            return
+        windows = tokens[:, :count * self.window].reshape(tokens.shape[0], count, self.window, -1).mean(dim=2)
+        total = windows.sum(dim=1)
+        self.values = [_cos(windows[:, k], (total - windows[:, k]) / (count - 1)) for k in range(count)]
+        self.reference = tokens.mean(dim=1)
+        self._baseline = []
+
+    def observe(self, signal: torch.Tensor, end_position: int) -> bool:
+        if self.reference is None:
+            self._baseline.append(signal.float())
+            self._try_fit()
+            return False
+        self._pending.append(signal.float())
+        pending = torch.cat(self._pending, dim=1)
+        trigger = False
+        while pending.shape[1] >= self.window and not trigger:
+            window, pending = pending[:, :self.window], pending[:, self.window:]
+            self.values.append(_cos(window.mean(dim=1), self.reference))
+            past = self.values[-(self.history + self.persist):-self.persist]
+            if len(past) < 2:
+                continue
+            level = float(torch.tensor(past).median())
+            spread = 1.4826 * float((torch.tensor(past) - level).abs().median())
+            threshold = level - max(self.k * spread, self.floor)
+            recent = sum(self.values[-self.persist:]) / self.persist
+            trigger = recent < threshold
+            self.records.append(WindowRecord(end_position - pending.shape[1], self.values[-1], threshold,
+                                             int(trigger)))
+        self._pending = [pending] if pending.shape[1] else []
+        return trigger
+
+    def refit(self, signal: torch.Tensor) -> None:
+        """After a re-trace: the buffered tokens are the new reference; the level is learnt again."""
+        self.fit(signal)
+
+    def state_bytes(self) -> int:
+        tensors = [t for t in (self.reference, *self._baseline, *self._pending) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors) + 8 * len(self.values)

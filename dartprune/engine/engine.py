@@ -301,6 +301,10 @@ class Engine:
         state.pending = list(range(len(self.layers)))
         state.retrace_position, state.retrace_seconds, state.retrace_changed = state.position, 0.0, {}
 
+    def next_forward_dense(self) -> bool:
+        """Whether the next forward must run dense and be traced (a row still traces, or a new turn comes)."""
+        return self.prunes and (self._turn or any(row.phase is Phase.TRACING for row in self.rows))
+
     @property
     def runs_prefix(self) -> bool:
         """Pruned forwards of this sequence run each layer over the prefix of its permuted weights (a batch of one

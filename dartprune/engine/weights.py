@@ -64,8 +64,9 @@ class PrefixFFN:
             rows.index_copy_(0, both_to, rows.index_select(0, both_from))
         down = self.parts.down
         down.index_copy_(1, both_to, down.index_select(1, both_from))
-        ids = torch.cat([self.order[a], self.order[b]])
-        self.order[torch.cat([b, a])] = ids
+        order = self.order.clone()          # a new tensor: drivers may run under inference mode or not
+        order[torch.cat([b, a])] = torch.cat([self.order[a], self.order[b]])
+        self.order = order
 
     def keep(self, kept: torch.Tensor) -> int:
         """Make neuron ids `kept` the prefix; returns how many neurons entered it."""
