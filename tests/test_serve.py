@@ -64,6 +64,35 @@ def test_conversation_keeps_the_cache_and_traces_each_turn():
     assert any(not torch.equal(a, b) for a, b in zip(kept_first, kept_after))  # the second turn re-traced
 
 
+def test_a_new_turn_under_attach_with_generate_equals_the_native_loop():
+    """`handle.new_turn()` before `model.generate(..., cache=cache)`: the turn is traced like a prompt and
+    the masks rebuilt, exactly as the native loop does it (same tokens, same kept neurons)."""
+    from transformers import DynamicCache
+
+    import dartprune
+    model = tiny_model("llama")
+    first, second = torch.arange(3, 23), torch.arange(40, 52)
+    config = DartConfig(sparsity=0.5, trigger_count=10 ** 6)
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=6, min_new_tokens=6,
+                  pad_token_id=0)
+    with torch.no_grad(), dartprune.attach(model, config) as handle:
+        cache = DynamicCache(config=model.config)
+        out = model.generate(first[None], cache=cache, **greedy)
+        kept_first = [handle.engine.kept(0, layer) for layer in range(len(handle.engine.layers))]
+        handle.new_turn()
+        out2 = model.generate(torch.cat([out[0], second])[None], cache=cache, **greedy)
+        hf_tokens = out[0, first.numel():].tolist(), out2[0, out.shape[1] + second.numel():].tolist()
+        hf_kept = [handle.engine.kept(0, layer) for layer in range(len(handle.engine.layers))]
+    with Generator(model, tiny_tokenizer(), config) as generator:
+        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        one = generator.generate(first, params)
+        two = generator.continue_(torch.cat([torch.tensor(one.tokens[-1:]), second]), params)
+        native_kept = [generator.engine.kept(0, layer) for layer in range(len(generator.engine.layers))]
+    assert (one.tokens, two.tokens) == (hf_tokens[0], hf_tokens[1])
+    assert all(torch.equal(torch.sort(a).values, torch.sort(b).values) for a, b in zip(hf_kept, native_kept))
+    assert any(not torch.equal(torch.sort(a).values, torch.sort(b).values) for a, b in zip(kept_first, hf_kept))
+
+
 def test_static_keeps_the_first_turns_mask():
     model, tokenizer = tiny_model("llama"), chat_tokenizer()
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)

@@ -44,7 +44,7 @@ class DartHandle:
         self.engine.reset()
 
     def new_turn(self) -> None:
-        """Call before `model.generate(..., past_key_values=cache)` continues a conversation with a new user turn:
+        """Call before `model.generate(..., cache=cache)` continues a conversation with a new user turn:
         the turn's tokens are traced dense like a prompt and the masks updated from them."""
         self.engine.new_turn()
 
