@@ -3,6 +3,7 @@ tiny BPE tokenizer trained here, on the synthetic data folder tests/data/mini; t
 checked when the real data is present."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ from dartprune.evaluation.core import (
 from dartprune.provenance import versions
 from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, load_text, mc_items
 from dartprune.evaluation.mc import score_item
+from dartprune.evaluation.conversation import dialogues
 from dartprune.evaluation.drift import Drift, drift_sequences
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
 from dartprune.evaluation.ppl import Perplexity
@@ -186,6 +188,84 @@ def test_drift_task_scores_switches_and_controls_and_compares_methods(tiny, tmp_
     first = saved["comparisons"][0]
     assert first["ppl_ratio_vs_static"][1] <= first["ppl_ratio_vs_static"][0] <= first["ppl_ratio_vs_static"][2]
     assert "## Paired comparisons" in (out / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- conversation
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+MINI_THREE = {g: MINI_GENRES[g] for g in ("story", "recipe", "code")}
+
+
+def chat_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain"])
+def test_conversation_dialogues_change_genre_at_every_turn(template):
+    tokenizer = chat_tokenizer() if template else tiny_tokenizer()
+    items = dialogues(tokenizer, passage=16, reply=12, genres=MINI_THREE, root=MINI, bos=not template)
+    assert len(items) == 6 and [d.split for d in items] == ["tune", "test"] * 3
+    assert {d.genres for d in items} == set(itertools.permutations(MINI_THREE, 3))
+    for d in items:
+        assert [is_reply for _, is_reply in d.parts] == [False, True] * 3
+        text = tokenizer.decode([t for tokens, _ in d.parts for t in tokens])
+        assert text.count("Continue this text:") == 3
+        assert d.parts[0][0][0] == 1 if not template else text.startswith("<s>user:")
+    replies = [tokenizer.decode(d.parts[1][0]) for d in items]
+    assert len(set(replies)) == len(replies)                               # no text is used twice
+
+
+@pytest.mark.parametrize("loop", ["native", "hf"])
+def test_score_turns_dense_equals_one_plain_forward(tiny, loop):
+    """Dense, a conversation scored turn by turn through the cache gives the log-probabilities of one forward over
+    the whole dialogue at the reply tokens."""
+    model, _, _ = tiny
+    d = dialogues(chat_tokenizer(), 16, 12, MINI_THREE, MINI)[0]
+    ids = [t for tokens, _ in d.parts for t in tokens]
+    with Session(model, tiny_tokenizer(), DartConfig(method="dense", sparsity=0.0), loop=loop) as session:
+        replies = session.score_turns(d.parts, chunk=5)
+    logp = model(torch.tensor([ids]), use_cache=False).logits[0].log_softmax(-1)
+    offset, expected = 0, []
+    for tokens, is_reply in d.parts:
+        if is_reply:
+            expected.append(logp[offset - 1:offset + len(tokens) - 1].gather(1, torch.tensor(tokens)[:, None])[:, 0])
+        offset += len(tokens)
+    assert [len(r) for r in replies] == [len(d.parts[k][0]) for k in (1, 3, 5)]
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(replies, expected))
+
+
+def test_score_turns_pruned_is_the_same_in_both_loops_and_retraces_at_each_turn(tiny):
+    model, _, _ = tiny
+    d = dialogues(chat_tokenizer(), 16, 12, MINI_THREE, MINI)[1]
+    config = DartConfig(sparsity=0.5, trigger_count=10 ** 6)
+    scored = {}
+    for loop in ("native", "hf"):
+        with Session(model, tiny_tokenizer(), config, loop=loop) as session:
+            scored[loop] = session.score_turns(d.parts, chunk=5)
+            stats = session.stats()[0]
+        assert stats.retrace_count == 2                                   # turns 2 and 3
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(scored["native"], scored["hf"]))
+    with Session(model, tiny_tokenizer(), config) as session, pytest.raises(ValueError, match="alternates"):
+        session.score_turns([d.parts[1], d.parts[0]], chunk=5)
+
+
+def test_conversation_task_compares_per_turn_retrace_with_the_first_turns_mask(tiny, tmp_path):
+    model, _, _ = tiny
+    settings = EvalSettings(model="tiny", methods=["dart", "static"], sparsities=[0.5], tasks=["conversation"],
+                            out=str(tmp_path / "conv"), data_dir=str(MINI), drift_profile="quick",
+                            drift_sources=MINI_THREE, extra={"trigger_count": 10 ** 6})
+    results, out = run_evaluation(settings, model, chat_tokenizer(), command="test", echo=False)
+    by = {r.method: r for r in results}
+    assert set(by) == {"dense", "dart", "static"} and by["dense"].items == 6
+    assert by["dart"].metrics["retraces_per_dialogue"] == 2 and by["static"].metrics["retraces_per_dialogue"] == 2
+    # the first turn's mask is the same for both, so turn 1 scores alike; later turns differ
+    assert by["dart"].metrics["ppl_turn_1"] == pytest.approx(by["static"].metrics["ppl_turn_1"], rel=1e-6)
+    assert by["dart"].metrics["ppl_turn_2"] != pytest.approx(by["static"].metrics["ppl_turn_2"], rel=1e-6)
+    assert by["dart"].metrics["executed_sparsity"] == pytest.approx(by["static"].metrics["executed_sparsity"])
+    saved = json.loads((out / "results.json").read_text())
+    assert {c["part"] for c in saved["comparisons"]} == {"turns 2-3", "turn 1"}
 
 
 # ----------------------------------------------------------------------------------------------- multiple choice

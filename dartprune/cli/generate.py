@@ -5,6 +5,7 @@ import argparse
 import sys
 
 import torch
+from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
 from dartprune.methods import METHODS
@@ -73,10 +74,9 @@ def parse_settings(settings: list[str]) -> dict[str, object]:
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
+        if not has_chat_template(tokenizer):
             raise ValueError("--chat: this model's tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = torch.tensor([render_chat(tokenizer, [{"role": "user", "content": prompt}])])
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     return ids

@@ -17,6 +17,23 @@ import torch
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                tokenize: bool = True) -> list[int] | str:
+    """The token ids (or, `tokenize=False`, the text) of `messages` in the tokenizer's chat template (the one place
+    the template is applied)."""
+    if not has_chat_template(tokenizer):
+        raise ValueError("this model's tokenizer has no chat template")
+    if not tokenize:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
 @dataclass
 class Turn:
     """One exchange: what the user said and how the reply went."""
@@ -41,7 +58,7 @@ class Conversation:
         if self.generator.loop != "native":
             raise ValueError("a conversation keeps its cache between turns, which needs the native loop "
                              f"(this model runs on {self.generator.loop!r})")
-        if not getattr(self.generator.tokenizer, "chat_template", None):
+        if not has_chat_template(self.generator.tokenizer):
             raise ValueError("this model's tokenizer has no chat template")
         self.reset()
 
@@ -53,9 +70,7 @@ class Conversation:
         self.generator.native.reset()
 
     def render(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"]
-        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+        return render_chat(self.generator.tokenizer, messages)
 
     def say(self, text: str, params: SamplingParams = SamplingParams(),
             on_text: Callable[[str], None] | None = None,

@@ -169,6 +169,50 @@ class Session:
         return Scored(torch.cat(logprobs), torch.cat(greedy))
 
     @torch.no_grad()
+    def score_turns(self, parts: list[tuple[list[int], bool]], chunk: int) -> list[torch.Tensor]:
+        """A conversation, teacher-forced as one sequence. `parts` are (tokens, is_reply): a turn is fed at once
+        (the first as the prompt, later ones as new turns: dense and traced); a reply is fed in chunks of <= `chunk`
+        tokens with the monitor live, and every one of its tokens is scored (the first from the turn before it).
+        A reply's last token is fed with the next turn, as in a chat. Returns each reply's log-probabilities."""
+        if not parts or any(not tokens for tokens, _ in parts) or any(
+                is_reply != (i % 2 == 1) for i, (_, is_reply) in enumerate(parts)):
+            raise ValueError("a conversation alternates turns and replies, starting with a turn; no part is empty")
+        ids = torch.tensor([t for tokens, _ in parts for t in tokens], dtype=torch.long)
+        native, handle = self.generator.native, self.generator.handle
+        cache = None
+        if native is not None:
+            native.reset()
+
+        def feed(start: int, end: int, new_turn: bool) -> torch.Tensor:
+            nonlocal cache
+            if native is not None:
+                return native.forward(ids[start:end], new_turn=new_turn)
+            if new_turn:
+                handle.new_turn()
+            out = self.model(input_ids=ids[None, start:end], attention_mask=torch.ones(1, end, dtype=torch.long),
+                             cache=cache, use_cache=True)
+            cache = out.cache
+            return out.logits[0].float()
+
+        fed = offset = 0                     # tokens fed so far; where the current part starts
+        replies, last = [], None
+        for tokens, is_reply in parts:
+            start, end = offset, offset + len(tokens)
+            if is_reply:
+                logprobs, greedy = [], []
+                _collect(last, ids[start:start + 1], logprobs, greedy)
+                for begin in range(start, end - 1, chunk):
+                    stop = min(begin + chunk, end - 1)
+                    _collect(feed(begin, stop, False), ids[begin + 1:stop + 1], logprobs, greedy)
+                replies.append(torch.cat(logprobs))
+                fed = end - 1
+            else:
+                last = feed(fed, end, new_turn=fed > 0)[-1:]
+                fed = end
+            offset = end
+        return replies
+
+    @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, stop: list[str] | None = None) -> tuple[str, int]:
         """Greedy continuation of `ids`: (text cut at the first stop string, new token count)."""
         result = self.generator.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(stop or ())))

@@ -55,7 +55,7 @@ class DriftSequence:
     switch: int               # index of the first token of B (for a control: where B would start)
 
 
-class _Segments:
+class TextSegments:
     """Consecutive, never reused token segments of each source (a text is tokenised once, in its first 400k
     characters, past a book's title page)."""
 
@@ -90,7 +90,7 @@ def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list
     genres: genre -> text sources (default GENRES)."""
     genres = genres or GENRES
     names = list(genres)
-    segments = _Segments(tokenizer, root)
+    segments = TextSegments(tokenizer, root)
     head = [bos] if bos is not None else []
     use = {g: 0 for g in names}
 

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.evaluation.core import MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats
 from dartprune.data import SUMMARY_SETS, TOPIC_PROMPTS, load_summaries
 from dartprune.evaluation.registry import Task, register_task
@@ -118,7 +119,7 @@ class Topics(_GenerationTask):
 
     def prepare(self) -> None:
         prompts = TOPIC_PROMPTS[:self.settings.limit_for("topics")]
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        has_template = has_chat_template(self.tokenizer)
         if self.settings.chat == "yes" and not has_template:
             raise ValueError("--chat yes: this tokenizer has no chat template")
         self.chat = self.settings.chat == "yes" or (self.settings.chat == "auto" and has_template)
@@ -126,9 +127,7 @@ class Topics(_GenerationTask):
         self.items = []
         for prompt in prompts:
             if self.chat:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                         add_generation_prompt=True, return_tensors="pt",
-                                                         return_dict=True)["input_ids"]
+                ids = torch.tensor([render_chat(self.tokenizer, [{"role": "user", "content": prompt}])])
             else:
                 ids = self.tokenizer(prompt, return_tensors="pt").input_ids
                 if bos and ids[0, 0] != self.tokenizer.bos_token_id:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dartprune.evaluation import drift, generation, mc, ppl  # noqa: F401  (registers the tasks)
+from dartprune.evaluation import conversation, drift, generation, mc, ppl  # noqa: F401  (registers the tasks)
 from dartprune.data import data_dir
 from dartprune.evaluation.core import Session, load_for_eval, method_specs, progress
 from dartprune.provenance import command_line, git_state, versions

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
@@ -169,11 +170,10 @@ def create_app(server: ModelServer) -> FastAPI:
     def encode_chat(request: ChatRequest) -> torch.Tensor:
         if not request.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        if not getattr(server.tokenizer, "chat_template", None):
+        if not has_chat_template(server.tokenizer):
             raise APIError(400, f"{server.name} has no chat template; use /v1/completions", param="messages")
-        ids = server.tokenizer.apply_chat_template([m.model_dump() for m in request.messages],
-                                                   add_generation_prompt=True, return_dict=True)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long).reshape(-1)
+        return torch.tensor(render_chat(server.tokenizer, [m.model_dump() for m in request.messages]),
+                            dtype=torch.long)
 
     def encode_prompt(request: CompletionRequest) -> torch.Tensor:
         if not request.prompt:
