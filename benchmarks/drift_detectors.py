@@ -1,11 +1,12 @@
 """Compare drift detectors offline on the drift benchmark's tune split.
 
-The monitored signal (the last layer's attention output, one vector per token) is recorded once per sequence with
-DART's masks fixed (a monitor that never fires), then every candidate detector runs over the recorded signals:
-what it would flag before the switch or in a control (false triggers per 1,000 tokens) and how soon after the
-switch it would fire. After a trigger a detector is refitted from the last R tokens, as the engine does; the
-signal it then sees is the recorded one (in the engine a re-trace changes the masks, and so the signal, a little),
-so the figures after a first trigger are approximate and the engine's own run on the benchmark is the final word.
+The monitored signal (the attention output of every candidate's monitored layers, one vector per token) is
+recorded once per sequence with DART's prompt masks fixed (a monitor that never fires); then every candidate
+detector (a `DartConfig` with its detector settings) runs over the recorded signals: what it would flag before the
+switch or in a control (false triggers per 1,000 tokens) and how soon after the switch it fires. After a trigger a
+detector is refitted from the last R tokens, as the engine does; the signal it then sees is the recorded one (in
+the engine a re-trace changes the masks, and so the signal, a little), so the figures after a first trigger are
+approximate and the engine's own run on the benchmark is the final word.
 
     python benchmarks/drift_detectors.py --model smollm2-135m --sparsity 0.5,0.7 --out benchmarks/results/drift/detectors_smollm2.md
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dartprune import DartConfig  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
-from dartprune.engine.drift import DETECTORS, make_detector  # noqa: E402
+from dartprune.engine.drift import make_detector  # noqa: E402
 from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
 from dartprune.evaluation.drift import DETECTION_WINDOW, drift_sequences  # noqa: E402
 from dartprune.models import load_model  # noqa: E402
@@ -37,20 +38,20 @@ class Recording:
     name: str
     kind: str
     switch: int
-    prefix: torch.Tensor     # [prefix tokens, hidden]: the traced tokens' signal
-    stream: torch.Tensor     # [later tokens, hidden]
+    prefix: torch.Tensor     # [layers, prefix tokens, hidden]: the traced tokens' signal
+    stream: torch.Tensor     # [layers, later tokens, hidden]
 
 
 @torch.no_grad()
-def record(model, sequences, prefix: int, sparsity: float, chunk: int) -> list[Recording]:
-    """Signals of every sequence under DART's prompt mask (the monitor never fires)."""
-    engine = Engine(model, DartConfig(sparsity=sparsity, trigger_count=10**9))
+def record(model, sequences, prefix: int, sparsity: float, layers: list[int], chunk: int) -> list[Recording]:
+    """Signals of `layers` for every sequence under DART's prompt mask (the monitor never fires)."""
+    engine = Engine(model, DartConfig(sparsity=sparsity, trigger_count=10**9, monitored_layers=tuple(layers)))
     native = NativeModel(model, engine)
-    captured: list[torch.Tensor] = []
+    captured: dict[int, list[torch.Tensor]] = {}
     observe = engine.observe_attention
 
     def keep(j, a):
-        captured.append(a.reshape(-1, a.shape[-1]).clone())
+        captured.setdefault(j, []).append(a.reshape(-1, a.shape[-1]).float().clone())
         observe(j, a)
 
     engine.observe_attention = keep
@@ -63,33 +64,34 @@ def record(model, sequences, prefix: int, sparsity: float, chunk: int) -> list[R
             native.forward(ids[:prefix])
             for start in range(prefix, len(seq.ids) - 1, chunk):
                 native.forward(ids[start:min(start + chunk, len(seq.ids) - 1)])
-            signal = torch.cat(captured)
-            out.append(Recording(seq.name, seq.kind, seq.switch, signal[:prefix], signal[prefix:]))
+            signal = torch.stack([torch.cat(captured[j]) for j in range(len(layers))])
+            out.append(Recording(seq.name, seq.kind, seq.switch, signal[:, :prefix], signal[:, prefix:]))
     finally:
         engine.close()
     return out
 
 
-def simulate(recordings: list[Recording], name: str, settings: dict, ring: int, prefix: int) -> dict:
-    """Run detector `name` over every recording; false triggers and detection as the benchmark counts them."""
+def simulate(recordings: list[Recording], config: DartConfig, rows: list[int], prefix: int) -> dict:
+    """Run `config`'s detector over every recording (monitored layers = `rows` of the recorded ones); false
+    triggers and detection as the benchmark counts them."""
     false = tokens = 0
     detected, delays = [], []
     for rec in recordings:
-        detector = make_detector(name, **settings)
-        detector.fit(rec.prefix)
-        position, first_after, window = prefix, None, 8
-        for start in range(0, rec.stream.shape[0], window):
-            piece = rec.stream[start:start + window]
-            position += piece.shape[0]
-            if detector.observe(piece):
+        detector = make_detector(config)
+        detector.fit(rec.prefix[rows])
+        position, first_after = prefix, None
+        for start in range(0, rec.stream.shape[1], config.window):
+            piece = rec.stream[rows, start:start + config.window]
+            position += piece.shape[1]
+            if detector.observe(piece, position):
                 if rec.kind == "control" or position <= rec.switch:
                     false += 1
                 elif first_after is None:
                     first_after = position - rec.switch
-                history = torch.cat([rec.prefix, rec.stream[:start + piece.shape[0]]])
-                detector.refit(history[-ring:])
+                history = torch.cat([rec.prefix[rows], rec.stream[rows, :start + piece.shape[1]]], dim=1)
+                detector.refit(history[:, -config.ring_size:])
         if rec.kind == "control":
-            tokens += rec.stream.shape[0]
+            tokens += rec.stream.shape[1]
         else:
             tokens += rec.switch - prefix
             detected.append(first_after is not None and first_after <= DETECTION_WINDOW)
@@ -99,10 +101,25 @@ def simulate(recordings: list[Recording], name: str, settings: dict, ring: int, 
             "median_delay": statistics.median(delays) if delays else math.nan}
 
 
-CANDIDATES: list[tuple[str, dict]] = [
-    ("paper", {"window": 5, "delta": 0.1, "floor": 0.1, "trigger_count": 1, "cooldown": 0}),
-    ("paper", {"window": 5, "delta": 0.1, "floor": 0.1, "trigger_count": 3, "cooldown": 4}),
+SHIFT = dict(detector="shift", window=16, monitored_layers=(0.3, 0.7), shift_history=6, shift_persist=2,
+             shift_k=2.5, floor=0.15)
+CANDIDATES: list[dict] = [
+    dict(detector="paper", window=5, trigger_count=1, cooldown=0),       # the paper's rule as published
+    dict(detector="paper", window=5, trigger_count=3, cooldown=4),       # with hysteresis (the earlier default)
+    dict(detector="paper", window=16, trigger_count=2, cooldown=2, monitored_layers=(0.3, 0.7)),
+    SHIFT,
+    {**SHIFT, "floor": 0.1},
+    {**SHIFT, "floor": 0.2},
+    {**SHIFT, "shift_k": 3.5},
+    {**SHIFT, "shift_persist": 1},
+    {**SHIFT, "window": 8},
+    {**SHIFT, "monitored_layers": (1.0,)},
+    {**SHIFT, "monitored_layers": (0.3,)},
 ]
+
+
+def _resolve(layers: tuple, count: int) -> list[int]:
+    return sorted({round(v * (count - 1)) if isinstance(v, float) else v % count for v in layers})
 
 
 def main() -> None:
@@ -125,17 +142,21 @@ def main() -> None:
              f"{sum(s.kind == 'switch' for s in sequences)} switch sequences and "
              f"{sum(s.kind == 'control' for s in sequences)} controls; prefix {args.prefix}, segments "
              f"{args.segment}. Signals recorded under DART's prompt mask; detectors simulated over them.", ""]
+    count = model.config.num_hidden_layers
+    wanted = [_resolve(DartConfig(**c).monitored_layers, count) for c in CANDIDATES]
+    layers = sorted({layer for w in wanted for layer in w})
     for sparsity in [float(s) for s in args.sparsity.split(",")]:
         started = time.perf_counter()
-        recordings = record(model, sequences, args.prefix, sparsity, 5)
+        recordings = record(model, sequences, args.prefix, sparsity, layers, 16)
         lines += [f"## Sparsity {sparsity:g} (signals recorded in {time.perf_counter() - started:.0f} s)", "",
                   "| detector | settings | false per 1k tokens | detected within 64 | median delay |",
                   "|---|---|---|---|---|"]
-        for name, settings in CANDIDATES:
-            result = simulate(recordings, name, settings, 16, args.prefix)
-            shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-            lines.append(f"| {name} | {shown} | {result['false_per_1k']:.2f} | {result['detected_64']:.2f} | "
-                         f"{result['median_delay']:g} |")
+        for settings, want in zip(CANDIDATES, wanted):
+            config = DartConfig(sparsity=sparsity, **settings)
+            result = simulate(recordings, config, [layers.index(w) for w in want], args.prefix)
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "detector")
+            lines.append(f"| {settings['detector']} | {shown} | {result['false_per_1k']:.2f} | "
+                         f"{result['detected_64']:.2f} | {result['median_delay']:g} |")
             print(lines[-1], flush=True)
         lines.append("")
     text = "\n".join(lines) + "\n"

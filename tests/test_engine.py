@@ -6,6 +6,7 @@ import torch
 import dartprune
 from dartprune import ConfigError, DartConfig
 from dartprune.engine.budgets import depth_protection, keep_counts, pruning_ratios
+from dartprune.engine import Engine
 from dartprune.engine.drift import PaperDetector
 from dartprune.engine.weights import PrefixFFN, masked_ffn
 from dartprune.engine.scoring import top_neurons
@@ -337,9 +338,15 @@ def test_config_from_dict_names_unknown_keys():
     assert DartConfig.from_dict({"sparsity": 0.3}).sparsity == 0.3
 
 
-def test_monitored_layer_out_of_range():
+def test_monitored_layers_by_index_or_relative_depth():
     with pytest.raises(ConfigError, match="out of range"):
         dartprune.attach(tiny_model("llama"), DartConfig(monitored_layers=(LAYERS,)))
+    for bad in ((1.5,), (True,), ("last",)):
+        with pytest.raises(ConfigError, match="relative depths"):
+            DartConfig(monitored_layers=bad)
+    engine = Engine(tiny_model("llama"), DartConfig(monitored_layers=(0.3, 1.0, -1, 0)))
+    assert engine.monitored == [0, 1, LAYERS - 1]          # round(0.3 * 3) = 1; 1.0 and -1 are the last layer
+    engine.close()
 
 
 def test_attach_works_on_a_model_dispatched_over_cpu_and_disk(tmp_path):

@@ -22,6 +22,7 @@ from dartprune.provenance import versions
 from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, load_text, mc_items
 from dartprune.evaluation.mc import score_item
 from dartprune.evaluation.conversation import dialogues
+from dartprune.evaluation.generation import repetition
 from dartprune.evaluation.drift import Drift, drift_sequences
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
 from dartprune.evaluation.ppl import Perplexity
@@ -156,6 +157,12 @@ def test_drift_metrics_count_false_retraces_and_detection_exactly():
     assert m["false_per_1k_before"] == pytest.approx(5.0)
     assert m["detected_64"] == 0.5 and m["median_delay"] == 60
     assert (m["switches"], m["controls"]) == (2, 1)
+
+
+def test_repetition_measures_loops():
+    assert repetition("the steam engine was built in a mill near the river") == 0.0
+    assert repetition("by the invention " * 10) == pytest.approx(1 - 3 / 27)
+    assert repetition("too short") == 0.0
 
 
 def test_paired_bootstrap_of_geometric_mean_ratios():
@@ -395,7 +402,7 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
     assert by[("mc", "copa", "dart", 0.5)]["items"] == 2 and by[("mc", "mean", "dense", 0.0)]["items"] == 4
     assert by[("xsum", "xsum_1shot", "dense", 0.0)]["metrics"]["rougeL_vs_dense"] == 1.0
     assert set(by[("xsum", "xsum_1shot", "static", 0.5)]["metrics"]) >= {"rouge1", "rouge2", "rougeL",
-                                                                        "rougeL_vs_dense"}
+                                                                        "rougeL_vs_dense", "repetition"}
     assert by[("topics", "two_topic_prompts", "dart", 0.7)]["items"] == 2
     assert "retraces_mean" in by[("topics", "two_topic_prompts", "dart", 0.7)]["engine"]
     assert by[("drift", "all", "dart", 0.5)]["metrics"]["ppl_after"] > 0

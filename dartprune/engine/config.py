@@ -43,7 +43,8 @@ class DartConfig:
         benchmarks/results/drift_tuning.md): at 50% sparsity on SmolLM2, c0 = 1 re-traced 7-9 times inside
         the first 256 tokens of one unchanged text and made their perplexity worse; c0 = 3 did not re-trace
         there and still followed a switch.
-    monitored_layers: layer indices whose attention output is watched (negative counts from the end).
+    monitored_layers: layers whose attention output is watched: indices (int, negative counts from the end) or
+        relative depths (float in [0, 1]: 0.0 the first layer, 1.0 the last).
     ring_size: R, tokens of FFN inputs kept per layer for re-tracing.
     retrace: "buffer" (score the ring buffer with full weights) or "dense-steps" (the authors': run dense for
         `dense_steps` tokens, then rebuild).
@@ -83,7 +84,7 @@ class DartConfig:
     floor: float = 0.1
     trigger_count: int = 3
     cooldown: int = 4
-    monitored_layers: tuple[int, ...] = field(default=(-1,))
+    monitored_layers: tuple[int | float, ...] = field(default=(-1,))
     ring_size: int = 16
     retrace: Literal["buffer", "dense-steps"] = "buffer"
     dense_steps: int = 16
@@ -130,6 +131,11 @@ class DartConfig:
             raise ConfigError("delta, floor and shift_k must be >= 0")
         if not self.monitored_layers:
             raise ConfigError("monitored_layers must name at least one layer")
+        for layer in self.monitored_layers:
+            if isinstance(layer, bool) or not isinstance(layer, (int, float)) or (
+                    isinstance(layer, float) and not 0.0 <= layer <= 1.0):
+                raise ConfigError(f"monitored_layers takes layer indices (int) or relative depths (float in "
+                                  f"[0, 1]), got {layer!r}")
         needs = METHODS[self.method].calibration
         if needs is not None and self.calibration_file is None:
             raise ConfigError(f"method {self.method!r} needs calibration_file (make one with "

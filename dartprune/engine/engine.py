@@ -520,8 +520,15 @@ class Engine:
             dense_flops=row.dense_flops, retrace_seconds=sum(r.seconds for r in row.retraces))
 
     def _monitored_layers(self) -> list[int]:
+        """Layer indices from `monitored_layers`: integers index (negative from the end), floats are relative
+        depths (0.0 the first layer, 1.0 the last), so one default fits models of any depth."""
         count = len(self.layers)
+        out = set()
         for layer in self.config.monitored_layers:
-            if not -count <= layer < count:
+            if isinstance(layer, float):
+                out.add(round(layer * (count - 1)))
+            elif not -count <= layer < count:
                 raise ConfigError(f"monitored layer {layer} is out of range for a model with {count} layers")
-        return sorted({layer % count for layer in self.config.monitored_layers})
+            else:
+                out.add(layer % count)
+        return sorted(out)

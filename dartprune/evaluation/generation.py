@@ -23,6 +23,14 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     return {k: v.fmeasure for k, v in scores.items()}
 
 
+def repetition(text: str, n: int = 4) -> float:
+    """Share of the text's word n-grams that repeat an earlier one: 0 for text that never repeats itself, near 1
+    for a loop ("by the invention by the invention ...")."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -43,7 +51,7 @@ class _GenerationTask(Task):
             new_tokens += count
             stats += session.stats()
             outputs.append(text)
-            row: dict[str, float] = {}
+            row: dict[str, float] = {"repetition": repetition(text)}
             if reference is not None:
                 row.update(rouge(text, reference))
             if self.dense_outputs is not None:

@@ -8,7 +8,7 @@ lm-eval through dartprune (or `python -m dartprune.evaluation.lm_eval_backend` w
 
 Model args: `pretrained` (alias, local folder or Hub id) and `dtype` load the model; lm-eval's own HFLM options
 (batch_size, max_length, add_bos_token, ...) pass through; every other key goes to `DartConfig.from_dict`, which
-names any unknown key. `monitored_layers` takes integers separated by ';' (commas separate model args).
+names any unknown key. `monitored_layers` takes layer indices or relative depths separated by ';' (commas separate model args).
 
 Log-likelihood requests follow the context-only rule (docs/algorithm.md §7): each request is a new sequence whose context (minus
 its last token) is prefilled dense and traced, then the last context token and the continuation are fed in
@@ -39,12 +39,13 @@ HFLM_KEYS = frozenset({"batch_size", "max_batch_size", "max_length", "truncation
                        "chat_template_args"})
 
 
-def _layers(value: Any) -> tuple[int, ...]:
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    if isinstance(value, int):
+def _layers(value: Any) -> tuple[int | float, ...]:
+    """Layer indices (int) or relative depths (a number with a decimal point)."""
+    if isinstance(value, (int, float)):
         return (value,)
-    return tuple(int(v) for v in str(value).replace(":", ";").split(";") if v.strip())
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(":", ";").split(";")
+    return tuple(v if isinstance(v, (int, float)) else float(v) if "." in v else int(v)
+                 for v in items if not isinstance(v, str) or v.strip())
 
 
 @register_model("dartprune")
