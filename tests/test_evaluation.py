@@ -108,6 +108,18 @@ def test_method_specs_dense_once_and_unknown_method():
         method_specs(["dart"], [0.5], {"windw": 3})
 
 
+def test_method_variants_carry_their_own_settings():
+    specs = method_specs(["dart", "dart[detector=paper;window=5]"], [0.5], {"window": 16})
+    assert [s.label for s in specs] == ["dense", "dart@0.5", "dart[detector=paper;window=5]@0.5"]
+    assert (specs[1].config.window, specs[2].config.window, specs[2].config.detector) == (16, 5, "paper")
+    for bad, match in (("dart[]", "variant looks like"), ("dart[window=5", "variant looks like"),
+                       ("dart[sparsity=0.3]", "cannot set sparsity"), ("dart[windw=3]", "unknown DartConfig key")):
+        with pytest.raises(ValueError, match=match):
+            method_specs([bad], [0.5])
+    with pytest.raises(ValueError, match="listed twice"):
+        method_specs(["dart", "dart"], [0.5])
+
+
 # ----------------------------------------------------------------------------------------------- ppl and drift
 def test_ppl_dense_matches_direct_computation(tiny):
     model, tokenizer, _ = tiny
@@ -179,13 +191,15 @@ def test_paired_bootstrap_of_geometric_mean_ratios():
 
 def test_drift_task_scores_switches_and_controls_and_compares_methods(tiny, tmp_path):
     model, tokenizer, _ = tiny
-    settings = EvalSettings(model="tiny", methods=["dart", "static"], sparsities=[0.5], tasks=["drift"],
+    settings = EvalSettings(model="tiny", methods=["dart", "static", "dart[trigger_count=1000]"], sparsities=[0.5],
+                            tasks=["drift"],
                             out=str(tmp_path / "drift"), data_dir=str(MINI), prefix=16, drift_profile="quick",
                             drift_sources=MINI_GENRES, drift_split="test", extra={"trigger_count": 1, "floor": 0.0,
                                                                                   "delta": 0.0, "cooldown": 0})
     results, out = run_evaluation(settings, model, tokenizer, command="test", echo=False)
     by = {r.method: r for r in results}
-    assert set(by) == {"dense", "dart", "static"} and by["dense"].items == 6 + 6
+    assert set(by) == {"dense", "dart", "static", "dart[trigger_count=1000]"} and by["dense"].items == 6 + 6
+    assert by["dart[trigger_count=1000]"].metrics["false_per_1k_control"] == 0
     assert by["dense"].metrics["false_per_1k_control"] == 0 and by["static"].metrics["detected_64"] == 0
     assert by["dart"].metrics["false_per_1k_control"] > 0          # a hair-trigger monitor fires everywhere
     assert by["dart"].metrics["executed_sparsity"] == pytest.approx(by["static"].metrics["executed_sparsity"])

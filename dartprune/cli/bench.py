@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     for dtype in args.dtype:
         parse_dtype(dtype)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    from dartprune.cli.generate import parse_settings
+    from dartprune.engine.config import parse_settings
     settings = BenchSettings(methods=args.methods, sparsities=args.sparsity, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
                              threads=args.threads or cores, loops=args.loops, device=args.device,

@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import TextIO
 
-from dartprune.cli.generate import parse_settings
+from dartprune.engine.config import parse_settings
 from dartprune.decode.chat import Conversation
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.engine import DartConfig

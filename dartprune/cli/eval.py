@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dartprune.cli.generate import parse_settings
+from dartprune.engine.config import parse_settings
 
 
 def _csv(kind):
@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__)
     p.add_argument("--model", default=d.model, help="alias, local folder or Hugging Face id")
     p.add_argument("--methods", type=_csv(str), default=d.methods,
-                   help="comma-separated methods (dense always runs once, as the reference)")
+                   help="comma-separated methods (dense always runs once, as the reference); a method may carry its own "
+                        "settings, e.g. dart,dart[detector=paper;window=5] compares two DART configurations in one run")
     p.add_argument("--sparsity", type=_csv(float), default=d.sparsities, help="comma-separated FFN sparsities")
     p.add_argument("--tasks", type=_csv(str), default=d.tasks, help="comma-separated: " + ",".join(sorted(_task_names())))
     p.add_argument("--out", required=True, help="output folder")

@@ -9,7 +9,7 @@ from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
 from dartprune.methods import METHODS
-from dartprune.engine.config import ConfigError
+from dartprune.engine.config import ConfigError, parse_settings
 from dartprune.models import DEFAULT_MODEL, load_model
 
 
@@ -55,21 +55,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     return prompt
-
-
-def parse_settings(settings: list[str]) -> dict[str, object]:
-    """KEY=VALUE pairs with Python-literal values where they parse (numbers, booleans, tuples)."""
-    import ast
-    values: dict[str, object] = {}
-    for item in settings:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            values[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            values[key.strip()] = raw
-    return values
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:

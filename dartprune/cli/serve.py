@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dartprune.cli.generate import parse_settings
+from dartprune.engine.config import parse_settings
 from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
 from dartprune.methods import METHODS

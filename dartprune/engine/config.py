@@ -154,6 +154,21 @@ class DartConfig:
         return dataclasses.replace(self, **changes)
 
 
+def parse_settings(settings: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs with Python-literal values where they parse (numbers, booleans, tuples)."""
+    import ast
+    values: dict[str, object] = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"a setting must look like KEY=VALUE, got {item!r}")
+        try:
+            values[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values[key.strip()] = raw
+    return values
+
+
 def _choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -138,7 +138,7 @@ class ConversationTask(Task):
                             "executed_sparsity": stats.executed_sparsity, "retraces": stats.retrace_count,
                             "overhead_fraction": stats.overhead_fraction})
         self.records[spec.label] = records
-        self.details += [{"task": self.name, "method": spec.method, "sparsity": spec.sparsity, **r} for r in records]
+        self.details += [{"task": self.name, "method": spec.name, "sparsity": spec.sparsity, **r} for r in records]
         metrics = {f"ppl_turn_{k + 1}": math.exp(_mean([r["nll_turns"][k] for r in records])) for k in range(TURNS)}
         metrics["ppl_later_turns"] = math.exp(_mean([r["nll_later"] for r in records]))
         metrics["executed_sparsity"] = _mean([r["executed_sparsity"] for r in records])

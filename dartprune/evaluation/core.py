@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.engine import DartConfig, SequenceStats
-from dartprune.engine.config import ConfigError
+from dartprune.engine.config import ConfigError, parse_settings
 from dartprune.methods import METHODS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,41 +76,67 @@ def context_limit(model) -> int | None:
 # ----------------------------------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class MethodSpec:
-    """One evaluated configuration: a method at a sparsity, with the DartConfig it runs."""
+    """One evaluated configuration: a method at a sparsity, with the DartConfig it runs. `variant` names settings
+    that differ from the run's (`dart[detector=paper]`), so two configurations of one method compare in one run."""
 
     method: str
     sparsity: float
     config: DartConfig = field(compare=False, hash=False)
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}[{self.variant}]" if self.variant else self.method
 
     @property
     def label(self) -> str:
-        return "dense" if self.method == "dense" else f"{self.method}@{self.sparsity:g}"
+        return "dense" if self.method == "dense" else f"{self.name}@{self.sparsity:g}"
+
+
+def parse_method(text: str) -> tuple[str, str, dict[str, Any]]:
+    """'dart' or 'dart[key=value;key=value]' -> (method, variant text, settings)."""
+    method, bracket, rest = text.partition("[")
+    if not bracket:
+        return text, "", {}
+    if not rest.endswith("]") or not rest[:-1].strip():
+        raise ConfigError(f"a method variant looks like dart[key=value;key=value], got {text!r}")
+    variant = rest[:-1]
+    settings = parse_settings([item for item in variant.split(";") if item.strip()])
+    for key in ("method", "sparsity"):
+        if key in settings:
+            raise ConfigError(f"a variant cannot set {key} ({text!r})")
+    return method, variant, settings
 
 
 def method_specs(methods: list[str], sparsities: list[float], extra: dict[str, Any] | None = None,
                  include_dense: bool = True, calibration: dict[str, str] | None = None) -> list[MethodSpec]:
     """Dense first (once, sparsity 0: it does not depend on the sparsity), then every method at every sparsity.
 
+    methods: names, each optionally with its own settings over `extra` (`dart[detector=paper;window=5]`).
     calibration: method -> calibration file, for the calibrated baselines (wanda-static, threshold)."""
     extra = dict(extra or {})
     calibration = calibration or {}
     for key in ("method", "sparsity"):
         if key in extra:
             raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
-    unknown = [m for m in methods if m not in METHODS]
+    parsed = [parse_method(m) for m in methods]
+    unknown = [m for m, _, _ in parsed if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
     specs = []
     if include_dense or "dense" in methods:
         specs.append(MethodSpec("dense", 0.0, DartConfig.from_dict({**extra, "method": "dense", "sparsity": 0.0})))
-    for method in methods:
+    for method, variant, settings in parsed:
         if method == "dense":
             continue
         for sparsity in sparsities:
-            values = {**extra, "method": method, "sparsity": float(sparsity)}
+            values = {**extra, **settings, "method": method, "sparsity": float(sparsity)}
             if method in calibration:
                 values["calibration_file"] = calibration[method]
-            specs.append(MethodSpec(method, float(sparsity), DartConfig.from_dict(values)))
+            specs.append(MethodSpec(method, float(sparsity), DartConfig.from_dict(values), variant))
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"a method is listed twice: {sorted(l for l in set(labels) if labels.count(l) > 1)}")
     return specs
 
 

@@ -182,9 +182,9 @@ class Drift(Task):
                 "triggers": triggers, "executed_sparsity": stats.executed_sparsity,
                 "retraces": stats.retrace_count})
             if len(self.traces) < 6 and spec.method == "dart" and seq.kind == "switch":
-                self.traces[(seq.name, spec.method, spec.sparsity)] = stats
+                self.traces[(seq.name, spec.name, spec.sparsity)] = stats
         self.records[spec.label] = records
-        self.details += [{"task": self.name, "method": spec.method, "sparsity": spec.sparsity, **r} for r in records]
+        self.details += [{"task": self.name, "method": spec.name, "sparsity": spec.sparsity, **r} for r in records]
         return [self.result(spec, self.settings.drift_split, self._metrics(records), len(records), self.prefix,
                             {"executed_sparsity": _mean([r["executed_sparsity"] for r in records]),
                              "retraces_mean": _mean([r["retraces"] for r in records]), "sequences": len(records)},

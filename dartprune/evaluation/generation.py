@@ -59,7 +59,7 @@ class _GenerationTask(Task):
             elif spec.method == "dense":
                 row["rougeL_vs_dense"] = 1.0
             scores.append(row)
-            self.details.append({"task": self.name, "index": i, "method": spec.method, "sparsity": spec.sparsity,
+            self.details.append({"task": self.name, "index": i, "method": spec.name, "sparsity": spec.sparsity,
                                  "output": text, "reference": reference, "scores": row,
                                  "retrace_positions": stats[-1].retrace_positions if stats else []})
         if spec.method == "dense":

@@ -67,7 +67,7 @@ class MultipleChoice(Task):
                 correct += pred == item.label
                 correct_norm += pred_norm == item.label
                 prefix_tokens.append(stats[-1].prompt_tokens if stats else 0)
-                self.details.append({"task": self.name, "set": name, "index": item.index, "method": spec.method,
+                self.details.append({"task": self.name, "set": name, "index": item.index, "method": spec.name,
                                      "sparsity": spec.sparsity, "lls": lls, "label": item.label, "pred": pred,
                                      "pred_norm": pred_norm})
             n = len(items)

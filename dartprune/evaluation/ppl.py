@@ -65,7 +65,7 @@ class Perplexity(Task):
             count += scored.logprobs.numel()
             per_window.append(_ppl(-scored.total, scored.logprobs.numel()))
             stats += session.stats()
-        self.details.append({"task": self.name, "method": spec.method, "sparsity": spec.sparsity,
+        self.details.append({"task": self.name, "method": spec.name, "sparsity": spec.sparsity,
                              "window_ppl": per_window,
                              "retrace_positions": [s.retrace_positions for s in stats]})
         return [self.result(spec, self.source, {"ppl": _ppl(nll, count), "scored_tokens": count},

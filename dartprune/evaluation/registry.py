@@ -124,7 +124,7 @@ class Task(ABC):
                prefix_length: float | str, engine: dict[str, float], seconds: float, **extra: Any) -> Result:
         import dataclasses
         return Result(task=self.name, subtask=subtask, model=self.settings.model, dtype=self.settings.dtype,
-                      method=spec.method, sparsity=spec.sparsity, metrics=metrics, items=items,
+                      method=spec.name, sparsity=spec.sparsity, metrics=metrics, items=items,
                       prefix_length=prefix_length, protocol=self.protocol, versions=self.versions,
                       config=dataclasses.asdict(spec.config), engine=engine, seconds=round(seconds, 3),
                       seed=self.settings.seed, extra=extra)
