@@ -31,7 +31,6 @@ from dartprune.evaluation.drift import drift_sequences  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans  # noqa: E402
 from dartprune.models import load_model  # noqa: E402
 
-NEVER = 10 ** 9
 
 
 @torch.inference_mode()
@@ -85,7 +84,7 @@ def main() -> None:
     bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
     sequences = [s for s in drift_sequences(tokenizer, args.prefix, args.segment, bos=bos)
                  if args.split == "all" or s.split == args.split]
-    base = dict(sparsity=args.sparsity, trigger_count=NEVER)
+    base = dict(sparsity=args.sparsity, detector="none")
     settings = [("dense", None, lambda s: []),
                 ("static", DartConfig(method="static", sparsity=args.sparsity), lambda s: [])]
     for ring in (16, 64):

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+# the paper's drift rule with no hysteresis and no threshold margin: re-traces at almost every window
+HAIR_TRIGGER = dict(detector="paper", window=5, monitored_layers=(-1,), floor=0.0, delta=0.0, trigger_count=1,
+                    cooldown=0)
+
 
 @torch.no_grad()
 def teacher_forced_logits(model, ids: torch.Tensor, prefix: int, chunk: int = 1,

@@ -14,11 +14,10 @@ from dartprune.decode import kernel as kernel_module
 from dartprune.decode.generate import Generator, SamplingParams, TextStream, sample
 from dartprune.decode.model import NativeModel, native_supported
 from dartprune.engine import Engine
-from tests.helpers import teacher_forced_logits
+from tests.helpers import HAIR_TRIGGER, teacher_forced_logits
 from tests.tiny_models import CONFIGS, FAMILIES, random_ids, tiny_model, tiny_tokenizer
 
 NATIVE = ["gemma", "gemma2", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"]
-HAIR_TRIGGER = dict(floor=0.0, delta=0.0, trigger_count=1, cooldown=0)   # re-traces at almost every window
 
 
 def native_logits(native: NativeModel, ids: torch.Tensor, prefix: int, chunk: int = 1) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dartprune.engine import Engine
 from dartprune.engine.drift import PaperDetector
 from dartprune.engine.weights import PrefixFFN, masked_ffn
 from dartprune.engine.scoring import top_neurons
-from tests.helpers import teacher_forced_logits
+from tests.helpers import HAIR_TRIGGER, teacher_forced_logits
 from tests.tiny_models import FAMILIES, INTERMEDIATE, LAYERS, random_ids, tiny_model
 
 
@@ -32,7 +32,7 @@ def test_compact_path_matches_mask_path(family, prune_prefill):
     results = {}
     for path in ("compact", "mask"):
         with dartprune.attach(model, DartConfig(sparsity=0.6, path=path, prune_prefill=prune_prefill,
-                                                floor=0.0, delta=0.0, trigger_count=1, cooldown=0)) as handle:
+                                                **HAIR_TRIGGER)) as handle:
             results[path] = teacher_forced_logits(model, ids, prefix=12)
             stats = handle.stats()[0]
         results[path + "_retraces"] = stats.retrace_positions
@@ -184,7 +184,7 @@ def test_batch_rows_equal_single_runs():
     model.generation_config.eos_token_id = None
     prompts = [random_ids(1, 14, seed=5)[0], random_ids(1, 9, seed=6)[0]]
     singles = []
-    config = DartConfig(sparsity=0.5, floor=0.0, delta=0.0, trigger_count=1, cooldown=0)
+    config = DartConfig(sparsity=0.5, **HAIR_TRIGGER)
     for prompt in prompts:
         with dartprune.attach(model, config) as handle:
             out = model.generate(prompt[None], max_new_tokens=25, do_sample=False, pad_token_id=0)
@@ -209,10 +209,10 @@ def test_one_token_prompt_and_sampling_work_without_nan():
     model = tiny_model("gpt2")
     with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
         torch.manual_seed(0)
-        out = model.generate(random_ids(1, 1), max_new_tokens=40, do_sample=True, top_p=0.9, temperature=0.8)
+        out = model.generate(random_ids(1, 1), max_new_tokens=100, do_sample=True, top_p=0.9, temperature=0.8)
         stats = handle.stats()[0]
-    assert out.shape == (1, 41)
-    assert stats.prompt_tokens == 1 and stats.tokens == 40
+    assert out.shape == (1, 101)
+    assert stats.prompt_tokens == 1 and stats.tokens == 100
     assert all(math.isfinite(w.cosine) and math.isfinite(w.threshold) for w in stats.windows)
     assert stats.windows, "the baseline must be completed from decode tokens and monitoring must start"
 
@@ -281,8 +281,7 @@ def test_executed_sparsity_counts_the_dense_prefill():
 
 def test_dense_steps_retrace_mode_runs_dense_then_rebuilds():
     model = tiny_model("llama")
-    config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=4, floor=0.0, delta=0.0,
-                        trigger_count=1, cooldown=0)
+    config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=4, **HAIR_TRIGGER)
     with dartprune.attach(model, config) as handle:
         model.generate(random_ids(1, 20, seed=2), max_new_tokens=60, min_new_tokens=60, do_sample=False)
         stats = handle.stats()[0]
@@ -294,8 +293,7 @@ def test_dense_steps_retrace_mode_runs_dense_then_rebuilds():
 def test_dense_steps_count_tokens_when_forwards_carry_several():
     """Teacher-forced chunks of 5 tokens: a re-trace ends exactly `dense_steps` tokens after its trigger."""
     model = tiny_model("llama")
-    config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=10, floor=0.0, delta=0.0,
-                        trigger_count=1, cooldown=0)
+    config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=10, **HAIR_TRIGGER)
     with dartprune.attach(model, config) as handle:
         teacher_forced_logits(model, random_ids(1, 140, seed=3), prefix=20, chunk=5)
         stats = handle.stats()[0]
@@ -363,7 +361,7 @@ def test_attach_works_on_a_model_dispatched_over_cpu_and_disk(tmp_path):
                                                       offload_folder=tmp_path / "offload").eval()
     assert dispatched.model.layers[1].mlp.gate_proj.weight.device.type == "meta"
     ids = random_ids(1, 40, seed=4)
-    config = DartConfig(sparsity=0.6, floor=0.0, delta=0.0, trigger_count=1, cooldown=0)
+    config = DartConfig(sparsity=0.6, **HAIR_TRIGGER)
     results = {}
     for name, m in (("memory", model), ("dispatched", dispatched)):
         with dartprune.attach(m, config) as handle:

@@ -191,15 +191,15 @@ def test_paired_bootstrap_of_geometric_mean_ratios():
 
 def test_drift_task_scores_switches_and_controls_and_compares_methods(tiny, tmp_path):
     model, tokenizer, _ = tiny
-    settings = EvalSettings(model="tiny", methods=["dart", "static", "dart[trigger_count=1000]"], sparsities=[0.5],
+    settings = EvalSettings(model="tiny", methods=["dart", "static", "dart[detector=none]"], sparsities=[0.5],
                             tasks=["drift"],
                             out=str(tmp_path / "drift"), data_dir=str(MINI), prefix=16, drift_profile="quick",
-                            drift_sources=MINI_GENRES, drift_split="test", extra={"trigger_count": 1, "floor": 0.0,
-                                                                                  "delta": 0.0, "cooldown": 0})
+                            drift_sources=MINI_GENRES, drift_split="test", extra={"detector": "paper", "window": 5,
+                                                                                  "monitored_layers": (-1,), "trigger_count": 1, "floor": 0.0, "delta": 0.0, "cooldown": 0})
     results, out = run_evaluation(settings, model, tokenizer, command="test", echo=False)
     by = {r.method: r for r in results}
-    assert set(by) == {"dense", "dart", "static", "dart[trigger_count=1000]"} and by["dense"].items == 6 + 6
-    assert by["dart[trigger_count=1000]"].metrics["false_per_1k_control"] == 0
+    assert set(by) == {"dense", "dart", "static", "dart[detector=none]"} and by["dense"].items == 6 + 6
+    assert by["dart[detector=none]"].metrics["false_per_1k_control"] == 0
     assert by["dense"].metrics["false_per_1k_control"] == 0 and by["static"].metrics["detected_64"] == 0
     assert by["dart"].metrics["false_per_1k_control"] > 0          # a hair-trigger monitor fires everywhere
     assert by["dart"].metrics["executed_sparsity"] == pytest.approx(by["static"].metrics["executed_sparsity"])
@@ -260,7 +260,7 @@ def test_score_turns_dense_equals_one_plain_forward(tiny, loop):
 def test_score_turns_pruned_is_the_same_in_both_loops_and_retraces_at_each_turn(tiny):
     model, _, _ = tiny
     d = dialogues(chat_tokenizer(), 16, 12, MINI_THREE, MINI)[1]
-    config = DartConfig(sparsity=0.5, trigger_count=10 ** 6)
+    config = DartConfig(sparsity=0.5, detector="none")
     scored = {}
     for loop in ("native", "hf"):
         with Session(model, tiny_tokenizer(), config, loop=loop) as session:
@@ -276,7 +276,7 @@ def test_conversation_task_compares_per_turn_retrace_with_the_first_turns_mask(t
     model, _, _ = tiny
     settings = EvalSettings(model="tiny", methods=["dart", "static"], sparsities=[0.5], tasks=["conversation"],
                             out=str(tmp_path / "conv"), data_dir=str(MINI), drift_profile="quick",
-                            drift_sources=MINI_THREE, extra={"trigger_count": 10 ** 6})
+                            drift_sources=MINI_THREE, extra={"detector": "none"})
     results, out = run_evaluation(settings, model, chat_tokenizer(), command="test", echo=False)
     by = {r.method: r for r in results}
     assert set(by) == {"dense", "dart", "static"} and by["dense"].items == 6

@@ -21,6 +21,7 @@ from dartprune.data import load_text
 from dartprune.engine.weights import activations
 from dartprune.engine.scoring import top_neurons
 from tests.conftest import MINI
+from tests.helpers import HAIR_TRIGGER
 from tests.tiny_models import FAMILIES, VOCAB, random_ids, tiny_model
 
 CAL_PATH = MINI / "gutenberg" / "harbour.txt"
@@ -28,7 +29,7 @@ CAL_TEXT = load_text(CAL_PATH)
 EVAL_TEXT = load_text(MINI / "gutenberg" / "kitchen.txt")
 SAMPLES, SEQ_LEN = 8, 64
 GRID = (0.0, 0.25, 0.5, 0.75)
-DRIFTY = dict(floor=0.0, delta=0.0, trigger_count=1, cooldown=0)  # re-trace at every window if allowed to
+DRIFTY = HAIR_TRIGGER  # re-traces at every window if the method follows drift
 
 
 class ByteTokenizer:

@@ -22,6 +22,7 @@ from torch import nn
 
 from dartprune.architectures import get_adapter
 from dartprune.engine import costs
+from dartprune.engine.config import DartConfig
 
 
 @dataclass
@@ -214,24 +215,26 @@ def shapes_decode_bytes(shapes: Shapes, keep: int | list[int] | None = None) -> 
                        embedding_rows=shapes.hidden * b, other=shapes.hidden * b)
 
 
-def dart_state_bytes(shapes: Shapes, ring_size: int = 16, monitored_layers: int = 1,
-                     window: int = 5) -> dict[str, int]:
-    """One sequence's DART state at these shapes, by the engine's own formula (`dartprune.engine.costs`)."""
-    return costs.state_bytes([shapes.intermediate] * shapes.layers, shapes.hidden, ring_size, monitored_layers,
-                             window, shapes.dtype_bytes, ring=True)
+def dart_state_bytes(shapes: Shapes, config: DartConfig | None = None) -> dict[str, int]:
+    """One sequence's DART state at these shapes and settings (default: DartConfig()), by the engine's own formula
+    (`dartprune.engine.costs`)."""
+    config = config or DartConfig()
+    return costs.state_bytes([shapes.intermediate] * shapes.layers, shapes.hidden, config.ring_size,
+                             len(config.monitored_layers), config.window, shapes.dtype_bytes, ring=True)
 
 
-def overhead_flops(shapes: Shapes, prompt_tokens: int, new_tokens: int, retraces: int = 0, ring_size: int = 16,
-                   monitored_layers: int = 1, window: int = 5) -> dict[str, float]:
-    """Tracing + monitoring + re-trace FLOPs over the dense forward FLOPs of the same tokens, by the engine's
-    formulas (`dartprune.engine.costs`)."""
+def overhead_flops(shapes: Shapes, prompt_tokens: int, new_tokens: int, retraces: int = 0,
+                   config: DartConfig | None = None) -> dict[str, float]:
+    """Tracing + monitoring + re-trace FLOPs over the dense forward FLOPs of the same tokens, at these settings
+    (default: DartConfig()), by the engine's formulas (`dartprune.engine.costs`)."""
+    config = config or DartConfig()
     per = shapes.layer_params()
     sizes = [shapes.intermediate] * shapes.layers
     dense_per_token = costs.dense_flops_per_token((per["attention"] + per["ffn"] + per["norms"]) * shapes.layers,
                                                   shapes.vocab * shapes.hidden)
     tracing = costs.tracing_flops(prompt_tokens, sizes, shapes.hidden)
-    monitoring = costs.monitoring_flops(new_tokens, monitored_layers, shapes.hidden, window)
-    per_retrace = costs.retrace_flops(ring_size, sizes, shapes.hidden, gated=True)
+    monitoring = costs.monitoring_flops(new_tokens, len(config.monitored_layers), shapes.hidden, config.window)
+    per_retrace = costs.retrace_flops(config.ring_size, sizes, shapes.hidden, gated=True)
     dense = (prompt_tokens + new_tokens) * dense_per_token
     return {"tracing": tracing, "monitoring": monitoring, "retrace": retraces * per_retrace, "dense": dense,
             "fraction": (tracing + monitoring + retraces * per_retrace) / dense,

@@ -445,11 +445,10 @@ def _fixed_costs(rows: list[dict]) -> dict[str, dict]:
 
 def _overhead(model, rows: list[dict], settings: BenchSettings, prompt_len: int) -> dict:
     dart_rows = [r for r in rows if r["method"] == "dart" and "state_bytes" in r]
-    config = DartConfig()
-    llama = {f"{s:g}": dart_state_bytes(LLAMA_3_1_8B, config.ring_size, len(config.monitored_layers), config.window)
-             for s in settings.sparsities if s > 0}
-    flops = overhead_flops(LLAMA_3_1_8B, prompt_len, settings.new_tokens, retraces=0, ring_size=config.ring_size,
-                           monitored_layers=len(config.monitored_layers), window=config.window)
+    llama = {f"{s:g}": dart_state_bytes(LLAMA_3_1_8B, _config(settings, "dart", s)) for s in settings.sparsities
+             if s > 0}
+    flops = overhead_flops(LLAMA_3_1_8B, prompt_len, settings.new_tokens, retraces=0,
+                           config=_config(settings, "dart", max(settings.sparsities)))
     return {
         "this_model": [{"loop": r["loop"], "sparsity": r["sparsity"], "state_bytes": r["state_bytes"],
                         "extra_share_of_model": r["extra_share_of_model"],

@@ -75,17 +75,18 @@ class DartConfig:
     prior: str | None = None
     prune_prefill: bool = False
     min_trace_tokens: int = 1
-    detector: str = "paper"
-    shift_history: int = 8
+    detector: str = "shift"
+    shift_history: int = 6
     shift_persist: int = 2
-    shift_k: float = 3.0
-    window: int = 5
+    shift_k: float = 2.5
+    shift_floor: float = 0.15
+    window: int = 16
     delta: float = 0.1
     floor: float = 0.1
     trigger_count: int = 3
     cooldown: int = 4
-    monitored_layers: tuple[int | float, ...] = field(default=(-1,))
-    ring_size: int = 16
+    monitored_layers: tuple[int | float, ...] = field(default=(0.3,))
+    ring_size: int = 64
     retrace: Literal["buffer", "dense-steps"] = "buffer"
     dense_steps: int = 16
     retrace_blend: float = 0.3
@@ -127,8 +128,8 @@ class DartConfig:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.cooldown, int) or self.cooldown < 0:
             raise ConfigError(f"cooldown must be an integer >= 0, got {self.cooldown!r}")
-        if self.delta < 0 or self.floor < 0 or self.shift_k < 0:
-            raise ConfigError("delta, floor and shift_k must be >= 0")
+        if self.delta < 0 or self.floor < 0 or self.shift_k < 0 or self.shift_floor < 0:
+            raise ConfigError("delta, floor, shift_k and shift_floor must be >= 0")
         if not self.monitored_layers:
             raise ConfigError("monitored_layers must name at least one layer")
         for layer in self.monitored_layers:

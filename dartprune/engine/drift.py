@@ -183,7 +183,7 @@ class ShiftDetector(Detector):
 
     @classmethod
     def from_config(cls, config: DartConfig) -> ShiftDetector:
-        return cls(config.window, config.shift_history, config.shift_persist, config.shift_k, config.floor)
+        return cls(config.window, config.shift_history, config.shift_persist, config.shift_k, config.shift_floor)
 
     def fit(self, signal: torch.Tensor) -> None:
         self._baseline = [signal.float()]
@@ -211,7 +211,8 @@ class ShiftDetector(Detector):
         trigger = False
         while pending.shape[1] >= self.window and not trigger:
             window, pending = pending[:, :self.window], pending[:, self.window:]
-            self.values.append(_cos(window.mean(dim=1), self.reference))
+            kept = self.values[-(self.history + self.persist - 1):]      # all the test looks at
+            self.values = [*kept, _cos(window.mean(dim=1), self.reference)]
             past = self.values[-(self.history + self.persist):-self.persist]
             if len(past) < 2:
                 continue
@@ -232,3 +233,25 @@ class ShiftDetector(Detector):
     def state_bytes(self) -> int:
         tensors = [t for t in (self.reference, *self._baseline, *self._pending) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors) + 8 * len(self.values)
+
+
+@register_detector
+@dataclass
+class NoDetector(Detector):
+    """Never asks for a re-trace: the masks change only at a new conversation turn (or a forced `retrace`)."""
+
+    name: ClassVar[str] = "none"
+    records: list[WindowRecord] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: DartConfig) -> NoDetector:
+        return cls()
+
+    def fit(self, signal: torch.Tensor) -> None:
+        pass
+
+    def observe(self, signal: torch.Tensor, end_position: int) -> bool:
+        return False
+
+    def state_bytes(self) -> int:
+        return 0
