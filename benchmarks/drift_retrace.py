@@ -47,7 +47,7 @@ def score(model, sequences, prefix: int, config: DartConfig | None, retrace_at) 
             native.forward(ids[:prefix])
             marks = sorted(retrace_at(seq)) if engine is not None else []
             logps = []
-            window = config.window if config is not None else 5
+            window = (config or DartConfig()).window
             start = prefix
             while start < len(seq.ids) - 1:
                 end = min(start + window, len(seq.ids) - 1)
@@ -100,8 +100,8 @@ def main() -> None:
              f"{args.sparsity:g}", "", f"`{' '.join(sys.argv)}`", "",
              f"{sum(s.kind == 'switch' for s in sequences)} switch sequences, "
              f"{sum(s.kind == 'control' for s in sequences)} controls; prefix {args.prefix}, segments {args.segment}, "
-             "chunks of W = 5. Perplexities are geometric means over sequences; ratios and gap recovered are paired "
-             "against static with 95% bootstrap intervals.", "",
+             f"chunks of W = {DartConfig().window}. Perplexities are geometric means over sequences; ratios and gap "
+             "recovered are paired against static with 95% bootstrap intervals.", "",
              "| setting | ppl after switch | ppl before | ppl controls | after: ratio vs static | after: gap recovered "
              "| controls: ratio vs static | s |", "|---|---|---|---|---|---|---|---|"]
     for name, config, marks in settings:

@@ -65,6 +65,15 @@ def test_unknown_method_is_an_argparse_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_eval_methods_keep_commas_inside_a_variant():
+    from dartprune.cli.eval import _methods
+    assert _methods("static, dart,dart[monitored_layers=(0, -1);window=5]") == [
+        "static", "dart", "dart[monitored_layers=(0, -1);window=5]"]
+    for bad in ("dart[window=5", ",", "dart]["):
+        with pytest.raises(Exception, match="balanced brackets"):
+            _methods(bad)
+
+
 def test_models_lists_aliases(capsys):
     code, out, _ = run_cli(["models"], capsys)
     assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out and "gpt_neox" in out

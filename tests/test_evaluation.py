@@ -112,6 +112,8 @@ def test_method_variants_carry_their_own_settings():
     specs = method_specs(["dart", "dart[detector=paper;window=5]"], [0.5], {"window": 16})
     assert [s.label for s in specs] == ["dense", "dart@0.5", "dart[detector=paper;window=5]@0.5"]
     assert (specs[1].config.window, specs[2].config.window, specs[2].config.detector) == (16, 5, "paper")
+    one_layer = method_specs(["dart[monitored_layers=-1]"], [0.5], include_dense=False)[0]
+    assert one_layer.config.monitored_layers == (-1,)
     for bad, match in (("dart[]", "variant looks like"), ("dart[window=5", "variant looks like"),
                        ("dart[sparsity=0.3]", "cannot set sparsity"), ("dart[windw=3]", "unknown DartConfig key")):
         with pytest.raises(ValueError, match=match):

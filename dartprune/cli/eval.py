@@ -19,6 +19,23 @@ def _csv(kind):
     return parse
 
 
+def _methods(text: str) -> list[str]:
+    """Comma-separated methods; commas inside a variant's brackets (`dart[monitored_layers=(0, -1)]`) stay."""
+    methods, depth, current, balanced = [], 0, "", True
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        balanced = balanced and depth >= 0
+        if char == "," and depth == 0:
+            methods.append(current.strip())
+            current = ""
+        else:
+            current += char
+    methods = [m for m in (*methods, current.strip()) if m]
+    if not methods or depth or not balanced:
+        raise argparse.ArgumentTypeError(f"expected comma-separated methods with balanced brackets, got {text!r}")
+    return methods
+
+
 def _limit(text: str) -> int | dict[str, int]:
     if "=" not in text:
         return int(text)
@@ -55,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, cnn_dailymail, topics)",
                               description=__doc__)
     p.add_argument("--model", default=d.model, help="alias, local folder or Hugging Face id")
-    p.add_argument("--methods", type=_csv(str), default=d.methods,
+    p.add_argument("--methods", type=_methods, default=d.methods,
                    help="comma-separated methods (dense always runs once, as the reference); a method may carry its own "
                         "settings, e.g. dart,dart[detector=paper;window=5] compares two DART configurations in one run")
     p.add_argument("--sparsity", type=_csv(float), default=d.sparsities, help="comma-separated FFN sparsities")

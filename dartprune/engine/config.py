@@ -97,7 +97,8 @@ class DartConfig:
     calibration_file: str | None = None
 
     def __post_init__(self) -> None:
-        self.monitored_layers = tuple(self.monitored_layers)
+        layers = self.monitored_layers
+        self.monitored_layers = (layers,) if isinstance(layers, (int, float)) else tuple(layers)
         self.validate()
 
     def validate(self) -> None:
