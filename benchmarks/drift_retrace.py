@@ -9,7 +9,7 @@ paired over the sequences. This says how much of static's gap to dense a re-trac
 the right moment, how that depends on the ring size and the blend with the old scores, and whether re-tracing
 inside an unchanged text costs anything.
 
-    python benchmarks/drift_retrace.py --model smollm2-135m --sparsity 0.5 --split tune --out benchmarks/results/drift/retrace_smollm2.md
+    python benchmarks/drift_retrace.py --model smollm2-135m --sparsity 0.5 --split tune --out benchmarks/results/drift/retrace_smollm2_0.5.md
 """
 from __future__ import annotations
 
@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=256)
     parser.add_argument("--split", default="tune", choices=["tune", "test", "all"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--oracle", default="16:0,16:0.3,64:0,64:0.3",
+                        help="oracle settings as RING:BLEND, comma-separated")
+    parser.add_argument("--periodic", default="64:64", help="periodic settings as PERIOD:RING ('' for none)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,11 +90,12 @@ def main() -> None:
     base = dict(sparsity=args.sparsity, detector="none")
     settings = [("dense", None, lambda s: []),
                 ("static", DartConfig(method="static", sparsity=args.sparsity), lambda s: [])]
-    for ring in (16, 64):
-        for blend in (0.0, 0.3):
-            settings.append((f"oracle R={ring} blend={blend}", DartConfig(ring_size=ring, retrace_blend=blend, **base),
-                             lambda s, r=ring: [s.switch + r]))
-    for period, ring in ((64, 64),):
+    for item in filter(None, args.oracle.split(",")):
+        ring, blend = int(item.split(":")[0]), float(item.split(":")[1])
+        settings.append((f"oracle R={ring} blend={blend}", DartConfig(ring_size=ring, retrace_blend=blend, **base),
+                         lambda s, r=ring: [s.switch + r]))
+    for item in filter(None, args.periodic.split(",")):
+        period, ring = (int(v) for v in item.split(":"))
         settings.append((f"periodic every {period}, R={ring} blend=0.3",
                          DartConfig(ring_size=ring, retrace_blend=0.3, **base),
                          lambda s, p=period: list(range(args.prefix + p, len(s.ids), p))))

@@ -203,15 +203,12 @@ class Generator:
         token = sample(logits, params, generator)
         ttft = time.perf_counter() - start
         steps: list[float] = []
-        reason = "length"
         while True:
-            if token in self.eos and not params.ignore_eos:
-                reason = "eos"
-                break
-            if stream.add(token):
-                reason = "stop"
+            reason = self._ends(token, stream, params)
+            if reason is not None:
                 break
             if len(stream.tokens) >= params.max_new_tokens:
+                reason = "length"
                 break
             if should_stop is not None and should_stop():
                 reason = "interrupted"
@@ -224,6 +221,13 @@ class Generator:
                           ttft_s=ttft, step_s=steps, stats=self.engine.stats()[0])
 
     @torch.inference_mode()
+    def _ends(self, token: int, stream: TextStream, params: SamplingParams) -> str | None:
+        """Why the reply ends at this token ("eos", or "stop" when the text now ends in a stop string), else
+        None after streaming it."""
+        if token in self.eos and not params.ignore_eos:
+            return "eos"
+        return "stop" if stream.add(token) else None
+
     def _generate_hf(self, ids: torch.Tensor, params: SamplingParams,
                      on_text: Callable[[str], None] | None) -> Generation:
         from transformers.generation.streamers import BaseStreamer
@@ -250,16 +254,13 @@ class Generator:
         out = self.model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
                                   max_new_tokens=params.max_new_tokens, streamer=Clock(), pad_token_id=pad,
                                   **sampling, **extra)
-        new = out[0, ids.numel():].tolist()
-        reason = "length"
-        for token in new:
-            if token in self.eos and not params.ignore_eos:
-                reason = "eos"
-                break
-            if stream.add(token):
-                reason = "stop"
+        reason = None
+        for token in out[0, ids.numel():].tolist():
+            reason = self._ends(token, stream, params)
+            if reason is not None:
                 break
         stream.finish()
+        reason = reason or "length"
         marks = times[1:]                                   # the first put is the prompt
         steps = [b - a for a, b in zip(marks, marks[1:])]
         return Generation(text=stream.text, tokens=stream.tokens, finish_reason=reason, prompt_tokens=ids.numel(),

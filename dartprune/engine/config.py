@@ -36,21 +36,18 @@ class DartConfig:
     min_trace_tokens: a prompt shorter than this is too short to trace from: the first decoded tokens run dense
         and are traced too, and the masks are built once this many tokens have been traced (the paper's
         masking step). 1 builds them from the prompt whatever its length.
-    detector: the drift detector (`dartprune.engine.drift.DETECTORS`): "paper" is the paper's cosine test,
-        "shift" a level-shift test on the same cosines (shift_history, shift_persist, shift_k; see drift.py).
-    window/delta/floor/trigger_count/cooldown: drift monitor W, delta, floor, c0 and windows ignored after a
-        re-trace. c0 = 3 and cooldown = 4 were chosen by benchmarks/drift_tuning.py (results in
-        benchmarks/results/drift_tuning.md): at 50% sparsity on SmolLM2, c0 = 1 re-traced 7-9 times inside
-        the first 256 tokens of one unchanged text and made their perplexity worse; c0 = 3 did not re-trace
-        there and still followed a switch.
+    detector: the drift detector (`dartprune.engine.drift.DETECTORS`): "shift" (default) tests each window of W
+        tokens against the level of the sequence's own recent windows (shift_history, shift_persist, shift_k,
+        shift_floor); "paper" is the paper's test against the traced tokens' windows (delta, floor,
+        trigger_count, cooldown); "none" never fires (masks change only at a new turn).
+    window: W, tokens per monitored window.
+    delta/floor/trigger_count/cooldown: the paper rule's delta, floor, c0 and windows ignored after a re-trace.
     monitored_layers: layers whose attention output is watched: indices (int, negative counts from the end) or
         relative depths (float in [0, 1]: 0.0 the first layer, 1.0 the last).
     ring_size: R, tokens of FFN inputs kept per layer for re-tracing.
     retrace: "buffer" (score the ring buffer with full weights) or "dense-steps" (the authors': run dense for
         `dense_steps` tokens, then rebuild).
-    retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset, the plain
-        form). 0.3 by measurement (benchmarks/drift_tuning.py): scores from R = 16 tokens alone are noisy, and
-        keeping 30% of the previous (unit-normalised) scores gave lower perplexity after every switch tried.
+    retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset, the plain form).
     turn_blend: weight of the earlier scores blended into a new conversation turn's (0 = the turn alone).
     retrace_spread: decode steps over which a buffer re-trace's scoring is spread (a slice of the layers per
         step, each layer switching to its new neurons when scored), so that no step stalls for the whole
@@ -58,6 +55,9 @@ class DartConfig:
     path: "compact" (gathered smaller weights: really faster) or "mask" (multiply by a 0/1 mask: reference).
     seed: for the random method.
     calibration_file: saved calibration for wanda-static and threshold.
+
+    The drift defaults (shift detector on the layer at 30% depth, W = 16, R = 64, blend 0.3) were chosen on the
+    tune half of the drift benchmark; docs/algorithm.md, "Defaults and why", gives the measurements.
     """
 
     method: str = "dart"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from dartprune.data import DataNotFoundError
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.evaluation.core import MethodSpec, needs_bos_every_window, progress
-from dartprune.evaluation.drift import GENRES, PROFILES, TextSegments
+from dartprune.evaluation.drift import PROFILES, TextSegments, mean, selected_genres
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
 from dartprune.evaluation.registry import Task, register_task
 
@@ -94,10 +94,6 @@ def dialogues(tokenizer, passage: int, reply: int, genres: dict[str, list[str]],
     return out
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
 @register_task
 class ConversationTask(Task):
     name = "conversation"
@@ -111,11 +107,7 @@ class ConversationTask(Task):
 
     def prepare(self) -> None:
         s = self.settings
-        if s.drift_profile not in PROFILES:
-            raise ValueError(f"--drift-profile must be one of {sorted(PROFILES)}, got {s.drift_profile!r}")
-        if s.drift_split not in ("all", "tune", "test"):
-            raise ValueError(f"--drift-split must be all, tune or test, got {s.drift_split!r}")
-        genres = s.drift_sources or {g: GENRES[g] for g in PROFILES[s.drift_profile]["genres"] or GENRES}
+        genres = selected_genres(s)
         passage, reply = SIZES[s.drift_profile]
         bos = needs_bos_every_window(self.model, s.model)
         items = dialogues(self.tokenizer, passage, reply, genres, s.data_dir, bos)
@@ -133,17 +125,17 @@ class ConversationTask(Task):
             nll = [float(-r.double().mean()) for r in replies]
             later = [-float(x) for r in replies[1:] for x in r.double()]
             records.append({"name": dialogue.name, "split": dialogue.split, "genres": list(dialogue.genres),
-                            "nll_turns": nll, "nll_later": _mean(later), "nll_first": nll[0],
+                            "nll_turns": nll, "nll_later": mean(later), "nll_first": nll[0],
                             "tokens": sum(len(t) for t, _ in dialogue.parts),
                             "executed_sparsity": stats.executed_sparsity, "retraces": stats.retrace_count,
                             "overhead_fraction": stats.overhead_fraction})
         self.records[spec.label] = records
         self.details += [{"task": self.name, "method": spec.name, "sparsity": spec.sparsity, **r} for r in records]
-        metrics = {f"ppl_turn_{k + 1}": math.exp(_mean([r["nll_turns"][k] for r in records])) for k in range(TURNS)}
-        metrics["ppl_later_turns"] = math.exp(_mean([r["nll_later"] for r in records]))
-        metrics["executed_sparsity"] = _mean([r["executed_sparsity"] for r in records])
-        metrics["retraces_per_dialogue"] = _mean([r["retraces"] for r in records])
-        metrics["overhead_fraction"] = _mean([r["overhead_fraction"] for r in records])
+        metrics = {f"ppl_turn_{k + 1}": math.exp(mean([r["nll_turns"][k] for r in records])) for k in range(TURNS)}
+        metrics["ppl_later_turns"] = math.exp(mean([r["nll_later"] for r in records]))
+        metrics["executed_sparsity"] = mean([r["executed_sparsity"] for r in records])
+        metrics["retraces_per_dialogue"] = mean([r["retraces"] for r in records])
+        metrics["overhead_fraction"] = mean([r["overhead_fraction"] for r in records])
         return [self.result(spec, self.settings.drift_split, metrics, len(records), "turns",
                             {"executed_sparsity": metrics["executed_sparsity"],
                              "retraces_mean": metrics["retraces_per_dialogue"]},

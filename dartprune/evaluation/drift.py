@@ -123,8 +123,18 @@ def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list
     return sequences
 
 
-def _mean(values: list[float]) -> float:
+def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def selected_genres(settings) -> dict[str, list[str]]:
+    """The genres and sources that --drift-profile/--drift-sources select, after checking --drift-split (shared
+    with the conversation task, which reads the same sources)."""
+    if settings.drift_profile not in PROFILES:
+        raise ValueError(f"--drift-profile must be one of {sorted(PROFILES)}, got {settings.drift_profile!r}")
+    if settings.drift_split not in ("all", "tune", "test"):
+        raise ValueError(f"--drift-split must be all, tune or test, got {settings.drift_split!r}")
+    return settings.drift_sources or {g: GENRES[g] for g in PROFILES[settings.drift_profile]["genres"] or GENRES}
 
 
 @register_task
@@ -140,13 +150,8 @@ class Drift(Task):
 
     def prepare(self) -> None:
         s = self.settings
-        if s.drift_profile not in PROFILES:
-            raise ValueError(f"--drift-profile must be one of {sorted(PROFILES)}, got {s.drift_profile!r}")
-        if s.drift_split not in ("all", "tune", "test"):
-            raise ValueError(f"--drift-split must be all, tune or test, got {s.drift_split!r}")
-        profile = PROFILES[s.drift_profile]
-        segment = profile["segment"] or s.drift_segment
-        genres = s.drift_sources or {g: GENRES[g] for g in profile["genres"] or GENRES}
+        genres = selected_genres(s)
+        segment = PROFILES[s.drift_profile]["segment"] or s.drift_segment
         bos = self.tokenizer.bos_token_id if needs_bos_every_window(self.model, s.model) else None
         sequences = drift_sequences(self.tokenizer, s.prefix, segment, genres, s.data_dir, bos)
         if s.drift_split != "all":
@@ -186,8 +191,8 @@ class Drift(Task):
         self.records[spec.label] = records
         self.details += [{"task": self.name, "method": spec.name, "sparsity": spec.sparsity, **r} for r in records]
         return [self.result(spec, self.settings.drift_split, self._metrics(records), len(records), self.prefix,
-                            {"executed_sparsity": _mean([r["executed_sparsity"] for r in records]),
-                             "retraces_mean": _mean([r["retraces"] for r in records]), "sequences": len(records)},
+                            {"executed_sparsity": mean([r["executed_sparsity"] for r in records]),
+                             "retraces_mean": mean([r["retraces"] for r in records]), "sequences": len(records)},
                             time.perf_counter() - started, segment=self.sequences[0].switch - self.prefix)]
 
     @staticmethod
@@ -198,18 +203,18 @@ class Drift(Task):
         control_tokens = sum(r["scored_all"] for r in controls)
         before_tokens = sum(r["scored_before"] for r in switches)
         return {
-            "ppl_before": math.exp(_mean([r["nll_before"] for r in switches])),
-            "ppl_after": math.exp(_mean([r["nll_after"] for r in switches])),
-            "ppl_after_64": math.exp(_mean([r["nll_after_64"] for r in switches])),
-            "ppl_control": math.exp(_mean([r["nll_all"] for r in controls])),
+            "ppl_before": math.exp(mean([r["nll_before"] for r in switches])),
+            "ppl_after": math.exp(mean([r["nll_after"] for r in switches])),
+            "ppl_after_64": math.exp(mean([r["nll_after_64"] for r in switches])),
+            "ppl_control": math.exp(mean([r["nll_all"] for r in controls])),
             "false_per_1k_control": 1000 * sum(r["false_retraces"] for r in controls) / control_tokens
             if control_tokens else math.nan,
             "false_per_1k_before": 1000 * sum(r["false_retraces"] for r in switches) / before_tokens
             if before_tokens else math.nan,
-            "detected_64": _mean([float(r["first_after"] is not None and r["first_after"] <= DETECTION_WINDOW)
+            "detected_64": mean([float(r["first_after"] is not None and r["first_after"] <= DETECTION_WINDOW)
                                   for r in switches]),
             "median_delay": float(statistics.median(delays)) if delays else math.nan,
-            "executed_sparsity": _mean([r["executed_sparsity"] for r in records]),
+            "executed_sparsity": mean([r["executed_sparsity"] for r in records]),
             "switches": len(switches), "controls": len(controls),
         }
 
