@@ -282,7 +282,7 @@ def test_conversation_task_compares_per_turn_retrace_with_the_first_turns_mask(t
     results, out = run_evaluation(settings, model, chat_tokenizer(), command="test", echo=False)
     by = {r.method: r for r in results}
     assert set(by) == {"dense", "dart", "static"} and by["dense"].items == 6
-    assert by["dart"].metrics["retraces_per_dialogue"] == 2 and by["static"].metrics["retraces_per_dialogue"] == 2
+    assert by["dart"].metrics["retraces_per_dialogue"] == 2 and by["static"].metrics["retraces_per_dialogue"] == 0
     # the first turn's mask is the same for both, so turn 1 scores alike; later turns differ
     assert by["dart"].metrics["ppl_turn_1"] == pytest.approx(by["static"].metrics["ppl_turn_1"], rel=1e-6)
     assert by["dart"].metrics["ppl_turn_2"] != pytest.approx(by["static"].metrics["ppl_turn_2"], rel=1e-6)

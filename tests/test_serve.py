@@ -100,9 +100,10 @@ def test_static_keeps_the_first_turns_mask():
         chat = Conversation(generator)
         chat.say("the harbour at night", params)
         before = [generator.engine.kept(0, layer) for layer in range(4)]
-        chat.say("how do you bake bread?", params)
+        reply = chat.say("how do you bake bread?", params)
         after = [generator.engine.kept(0, layer) for layer in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert reply.stats.retrace_count == 0           # a kept mask is not reported as a re-trace
 
 
 def test_conversation_equals_one_sequence_for_dense():

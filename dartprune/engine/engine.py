@@ -396,7 +396,8 @@ class Engine:
             row.kept = [None] * len(self.layers)
             row.flops["tracing"] += costs.tracing_flops(trace.tokens, self.sizes, self.hidden)
         elif row.reason is Event.TURN and not self.method.follows_turns:
-            fresh = row.scores                        # the mask of the first turn stays
+            row.built, row.phase, row.trace = True, next_phase(row.phase, Event.TRACED), _Trace()
+            return                                    # the masks of the first turn stay; nothing is re-traced
         else:
             weight = self.config.turn_blend if row.reason is Event.TURN else self.config.retrace_blend
             row.scores = [self._blend(old, new, weight) for old, new in zip(row.scores, fresh)]
