@@ -36,10 +36,11 @@ class DartConfig:
     min_trace_tokens: a prompt shorter than this is too short to trace from: the first decoded tokens run dense
         and are traced too, and the masks are built once this many tokens have been traced (the paper's
         masking step). 1 builds them from the prompt whatever its length.
-    detector: the drift detector (`dartprune.engine.drift.DETECTORS`): "shift" (default) tests each window of W
-        tokens against the level of the sequence's own recent windows (shift_history, shift_persist, shift_k,
-        shift_floor); "paper" is the paper's test against the traced tokens' windows (delta, floor,
-        trigger_count, cooldown); "none" never fires (masks change only at a new turn).
+    detector: the drift detector (`dartprune.engine.drift.DETECTORS`): "paper" (default) tests each window of W
+        tokens against the traced tokens' windows (delta, floor, trigger_count, cooldown); "shift" tests it
+        against the level of the sequence's own recent windows (shift_history, shift_persist, shift_k,
+        shift_floor): far fewer triggers inside unchanged text, and less quality; "none" never fires (masks
+        change only at a new turn).
     window: W, tokens per monitored window.
     delta/floor/trigger_count/cooldown: the paper rule's delta, floor, c0 and windows ignored after a re-trace.
     monitored_layers: layers whose attention output is watched: indices (int, negative counts from the end) or
@@ -56,8 +57,8 @@ class DartConfig:
     seed: for the random method.
     calibration_file: saved calibration for wanda-static and threshold.
 
-    The drift defaults (shift detector on the layer at 30% depth, W = 16, R = 64, blend 0.3) were chosen on the
-    tune half of the drift benchmark; docs/algorithm.md, "Defaults and why", gives the measurements.
+    The drift defaults (the paper's rule on the last layer, W = 5, c0 = 3, cooldown 4, R = 16, blend 0.3) were
+    chosen on the tune half of the drift benchmark; docs/algorithm.md, "Defaults and why", gives the measurements.
     """
 
     method: str = "dart"
@@ -75,18 +76,18 @@ class DartConfig:
     prior: str | None = None
     prune_prefill: bool = False
     min_trace_tokens: int = 1
-    detector: str = "shift"
+    detector: str = "paper"
     shift_history: int = 6
     shift_persist: int = 2
     shift_k: float = 2.5
     shift_floor: float = 0.15
-    window: int = 16
+    window: int = 5
     delta: float = 0.1
     floor: float = 0.1
     trigger_count: int = 3
     cooldown: int = 4
-    monitored_layers: tuple[int | float, ...] = field(default=(0.3,))
-    ring_size: int = 64
+    monitored_layers: tuple[int | float, ...] = field(default=(-1,))
+    ring_size: int = 16
     retrace: Literal["buffer", "dense-steps"] = "buffer"
     dense_steps: int = 16
     retrace_blend: float = 0.3
