@@ -58,6 +58,14 @@ def test_generate_rejects_prompt_longer_than_context(capsys, tmp_path):
     assert code == 2 and "exceeds the model's context" in err
 
 
+def test_generate_compare_dense_prints_the_speedup(capsys):
+    import re
+    code, _, err = run_cli(["generate", "The capital of France is", "--max-new-tokens", "6", "--sparsity", "0.5",
+                            "--compare-dense", "--no-stream"], capsys)
+    assert code == 0
+    assert re.search(r"\| \d+\.\d\dx faster than dense per output token \(\d+ dense tokens, same loop\)\]", err)
+
+
 def test_unknown_method_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "hi", "--method", "magic"])

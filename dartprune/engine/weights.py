@@ -62,11 +62,20 @@ class PrefixFFN:
         both_from, both_to = torch.cat([a_d, b_d]), torch.cat([b_d, a_d])
         for rows in self._rows():
             rows.index_copy_(0, both_to, rows.index_select(0, both_from))
-        down = self.parts.down
-        down.index_copy_(1, both_to, down.index_select(1, both_from))
+        self._move_down(both_from, both_to)
         order = self.order.clone()          # a new tensor: drivers may run under inference mode or not
         order[torch.cat([b, a])] = torch.cat([self.order[a], self.order[b]])
         self.order = order
+
+    def _move_down(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """down[:, dst] = down[:, src], as whole rows of its neuron-major storage when it has one (a strided
+        column gather is several times slower)."""
+        down = self.parts.down
+        if down.t().is_contiguous():
+            rows = down.t()
+            rows.index_copy_(0, dst, rows.index_select(0, src))
+        else:
+            down.index_copy_(1, dst, down.index_select(1, src))
 
     def keep(self, kept: torch.Tensor) -> int:
         """Make neuron ids `kept` the prefix; returns how many neurons entered it."""
@@ -93,7 +102,7 @@ class PrefixFFN:
                 dst = self.order[misplaced].long().to(device)
                 for rows in self._rows():
                     rows.index_copy_(0, dst, rows.index_select(0, src))
-                self.parts.down.index_copy_(1, dst, self.parts.down.index_select(1, src))
+                self._move_down(src, dst)
             self.order = torch.arange(self.size, dtype=torch.int32)
         if self.k != self.size:
             self.k = self.size
@@ -171,6 +180,16 @@ class ModuleFFN:
         out = torch.zeros(self.size, dtype=dtype)
         out[kept] = 1
         return out
+
+    def _move_down(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """down[:, dst] = down[:, src], as whole rows of its neuron-major storage when it has one (a strided
+        column gather is several times slower)."""
+        down = self.parts.down
+        if down.t().is_contiguous():
+            rows = down.t()
+            rows.index_copy_(0, dst, rows.index_select(0, src))
+        else:
+            down.index_copy_(1, dst, down.index_select(1, src))
 
     def keep(self, kept: torch.Tensor) -> int:
         was = torch.zeros(self.size, dtype=torch.bool)
