@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         dense_params = SamplingParams(max_new_tokens=len(result.tokens), ignore_eos=True)
         with Generator(model, tokenizer, None, loop=args.loop) as dense:
             reference = dense.generate(ids, dense_params)
-        line += f" | {speedup(reference, result):.2f}x faster than dense per output token ({len(reference.tokens)} " \
+        line += f" | speedup over dense {speedup(reference, result):.2f}x per output token ({len(reference.tokens)} " \
                 f"dense tokens, same loop)"
     print(line + "]", file=sys.stderr)
     if args.trace_plot:
