@@ -181,16 +181,6 @@ class ModuleFFN:
         out[kept] = 1
         return out
 
-    def _move_down(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """down[:, dst] = down[:, src], as whole rows of its neuron-major storage when it has one (a strided
-        column gather is several times slower)."""
-        down = self.parts.down
-        if down.t().is_contiguous():
-            rows = down.t()
-            rows.index_copy_(0, dst, rows.index_select(0, src))
-        else:
-            down.index_copy_(1, dst, down.index_select(1, src))
-
     def keep(self, kept: torch.Tensor) -> int:
         was = torch.zeros(self.size, dtype=torch.bool)
         was[self._kept] = True
