@@ -220,7 +220,6 @@ class Generator:
         return Generation(text=stream.text, tokens=stream.tokens, finish_reason=reason, prompt_tokens=ids.numel(),
                           ttft_s=ttft, step_s=steps, stats=self.engine.stats()[0])
 
-    @torch.inference_mode()
     def _ends(self, token: int, stream: TextStream, params: SamplingParams) -> str | None:
         """Why the reply ends at this token ("eos", or "stop" when the text now ends in a stop string), else
         None after streaming it."""
@@ -228,6 +227,7 @@ class Generator:
             return "eos"
         return "stop" if stream.add(token) else None
 
+    @torch.inference_mode()
     def _generate_hf(self, ids: torch.Tensor, params: SamplingParams,
                      on_text: Callable[[str], None] | None) -> Generation:
         from transformers.generation.streamers import BaseStreamer
