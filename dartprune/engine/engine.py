@@ -375,29 +375,34 @@ class Engine:
     # ----------------------------------------------------------------- masks
     @torch.no_grad()
     def _build(self, b: int) -> None:
-        """The row finished tracing: budgets (first time), scores, kept sets, execution, drift baseline."""
+        """The row finished tracing: its masks are built (or, for a method that keeps the first turn's masks at a
+        new turn, kept) and it leaves the tracing phase."""
+        row = self.rows[b]
+        keeps_masks = row.built and row.reason is Event.TURN and not self.method.follows_turns
+        if not self.prunes:
+            row.keep = list(self.sizes)
+        elif not keeps_masks:                         # a kept mask is not a re-trace: nothing to score or record
+            self._rebuild(b)
+        row.built = True
+        row.phase = next_phase(row.phase, Event.TRACED)
+        row.trace = _Trace()
+
+    def _rebuild(self, b: int) -> None:
+        """Budgets (first time), scores, kept sets, execution, drift baseline; a re-trace is recorded."""
         start = time.perf_counter()
         row = self.rows[b]
         trace = row.trace
         first = not row.built
-        if not self.prunes:
-            row.keep, row.built, row.trace = list(self.sizes), True, _Trace()
-            row.phase = next_phase(row.phase, Event.TRACED)
-            return
         fresh = [self._trace_scores(i, trace.sumsq.get(i)) for i in range(len(self.layers))]
         if first:
             importance = torch.tensor([[trace.importance.get(i, 0.0) / max(1, trace.tokens)
                                         for i in range(len(self.layers))]])
             importance = self.method.layer_importance(importance)[0]
-            sparsity = self.config.sparsity if self.prunes else 0.0
             allocation = self.config.replace(allocation=self.method.allocation_for())
-            row.keep = keep_counts(pruning_ratios(importance, sparsity, allocation), self.sizes)
+            row.keep = keep_counts(pruning_ratios(importance, self.config.sparsity, allocation), self.sizes)
             row.scores = fresh
             row.kept = [None] * len(self.layers)
             row.flops["tracing"] += costs.tracing_flops(trace.tokens, self.sizes, self.hidden)
-        elif row.reason is Event.TURN and not self.method.follows_turns:
-            row.built, row.phase, row.trace = True, next_phase(row.phase, Event.TRACED), _Trace()
-            return                                    # the masks of the first turn stay; nothing is re-traced
         else:
             weight = self.config.turn_blend if row.reason is Event.TURN else self.config.retrace_blend
             row.scores = [self._blend(old, new, weight) for old, new in zip(row.scores, fresh)]
@@ -410,9 +415,6 @@ class Engine:
             row.retraces.append(RetraceRecord(row.position, time.perf_counter() - start, changed, row.triggered_at
                                               if row.triggered_at else row.position))
             row.triggered_at = 0
-        row.built = True
-        row.phase = next_phase(row.phase, Event.TRACED)
-        row.trace = _Trace()
 
     def _trace_scores(self, layer: int, sumsq: torch.Tensor | None) -> torch.Tensor:
         """Per-neuron-id scores from a traced sum of squares (in the layer's current neuron order)."""
