@@ -30,6 +30,7 @@ from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.drift import make_detector  # noqa: E402
 from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
 from dartprune.evaluation.drift import DETECTION_WINDOW, drift_sequences  # noqa: E402
+from dartprune.evaluation.report import write_markdown  # noqa: E402
 from dartprune.models import load_model  # noqa: E402
 
 
@@ -135,8 +136,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
-    sequences = [s for s in drift_sequences(tokenizer, args.prefix, args.segment, bos=bos)
-                 if args.split == "all" or s.split == args.split]
+    sequences = drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
     lines = [f"# Drift detectors on the drift benchmark ({args.split} split), {args.model}", "",
              f"`{' '.join(sys.argv)}`", "",
              f"{sum(s.kind == 'switch' for s in sequences)} switch sequences and "
@@ -159,11 +159,7 @@ def main() -> None:
                          f"{result['detected_64']:.2f} | {result['median_delay']:g} |")
             print(lines[-1], flush=True)
         lines.append("")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from dartprune.engine import Engine  # noqa: E402
 from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
 from dartprune.evaluation.drift import drift_sequences  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans  # noqa: E402
+from dartprune.evaluation.report import interval_text, write_markdown  # noqa: E402
 from dartprune.models import load_model  # noqa: E402
-
 
 
 @torch.inference_mode()
@@ -85,13 +85,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
-    sequences = [s for s in drift_sequences(tokenizer, args.prefix, args.segment, bos=bos)
-                 if args.split == "all" or s.split == args.split]
+    sequences = drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
     base = dict(sparsity=args.sparsity, detector="none")
     settings = [("dense", None, lambda s: []),
                 ("static", DartConfig(method="static", sparsity=args.sparsity), lambda s: [])]
     for item in filter(None, args.oracle.split(",")):
-        ring, blend = int(item.split(":")[0]), float(item.split(":")[1])
+        ring_text, blend_text = item.split(":")
+        ring, blend = int(ring_text), float(blend_text)
         settings.append((f"oracle R={ring} blend={blend}", DartConfig(ring_size=ring, retrace_blend=blend, **base),
                          lambda s, r=ring: [s.switch + r]))
     for item in filter(None, args.periodic.split(",")):
@@ -125,16 +125,12 @@ def main() -> None:
                              [r["after"] for r in dn if r["kind"] == "switch"]], gap_recovered)
             control = bootstrap([[r["all"] for r in ct], [r["all"] for r in st if r["kind"] == "control"]],
                                 ratio_of_geomeans)
-            line += " | ".join(f"{e:.3f} [{lo:.3f}, {hi:.3f}]" for e, lo, hi in (ratio, gap, control))
+            line += " | ".join(interval_text(v) for v in (ratio, gap, control))
         else:
             line += "- | - | -"
         lines.append(line + f" | {time.perf_counter() - started:.0f} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from dartprune import DartConfig  # noqa: E402
 from dartprune.evaluation.core import Session, needs_bos_every_window  # noqa: E402
 from dartprune.evaluation.drift import GENRES, TextSegments  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, ratio_of_geomeans  # noqa: E402
+from dartprune.evaluation.report import interval_text, write_markdown  # noqa: E402
 from dartprune.models import load_model  # noqa: E402
 
 
@@ -39,11 +40,6 @@ def windows(tokenizer, length: int, per_genre: int, bos: int | None) -> list[lis
         for k in range(per_genre):
             out.append(head + segments.take(sources[k % len(sources)], length - len(head)))
     return out
-
-
-def interval(estimate: tuple[float, float, float]) -> str:
-    est, lo, hi = estimate
-    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def main() -> None:
@@ -98,19 +94,15 @@ def main() -> None:
             if base is None:
                 base, base_executed, ratio, equal = nll, executed, "-", "-"
             else:
-                ratio = interval(bootstrap([nll, base], ratio_of_geomeans))
+                ratio = interval_text(bootstrap([nll, base], ratio_of_geomeans))
                 matched = round(sparsity * executed / base_executed, 3)      # executed sparsity is ~ linear in it
                 other, _ = run(DartConfig(method="static", sparsity=matched, min_trace_tokens=1))
-                equal = f"{interval(bootstrap([nll, other], ratio_of_geomeans))} (at {matched:g})"
+                equal = f"{interval_text(bootstrap([nll, other], ratio_of_geomeans))} (at {matched:g})"
             shown = f"{count} (the prompt)" if count <= args.prompt else str(count)
             lines.append(f"| static@{sparsity:g} | {shown} | {math.exp(sum(nll) / len(nll)):.1f} | {ratio} | "
                          f"{executed:.3f} | {equal} | {time.perf_counter() - started:.0f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -84,10 +84,10 @@ class TextSegments:
 
 
 def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list[str]] | None = None, root=None,
-                    bos: int | None = None) -> list[DriftSequence]:
+                    bos: int | None = None, split: str = "all") -> list[DriftSequence]:
     """Every ordered pair of different genres as a switch sequence (prefix + segment tokens of A, then segment of
     B), and three controls per genre (prefix + 2 segments of A); alternately in the tune and test splits.
-    genres: genre -> text sources (default GENRES)."""
+    genres: genre -> text sources (default GENRES); split: "all", or only the "tune" or "test" ones."""
     genres = genres or GENRES
     names = list(genres)
     segments = TextSegments(tokenizer, root)
@@ -120,7 +120,7 @@ def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list
     for kind in ("switch", "control"):
         for i, seq in enumerate(s for s in sequences if s.kind == kind):
             seq.split = "tune" if i % 2 == 0 else "test"
-    return sequences
+    return [s for s in sequences if split in ("all", s.split)]
 
 
 def mean(values: list[float]) -> float:
@@ -153,9 +153,7 @@ class Drift(Task):
         genres = selected_genres(s)
         segment = PROFILES[s.drift_profile]["segment"] or s.drift_segment
         bos = self.tokenizer.bos_token_id if needs_bos_every_window(self.model, s.model) else None
-        sequences = drift_sequences(self.tokenizer, s.prefix, segment, genres, s.data_dir, bos)
-        if s.drift_split != "all":
-            sequences = [q for q in sequences if q.split == s.drift_split]
+        sequences = drift_sequences(self.tokenizer, s.prefix, segment, genres, s.data_dir, bos, s.drift_split)
         limit = s.limit_for("drift")
         if limit is not None:          # a limit keeps the same share of switches and controls
             switches = [q for q in sequences if q.kind == "switch"][:limit]

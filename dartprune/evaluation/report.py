@@ -86,6 +86,21 @@ def _interval(value) -> str:
     return f"{_fmt(estimate)} [{_fmt(low)}, {_fmt(high)}]"
 
 
+def interval_text(value: tuple[float, float, float]) -> str:
+    """An estimate and its interval, 'e [lo, hi]' to three decimals (the benchmark scripts' tables)."""
+    estimate, low, high = value
+    return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def write_markdown(lines: list[str], out: Path | None) -> None:
+    """Print a benchmark script's report, and write it to `out` (its folder made) when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def comparisons_markdown(comparisons: list[dict]) -> list[str]:
     """The paired comparisons as a table: ratios of geometric-mean perplexity and gap recovered, 95% intervals."""
     if not comparisons:
