@@ -53,14 +53,21 @@ def time_llamacpp(llm, ids: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def time_native(native: NativeModel, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    native.reset()
-    start = time.perf_counter()
-    token = int(native.forward(ids)[-1].argmax())
-    first = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        token = int(native.forward(torch.tensor([token]))[-1].argmax())
-    return first - start, (time.perf_counter() - first) / (new_tokens - 1)
+def time_native(model, config: DartConfig | None, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(time to first token, mean time per later token) of greedy decoding; the engine (one prunes a model at a
+    time) lives for this run only."""
+    engine = Engine(model, config) if config is not None else None
+    try:
+        native = NativeModel(model, engine)
+        start = time.perf_counter()
+        token = int(native.forward(ids)[-1].argmax())
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token = int(native.forward(torch.tensor([token]))[-1].argmax())
+        return first - start, (time.perf_counter() - first) / (new_tokens - 1)
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def main() -> None:
@@ -88,14 +95,11 @@ def main() -> None:
             llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
                                   n_threads_batch=args.threads, verbose=False)
             runners[name] = lambda llm=llm: time_llamacpp(llm, ids.tolist(), args.new_tokens)
-        engines = []
-        runners["dartprune native, dense, float32"] = (
-            lambda native=NativeModel(model, None): time_native(native, ids, args.new_tokens))
+        runners["dartprune native, dense, float32"] = lambda: time_native(model, None, ids, args.new_tokens)
         for method, sparsity in (("dart", 0.5), ("static", 0.5), ("dart", 0.7)):
-            engine = Engine(model, DartConfig(method=method, sparsity=sparsity))
-            engines.append(engine)
             runners[f"dartprune native, {method} {sparsity:g}, float32"] = (
-                lambda native=NativeModel(model, engine): time_native(native, ids, args.new_tokens))
+                lambda config=DartConfig(method=method, sparsity=sparsity): time_native(model, config, ids,
+                                                                                        args.new_tokens))
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for name, run in runners.items():
             run()                                   # warm-up
@@ -103,8 +107,6 @@ def main() -> None:
             names = list(runners)
             for name in names[repeat % len(names):] + names[:repeat % len(names)]:
                 times[name].append(runners[name]())
-        for engine in engines:
-            engine.close()
     lines = ["# llama.cpp and dartprune on SmolLM2-135M, same CPU, interleaved", "",
              f"`{' '.join(sys.argv)}`; llama-cpp-python {llama_cpp.__version__}; {args.threads} threads; prompt "
              f"{args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {args.repeats} repeats (median).", "",

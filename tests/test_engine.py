@@ -71,6 +71,16 @@ def test_attach_twice_is_refused():
     dartprune.attach(model, DartConfig()).detach()
 
 
+def test_second_pruning_engine_on_one_model_is_refused_until_the_first_closes():
+    model = tiny_model("llama")
+    first = Engine(model, DartConfig(sparsity=0.5))
+    Engine(model, DartConfig(sparsity=0.0)).close()          # prunes nothing: touches no weight, allowed
+    with pytest.raises(RuntimeError, match="another dartprune Engine prunes this model"):
+        Engine(model, DartConfig(method="static", sparsity=0.5))
+    first.close()
+    Engine(model, DartConfig(method="static", sparsity=0.5)).close()
+
+
 def test_budgets_average_to_sparsity_and_respect_bounds():
     config = DartConfig()
     generator = torch.Generator().manual_seed(0)

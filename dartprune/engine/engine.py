@@ -38,6 +38,8 @@ from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_
 from dartprune.methods import get_method
 
 _PRIOR_CACHE: weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+# the engine that has permuted a model's weights, until it closes: a second one would read them in the wrong order
+_PRUNING: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,10 @@ class Engine:
         self.method = get_method(config.method)(config, parts, model)
         # At sparsity 0 nothing prunes: the drivers run the untouched model and only account tokens.
         self.prunes = self.method.prunes and config.sparsity > 0
+        if self.prunes:
+            if model in _PRUNING:
+                raise RuntimeError("another dartprune Engine prunes this model (its weights are permuted in place); "
+                                   "close it first")
         # down projections laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read
         # after that, so they are views of the layout in use
         self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
@@ -134,6 +140,8 @@ class Engine:
         self._active: dict[int, torch.Tensor] = {}
         self._turn = False
         self._replay = False
+        if self.prunes:
+            _PRUNING[model] = self
 
     # ----------------------------------------------------------------- the step API
     def start(self, batch: int) -> None:
@@ -354,6 +362,8 @@ class Engine:
         self._relaid, self.prefix = [], []
         self.rows = []
         self.ring = None
+        if _PRUNING.get(self.model) is self:
+            del _PRUNING[self.model]
 
     # ----------------------------------------------------------------- rows and phases
     def _new_row(self) -> _Row:
