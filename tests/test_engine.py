@@ -6,7 +6,9 @@ import torch
 import dartprune
 from dartprune import ConfigError, DartConfig
 from dartprune.engine.budgets import depth_protection, keep_counts, pruning_ratios
+from dartprune.decode.model import NativeModel
 from dartprune.engine import Engine
+from dartprune.engine.phase import Phase
 from dartprune.engine.drift import PaperDetector
 from dartprune.engine.weights import PrefixFFN, masked_ffn
 from dartprune.engine.scoring import top_neurons
@@ -311,6 +313,46 @@ def test_dense_steps_count_tokens_when_forwards_carry_several():
     assert stats.retrace_count >= 1
     for retrace in stats.retraces:
         assert retrace.position - config.dense_steps in triggers
+
+
+@pytest.mark.parametrize("chunk, forwards", [(1, 4), (3, 2)])
+def test_spread_retrace_scores_layers_in_proportion_to_the_tokens_fed(chunk, forwards):
+    """retrace_spread = 8 tokens over 4 layers: half a layer per token, so one layer per 1-token forward and two
+    per 3-token forward; the row prunes throughout and the re-trace is recorded once, where it began."""
+    model = tiny_model("llama")
+    engine = Engine(model, DartConfig(sparsity=0.5, detector="none", retrace_spread=8))
+    try:
+        native = NativeModel(model, engine)
+        native.forward(random_ids(1, 16, seed=4)[0])
+        native.forward(random_ids(1, 3, seed=5)[0])
+        engine.retrace(0, now=False)
+        assert engine.phase(0) is Phase.RETRACING
+        for i in range(forwards):
+            assert engine.phase(0) is Phase.RETRACING and engine.stats()[0].retrace_count == 0
+            native.forward(random_ids(1, chunk, seed=6 + i)[0])
+        assert engine.phase(0) is Phase.PRUNED
+        [record] = engine.stats()[0].retraces
+        assert record.position == 19
+        assert engine.stats()[0].executed_sparsity > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_spread_retraces_give_the_same_logits_on_the_compact_and_mask_paths(chunk):
+    """While a spread re-trace is under way some layers run their new neurons and others their old: both
+    execution paths must agree at every step."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 70, seed=7)
+    results = {}
+    for path in ("compact", "mask"):
+        config = DartConfig(sparsity=0.6, path=path, retrace_spread=10, **HAIR_TRIGGER)
+        with dartprune.attach(model, config) as handle:
+            results[path] = teacher_forced_logits(model, ids, prefix=12, chunk=chunk)
+            results[path + "_retraces"] = handle.stats()[0].retrace_positions
+    assert len(results["compact_retraces"]) >= 2
+    assert results["compact_retraces"] == results["mask_retraces"]
+    assert (results["compact"] - results["mask"]).abs().max() <= 1e-4
 
 
 def test_drift_monitor_waits_for_two_windows_and_triggers_on_pressure():

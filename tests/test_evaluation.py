@@ -428,7 +428,24 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
     pngs = {p.name for p in out.glob("*.png")}
     assert {"plot_ppl_ppl.png", "plot_drift_ppl_after.png", "plot_mc_acc_norm.png", "plot_xsum_rougeL.png",
             "plot_topics_rougeL_vs_dense.png"} <= pngs
-    assert (out / "details.jsonl").read_text().count("\n") > 10
+    details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
+    assert len(details) > 10
+    # summaries are compared paired over articles, against static at the same sparsity and against dense
+    rouge = {(c["task"], c["method"]): c for c in data["comparisons"] if c.get("measure") == "rougeL"}
+    def rouge_l(method, sparsity):
+        return [d["scores"]["rougeL"] for d in details if d["task"] == "xsum" and d["method"] == method
+                and d["sparsity"] == sparsity]
+    mine, theirs = rouge_l("dart", 0.5), rouge_l("static", 0.5)
+    compared = rouge[("xsum", "dart@0.5")]
+    assert compared["items"] == len(mine) == len(theirs) >= 1
+    assert compared["difference_vs_static"][0] == pytest.approx(sum(mine) / len(mine) - sum(theirs) / len(theirs))
+    low, high = compared["difference_vs_static"][1:]
+    assert low <= compared["difference_vs_static"][0] <= high
+    assert "ratio_vs_static" not in rouge[("xsum", "static@0.5")] and "ratio_vs_dense" in rouge[("xsum", "static@0.5")]
+    text = (out / "results.md").read_text()
+    assert "ROUGE-L difference vs static" in text and "ppl ratio vs static" in text
+    drift_header = next(line for line in text.splitlines() if line.startswith("| subtask | method | ppl_before"))
+    assert drift_header.count("executed") == 1
 
 
 def test_eval_command_errors(tmp_path):

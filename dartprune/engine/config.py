@@ -50,9 +50,10 @@ class DartConfig:
         `dense_steps` tokens, then rebuild).
     retrace_blend: weight of the old scores blended into the new ones on a re-trace (0 = reset, the plain form).
     turn_blend: weight of the earlier scores blended into a new conversation turn's (0 = the turn alone).
-    retrace_spread: decode steps over which a buffer re-trace's scoring is spread (a slice of the layers per
-        step, each layer switching to its new neurons when scored), so that no step stalls for the whole
-        re-trace; 1 scores every layer in the step that triggered it.
+    retrace_spread: tokens over which a buffer re-trace's scoring is spread (each forward scores a share of the
+        layers in proportion to the tokens it brings, each layer switching to its new neurons when scored), so
+        that no decode step stalls for the whole re-trace; 1 scores every layer in the forward that triggered
+        it.
     path: "compact" (gathered smaller weights: really faster) or "mask" (multiply by a 0/1 mask: reference).
     seed: for the random method.
     calibration_file: saved calibration for wanda-static and threshold.

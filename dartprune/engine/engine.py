@@ -286,8 +286,8 @@ class Engine:
                         row.triggered_at = row.position
                     else:
                         self._begin_retrace(row)
-            if row.phase is Phase.RETRACING:
-                self._rescore(b, math.ceil(len(self.layers) / self.config.retrace_spread))
+            if row.phase is Phase.RETRACING:     # a share of the layers for each token this forward brought
+                self._rescore(b, math.ceil(len(self.layers) * max(1, tokens) / self.config.retrace_spread))
         self._step = None
 
     def retrace(self, row: int = 0, now: bool = True) -> RetraceRecord | None:

@@ -8,6 +8,7 @@ import torch
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.evaluation.core import MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats
 from dartprune.data import SUMMARY_SETS, TOPIC_PROMPTS, load_summaries
+from dartprune.evaluation.intervals import bootstrap
 from dartprune.evaluation.registry import Task, register_task
 
 _SCORER = None
@@ -42,6 +43,7 @@ class _GenerationTask(Task):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.dense_outputs: list[str] | None = None
+        self.scores: dict[str, list[dict[str, float]]] = {}      # per method label, per item
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()
@@ -64,6 +66,7 @@ class _GenerationTask(Task):
                                  "retrace_positions": stats[-1].retrace_positions if stats else []})
         if spec.method == "dense":
             self.dense_outputs = outputs
+        self.scores[spec.label] = scores
         metrics = {k: _mean([r[k] for r in scores if k in r]) for k in (scores[0] if scores else {})}
         metrics["new_tokens_mean"] = new_tokens / max(1, len(outputs))
         seconds = time.perf_counter() - started
@@ -92,6 +95,35 @@ class _Summaries(_GenerationTask):
                 raise ValueError(f"a {self.name} prompt of {ids.shape[1]} tokens does not fit the context of {limit}")
             self.items.append((ids, doc["max_tokens"], doc["summary_gt"]))
         self.extra_fields = {"data": SUMMARY_SETS[self.name].local, "stop": self.stop}
+
+    def comparisons(self) -> list[dict]:
+        """Every pruned method against static at the same sparsity and against dense, paired over articles:
+        the ratio and the difference of mean ROUGE-L (the paper's "times the ROUGE-L of a static mask")."""
+        out = []
+        dense = self.scores.get("dense")
+        for label, scores in self.scores.items():
+            method, _, sparsity = label.partition("@")
+            if method == "dense":
+                continue
+            mine = [r["rougeL"] for r in scores]
+            row = {"method": label, "part": "summaries", "items": len(mine), "measure": "rougeL"}
+            static = self.scores.get(f"static@{sparsity}")
+            if static is not None and method != "static":
+                theirs = [r["rougeL"] for r in static]
+                row["ratio_vs_static"] = bootstrap([mine, theirs], _ratio_of_means)
+                row["difference_vs_static"] = bootstrap([mine, theirs], _difference_of_means)
+            if dense is not None:
+                row["ratio_vs_dense"] = bootstrap([mine, [r["rougeL"] for r in dense]], _ratio_of_means)
+            out.append(row)
+        return out
+
+
+def _ratio_of_means(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a.mean() / b.mean()) if float(b.mean()) > 0 else float("nan")
+
+
+def _difference_of_means(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a.mean() - b.mean())
 
 
 @register_task

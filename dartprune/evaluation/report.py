@@ -102,19 +102,32 @@ def write_markdown(lines: list[str], out: Path | None) -> None:
 
 
 def comparisons_markdown(comparisons: list[dict]) -> list[str]:
-    """The paired comparisons as a table: ratios of geometric-mean perplexity and gap recovered, 95% intervals."""
+    """The paired comparisons as tables, 95% intervals: perplexity ratios and gap recovered (drift,
+    conversation); ROUGE-L ratios and differences (summaries)."""
+    ppl = [c for c in comparisons if c.get("measure", "ppl") == "ppl"]
+    rouge = [c for c in comparisons if c.get("measure") == "rougeL"]
     if not comparisons:
         return []
     lines = ["## Paired comparisons", "",
-             "Over the same sequences, with 95% bootstrap intervals (2,000 resamples of the sequences). "
-             "ppl ratio < 1: lower perplexity than the other method. Gap recovered: the share of static's "
-             "log-perplexity gap to dense that the method closes (1 = dense, 0 = static, < 0 worse than static).", "",
-             "| task | method | part | items | ppl ratio vs static | gap recovered | ppl ratio vs dense |",
-             "|---|---|---|---|---|---|---|"]
-    for c in comparisons:
-        lines.append(f"| {c['task']} | {c['method']} | {c['part']} | {c['items']} | "
-                     f"{_interval(c.get('ppl_ratio_vs_static'))} | {_interval(c.get('gap_recovered'))} | "
-                     f"{_interval(c.get('ppl_ratio_vs_dense'))} |")
+             "Over the same items, with 95% bootstrap intervals (2,000 resamples of the items)."]
+    if ppl:
+        lines += ["", "ppl ratio < 1: lower perplexity than the other method. Gap recovered: the share of static's "
+                  "log-perplexity gap to dense that the method closes (1 = dense, 0 = static, < 0 worse than "
+                  "static).", "",
+                  "| task | method | part | items | ppl ratio vs static | gap recovered | ppl ratio vs dense |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in ppl:
+            lines.append(f"| {c['task']} | {c['method']} | {c['part']} | {c['items']} | "
+                         f"{_interval(c.get('ppl_ratio_vs_static'))} | {_interval(c.get('gap_recovered'))} | "
+                         f"{_interval(c.get('ppl_ratio_vs_dense'))} |")
+    if rouge:
+        lines += ["", "Mean ROUGE-L against the reference summaries: ratio > 1 and difference > 0 mean better "
+                  "than the other method.", "",
+                  "| task | method | items | ROUGE-L ratio vs static | ROUGE-L difference vs static | "
+                  "ROUGE-L ratio vs dense |", "|---|---|---|---|---|---|"]
+        for c in rouge:
+            lines.append(f"| {c['task']} | {c['method']} | {c['items']} | {_interval(c.get('ratio_vs_static'))} | "
+                         f"{_interval(c.get('difference_vs_static'))} | {_interval(c.get('ratio_vs_dense'))} |")
     return lines + [""]
 
 
@@ -136,7 +149,8 @@ def markdown(meta: dict, results: list[Result], comparisons: list[dict] | None =
         lines.append("")
     for task in dict.fromkeys(r.task for r in results):
         rows = [r for r in results if r.task == task]
-        metrics = list(dict.fromkeys(k for r in rows for k in r.metrics))
+        # the engine's executed sparsity has its own column
+        metrics = list(dict.fromkeys(k for r in rows for k in r.metrics if k != "executed_sparsity"))
         items = {r.subtask: r.items for r in rows}
         prefix = {r.subtask: r.prefix_length for r in rows}
         lines += [f"## {task}", "", f"Protocol: {rows[0].protocol}", "",
