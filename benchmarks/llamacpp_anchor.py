@@ -59,6 +59,7 @@ def time_native(model, config: DartConfig | None, ids: torch.Tensor, new_tokens:
     engine = Engine(model, config) if config is not None else None
     try:
         native = NativeModel(model, engine)
+        native.reserve(ids.numel() + new_tokens)
         start = time.perf_counter()
         token = int(native.forward(ids)[-1].argmax())
         first = time.perf_counter()

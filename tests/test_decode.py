@@ -207,6 +207,20 @@ def test_generation_refuses_what_does_not_fit_the_context():
         generator.generate(torch.ones(4090, dtype=torch.long), SamplingParams(max_new_tokens=10))
 
 
+def test_generation_reserves_the_cache_before_the_first_token():
+    """The cache holds the whole reply before decoding starts: no decode step pays for growing it."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    ids = torch.tensor(tokenizer("the harbour").input_ids)
+    seen: list[int] = []
+    with Generator(model, tokenizer) as generator:
+        assert generator.native.cache.capacity < ids.numel() + 300          # it would grow on the way
+        reply = generator.generate(ids, SamplingParams(max_new_tokens=300, ignore_eos=True),
+                                   on_text=lambda _: seen.append(generator.native.cache.capacity))
+    assert len(reply.tokens) == 300 and seen
+    assert set(seen) == {seen[0]} and seen[0] >= ids.numel() + 300
+
+
 def test_without_the_kernel_the_pytorch_step_runs(monkeypatch):
     monkeypatch.setattr("dartprune.decode.model.library", lambda: None)
     model = tiny_model("llama")

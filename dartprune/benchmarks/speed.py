@@ -161,6 +161,8 @@ def run_lockstep(natives: list[NativeModel], ids: torch.Tensor, new_tokens: int,
                  at_step: Callable[[int], None] | None = None) -> list[_Decode]:
     """Native loops decode the same prompt one token each in turn, the order rotated every step, so that all see
     the same load from other processes. `at_step(step)` runs before each step (forced re-traces)."""
+    for native in natives:
+        native.reserve(ids.numel() + new_tokens)
     runs = [_Decode(native, ids, sync) for native in natives]
     for step in range(1, new_tokens):
         if at_step is not None:

@@ -199,6 +199,7 @@ class Generator:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stream = TextStream(self.tokenizer, params.stop, on_text)
         start = time.perf_counter()
+        self.native.reserve(self.native.cache.length + ids.numel() + params.max_new_tokens)
         logits = self.native.forward(ids, new_turn=new_turn and self.native.cache.length > 0)[-1]
         token = sample(logits, params, generator)
         ttft = time.perf_counter() - start

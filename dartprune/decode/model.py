@@ -108,6 +108,12 @@ class NativeModel:
         """Forget the sequence: the next forward starts a new one at position 0."""
         self.cache.length = 0
 
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions in the cache and the rotary tables now, so that no decode step pays for
+        growing them (a copy of the whole cache) on the way."""
+        self.cache.ensure(length)
+        self.rotary(length)
+
     def rotary(self, end: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The rotary tables for positions [0, end), computed once per length bucket."""
         if end > self._rotary_length:
