@@ -442,6 +442,13 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
     low, high = compared["difference_vs_static"][1:]
     assert low <= compared["difference_vs_static"][0] <= high
     assert "ratio_vs_static" not in rouge[("xsum", "static@0.5")] and "ratio_vs_dense" in rouge[("xsum", "static@0.5")]
+    # perplexity windows are compared paired as well
+    windows = {(d["method"], d["sparsity"]): d["window_ppl"] for d in details if d["task"] == "ppl"}
+    [ppl_row] = [c for c in data["comparisons"] if c["task"] == "ppl" and c["method"] == "dart@0.7"]
+    logs = {key: [math.log(p) for p in value] for key, value in windows.items()}
+    expected = math.exp(sum(logs[("dart", 0.7)]) / 2 - sum(logs[("static", 0.7)]) / 2)
+    assert ppl_row["part"] == "windows" and ppl_row["items"] == 2
+    assert ppl_row["ppl_ratio_vs_static"][0] == pytest.approx(expected)
     text = (out / "results.md").read_text()
     assert "ROUGE-L difference vs static" in text and "ppl ratio vs static" in text
     drift_header = next(line for line in text.splitlines() if line.startswith("| subtask | method | ppl_before"))

@@ -9,6 +9,7 @@ from dartprune.evaluation.core import (
     PROTOCOL_TEACHER_FORCED, MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats,
 )
 from dartprune.data import Text, load_text
+from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
 from dartprune.evaluation.registry import Task, register_task
 
 BOOK_START = 2000  # characters skipped at the start of a Gutenberg book (title page, contents)
@@ -39,6 +40,10 @@ class Perplexity(Task):
     protocol = ("ppl windows: non-overlapping windows of the text; in each, " + PROTOCOL_TEACHER_FORCED
                 + "; ppl = exp(mean NLL over all scored tokens of all windows)")
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nll: dict[str, list[float]] = {}       # per method label: each window's mean NLL
+
     def prepare(self) -> None:
         s = self.settings
         windows = s.limit_for("ppl") if s.limit_for("ppl") is not None else s.ppl_windows
@@ -65,6 +70,7 @@ class Perplexity(Task):
             count += scored.logprobs.numel()
             per_window.append(_ppl(-scored.total, scored.logprobs.numel()))
             stats += session.stats()
+        self.nll[spec.label] = [math.log(p) for p in per_window]
         self.details.append({"task": self.name, "method": spec.name, "sparsity": spec.sparsity,
                              "window_ppl": per_window,
                              "retrace_positions": [s.retrace_positions for s in stats]})
@@ -72,3 +78,23 @@ class Perplexity(Task):
                             len(self.windows), self.settings.prefix, summarise_stats(stats),
                             time.perf_counter() - started, window_tokens=self.settings.ppl_window,
                             bos_every_window=self.bos, text=self.source)]
+
+    def comparisons(self) -> list[dict]:
+        """Every pruned method against static at the same sparsity and against dense, paired over windows (each
+        scores as many tokens): ratio of geometric-mean perplexities and the share of static's gap recovered."""
+        out = []
+        dense = self.nll.get("dense")
+        for label, mine in self.nll.items():
+            method, _, sparsity = label.partition("@")
+            if method == "dense":
+                continue
+            row = {"method": label, "part": "windows", "items": len(mine)}
+            static = self.nll.get(f"static@{sparsity}")
+            if static is not None and method != "static":
+                row["ppl_ratio_vs_static"] = bootstrap([mine, static], ratio_of_geomeans)
+                if dense is not None:
+                    row["gap_recovered"] = bootstrap([mine, static, dense], gap_recovered)
+            if dense is not None:
+                row["ppl_ratio_vs_dense"] = bootstrap([mine, dense], ratio_of_geomeans)
+            out.append(row)
+        return out
