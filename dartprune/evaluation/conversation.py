@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from dartprune.data import DataNotFoundError
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.evaluation.core import MethodSpec, needs_bos_every_window, progress
-from dartprune.evaluation.drift import PROFILES, TextSegments, mean, selected_genres
-from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
+from dartprune.evaluation.drift import TextSegments, mean, selected_genres
+from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
 
 TURNS = 3
@@ -142,24 +142,7 @@ class ConversationTask(Task):
                             time.perf_counter() - started)]
 
     def comparisons(self) -> list[dict]:
-        """Every pruned method against static at the same sparsity and against dense, paired over dialogues: the
-        ratio of geometric-mean reply perplexities and the share of static's gap to dense recovered."""
-        out = []
-        dense = self.records.get("dense")
-        for label, records in self.records.items():
-            method, _, sparsity = label.partition("@")
-            if method in ("dense", "static"):
-                continue
-            static = self.records.get(f"static@{sparsity}")
-            for part, key in (("turns 2-3", "nll_later"), ("turn 1", "nll_first")):
-                mine = [r[key] for r in records]
-                row = {"method": label, "part": part, "items": len(mine)}
-                if static is not None:
-                    theirs = [r[key] for r in static]
-                    row["ppl_ratio_vs_static"] = bootstrap([mine, theirs], ratio_of_geomeans)
-                    if dense is not None:
-                        row["gap_recovered"] = bootstrap([mine, theirs, [r[key] for r in dense]], gap_recovered)
-                if dense is not None:
-                    row["ppl_ratio_vs_dense"] = bootstrap([mine, [r[key] for r in dense]], ratio_of_geomeans)
-                out.append(row)
-        return out
+        """Paired over dialogues: the later turns and the first."""
+        return paired_perplexities({
+            part: {label: [r[key] for r in records] for label, records in self.records.items()}
+            for part, key in (("turns 2-3", "nll_later"), ("turn 1", "nll_first"))})

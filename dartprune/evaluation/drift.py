@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from dartprune.data import DataNotFoundError, load_summaries, load_text
 from dartprune.evaluation.core import PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress
-from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
+from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
 
 GENRES: dict[str, list[str]] = {
@@ -217,32 +217,11 @@ class Drift(Task):
         }
 
     def comparisons(self) -> list[dict]:
-        """Every pruned method against static at the same sparsity (and against dense): paired ratio of geometric-
-        mean perplexities and the share of static's gap to dense recovered, with 95% bootstrap intervals."""
-        out = []
-        dense = self.records.get("dense")
-        for label, records in self.records.items():
-            method, _, sparsity = label.partition("@")
-            if method in ("dense", "static"):
-                continue
-            static = self.records.get(f"static@{sparsity}")
+        """Paired over sequences: after and before the switch, and the controls."""
+        return paired_perplexities({
+            part: {label: [r[key] for r in records if r["kind"] == kind] for label, records in self.records.items()}
             for part, key, kind in (("after switch", "nll_after", "switch"), ("before switch", "nll_before", "switch"),
-                                    ("controls", "nll_all", "control")):
-                mine = [r[key] for r in records if r["kind"] == kind]
-                if not mine:
-                    continue
-                row = {"method": label, "part": part, "items": len(mine)}
-                if static is not None:
-                    theirs = [r[key] for r in static if r["kind"] == kind]
-                    row["ppl_ratio_vs_static"] = bootstrap([mine, theirs], ratio_of_geomeans)
-                    if dense is not None:
-                        base = [r[key] for r in dense if r["kind"] == kind]
-                        row["gap_recovered"] = bootstrap([mine, theirs, base], gap_recovered)
-                if dense is not None:
-                    base = [r[key] for r in dense if r["kind"] == kind]
-                    row["ppl_ratio_vs_dense"] = bootstrap([mine, base], ratio_of_geomeans)
-                out.append(row)
-        return out
+                                    ("controls", "nll_all", "control"))})
 
     def plot_traces(self, out) -> list:
         from dartprune.evaluation.report import plot_drift_traces

@@ -37,3 +37,29 @@ def gap_recovered(method: torch.Tensor, static: torch.Tensor, dense: torch.Tenso
     dense, 0 = no better than static, negative = worse than static)."""
     gap = float((static - dense).mean())
     return float((static - method).mean()) / gap if gap > 0 else math.nan
+
+
+def paired_perplexities(parts: dict[str, dict[str, list[float]]]) -> list[dict]:
+    """parts[part][label]: per-item mean NLLs of each method label ("dart@0.5", "dense"), aligned by item. Every
+    method other than dense against static at the same sparsity (static itself only against dense) and against
+    dense: the ratio of geometric-mean perplexities and the share of static's gap recovered, paired."""
+    out = []
+    labels = dict.fromkeys(label for by_label in parts.values() for label in by_label)
+    for label in labels:
+        method, _, sparsity = label.partition("@")
+        if method == "dense":
+            continue
+        for part, by_label in parts.items():
+            mine = by_label.get(label)
+            if not mine:
+                continue
+            row: dict = {"method": label, "part": part, "items": len(mine)}
+            static, dense = by_label.get(f"static@{sparsity}"), by_label.get("dense")
+            if static is not None and method != "static":
+                row["ppl_ratio_vs_static"] = bootstrap([mine, static], ratio_of_geomeans)
+                if dense is not None:
+                    row["gap_recovered"] = bootstrap([mine, static, dense], gap_recovered)
+            if dense is not None:
+                row["ppl_ratio_vs_dense"] = bootstrap([mine, dense], ratio_of_geomeans)
+            out.append(row)
+    return out

@@ -9,7 +9,7 @@ from dartprune.evaluation.core import (
     PROTOCOL_TEACHER_FORCED, MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats,
 )
 from dartprune.data import Text, load_text
-from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
+from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
 
 BOOK_START = 2000  # characters skipped at the start of a Gutenberg book (title page, contents)
@@ -80,21 +80,5 @@ class Perplexity(Task):
                             bos_every_window=self.bos, text=self.source)]
 
     def comparisons(self) -> list[dict]:
-        """Every pruned method against static at the same sparsity and against dense, paired over windows (each
-        scores as many tokens): ratio of geometric-mean perplexities and the share of static's gap recovered."""
-        out = []
-        dense = self.nll.get("dense")
-        for label, mine in self.nll.items():
-            method, _, sparsity = label.partition("@")
-            if method == "dense":
-                continue
-            row = {"method": label, "part": "windows", "items": len(mine)}
-            static = self.nll.get(f"static@{sparsity}")
-            if static is not None and method != "static":
-                row["ppl_ratio_vs_static"] = bootstrap([mine, static], ratio_of_geomeans)
-                if dense is not None:
-                    row["gap_recovered"] = bootstrap([mine, static, dense], gap_recovered)
-            if dense is not None:
-                row["ppl_ratio_vs_dense"] = bootstrap([mine, dense], ratio_of_geomeans)
-            out.append(row)
-        return out
+        """Paired over windows (each scores as many tokens)."""
+        return paired_perplexities({"windows": self.nll})
