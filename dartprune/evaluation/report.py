@@ -139,10 +139,11 @@ def markdown(meta: dict, results: list[Result], comparisons: list[dict] | None =
     labels = list(dict.fromkeys(_label(r) for r in results))
     columns = _summary_columns(results)
     if columns:
-        lines += ["## Summary", "",
-                  "Drift: ppl columns are geometric means over sequences; false re-traces per 1,000 tokens of the "
-                  "controls; detected_64: share of switches followed by a re-trace within 64 tokens. mc: unweighted "
-                  "mean over the sets.", "",
+        tasks = {r.task for r in results}
+        notes = (["Drift: ppl columns are geometric means over sequences; false re-traces per 1,000 tokens of the "
+                  "controls; detected_64: share of switches followed by a re-trace within 64 tokens."]
+                 if "drift" in tasks else []) + (["mc: unweighted mean over the sets."] if "mc" in tasks else [])
+        lines += ["## Summary", ""] + ([" ".join(notes), ""] if notes else []) + [
                   "| method | " + " | ".join(_column_title(*c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for label in labels:
             lines.append(f"| {label} | " + " | ".join(_fmt(_value(results, label, *c)) for c in columns) + " |")
