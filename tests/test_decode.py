@@ -221,6 +221,37 @@ def test_generation_reserves_the_cache_before_the_first_token():
     assert set(seen) == {seen[0]} and seen[0] >= ids.numel() + 300
 
 
+@pytest.mark.parametrize("loop", ["native", "hf"])
+def test_a_generated_sequence_ends_with_the_weights_in_their_own_order(loop):
+    """After `generate` the model holds its own weights again (the next prompt has nothing to move back), its
+    statistics and kept sets stay readable, the next sequence is the same, and a sequence continued after its end
+    runs pruned exactly as one that never ended."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    before = [(p, p.detach().clone()) for p in model.parameters()]
+    ids = torch.tensor(tokenizer("the light on the water").input_ids)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5, **HAIR_TRIGGER), loop=loop) as generator:
+        first = generator.generate(ids, params)
+        assert first.stats.retraces and first.stats.keep_counts != [96] * 4
+        assert all(torch.equal(p, copy) for p, copy in before)
+        assert generator.engine.stats()[0].tokens == first.stats.tokens
+        engine = generator.engine
+        kept = [engine.kept(0, layer) for layer in range(len(engine.layers))]
+        second = generator.generate(ids, params)
+        assert second.tokens == first.tokens
+        assert second.stats.retrace_positions == first.stats.retrace_positions
+        assert all(torch.equal(engine.kept(0, layer), k) for layer, k in enumerate(kept))
+        if loop == "native":          # continued after its end, and the same sequence never ended
+            more = generator.native.forward(torch.tensor(first.tokens[-1:] + [5, 6, 7]))
+            kept_more = [engine.kept(0, layer) for layer in range(len(engine.layers))]
+            generator.native.reset()
+            generator.continue_(ids, params, new_turn=False)
+            again = generator.native.forward(torch.tensor(first.tokens[-1:] + [5, 6, 7]))
+            assert (more - again).abs().max() <= 1e-4
+            assert all(torch.equal(engine.kept(0, layer), k) for layer, k in enumerate(kept_more))
+
+
 def test_without_the_kernel_the_pytorch_step_runs(monkeypatch):
     monkeypatch.setattr("dartprune.decode.model.library", lambda: None)
     model = tiny_model("llama")

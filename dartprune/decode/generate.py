@@ -180,15 +180,20 @@ class Generator:
 
     def generate(self, ids: torch.Tensor, params: SamplingParams = SamplingParams(),
                  on_text: Callable[[str], None] | None = None) -> Generation:
-        """Continue the prompt `ids` ([tokens] or [1, tokens]) as a new sequence."""
+        """Continue the prompt `ids` ([tokens] or [1, tokens]) as a new sequence. At the end the weights go back
+        into their own order (`Engine.end_sequence`), off the next prompt's time; `continue_` may still extend
+        the sequence."""
         ids = ids.reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
         self.check_length(ids.numel(), params.max_new_tokens)
         if self.loop == "hf":
-            return self._generate_hf(ids, params, on_text)
-        self.native.reset()
-        return self.continue_(ids, params, on_text, new_turn=False)
+            result = self._generate_hf(ids, params, on_text)
+        else:
+            self.native.reset()
+            result = self.continue_(ids, params, on_text, new_turn=False)
+        self.engine.end_sequence()
+        return result
 
     @torch.inference_mode()
     def continue_(self, ids: torch.Tensor, params: SamplingParams, on_text: Callable[[str], None] | None = None,

@@ -9,7 +9,9 @@ A decode loop (Hugging Face `generate` through `attach`, or dartprune's native l
     engine.end_forward()                 account; build masks; watch drift; re-trace
 
 and may call `new_turn()` before a forward that brings a new conversation turn, `retrace(row)` to force a
-re-trace, `stats()` at any time and `close()` at the end (which puts the weights back exactly as they were).
+re-trace, `stats()` at any time, `end_sequence()` when a sequence will not go on (its weights go back into their
+original order then rather than at the next `start`, off the next prompt's first token) and `close()` at the end
+(which puts the weights back exactly as they were).
 
 The engine owns: the method, one `PrefixFFN` per layer (the model's own weights, permuted in place so the kept
 neurons come first), and the sequence (rows, ring buffer). Nothing else holds pruning state.
@@ -140,6 +142,7 @@ class Engine:
         self._active: dict[int, torch.Tensor] = {}
         self._turn = False
         self._replay = False
+        self._ended = False
         if self.prunes:
             _PRUNING[model] = self
 
@@ -151,7 +154,8 @@ class Engine:
         before it (the order of a sum decides its last bits, and a greedy choice or a drift decision can hang on
         them)."""
         for prefix in self.prefix:
-            prefix.restore()
+            prefix.restore()                  # nothing to move after `end_sequence`
+        self._ended = False
         self.rows = [self._new_row() for _ in range(batch)]
         self._compact = batch == 1 and self.config.path == "compact" and not self.per_token
         self._masks = [None] * len(self.layers)
@@ -173,6 +177,8 @@ class Engine:
 
         trace_only: a dense pass that only traces (`prune_prefill`'s first pass); replay: the pruned pass over the
         same prompt tokens that follows it (not written to the ring, not monitored)."""
+        if self._ended:
+            self._resume()
         if len(self.rows) != valid.shape[0]:
             raise RuntimeError(f"batch size changed from {len(self.rows)} to {valid.shape[0]} inside one sequence; "
                                "dartprune keeps per-row state and does not follow beam reordering")
@@ -293,6 +299,8 @@ class Engine:
     def retrace(self, row: int = 0, now: bool = True) -> RetraceRecord | None:
         """Re-trace row `row` from its ring buffer as the monitor would: every layer at once (`now`, returning the
         record), or spread over the next forwards as `retrace_spread` says."""
+        if self._ended:
+            self._resume()
         if self.ring is None or not self.rows[row].built:
             raise RuntimeError("nothing to re-trace: the method does not follow drift, or the sequence has no masks")
         state = self.rows[row]
@@ -334,7 +342,10 @@ class Engine:
         state = self.rows[row]
         if not state.built or not self.prunes:
             return torch.arange(self.sizes[layer])
-        return self.prefix[layer].kept() if self._compact else state.kept[layer]
+        if self._compact:
+            return self.prefix[layer].kept() if not self._ended else \
+                top_neurons(state.scores[layer], state.keep[layer]).sort().values
+        return state.kept[layer]
 
     def scores(self, row: int, layer: int) -> torch.Tensor:
         """Row `row`'s current neuron scores in `layer`, by neuron id (empty before its masks are built)."""
@@ -347,6 +358,21 @@ class Engine:
     def stats(self) -> list[SequenceStats]:
         """One `SequenceStats` per row of the current (or last) sequence."""
         return [self._row_stats(row) for row in self.rows]
+
+    def end_sequence(self) -> None:
+        """The sequence is not expected to go on: every weight goes back to its original order now, so that the
+        next sequence's `start` has nothing to move before its prompt. Its statistics stay readable, and a forward
+        that continues it after all first puts its kept neurons back in front."""
+        for prefix in self.prefix:
+            prefix.restore()
+        self._ended = True
+
+    def _resume(self) -> None:
+        """An ended sequence goes on: its kept sets, from its scores, back into the weights."""
+        self._ended = False
+        if self._compact and self.rows and self.rows[0].built:
+            for i in range(len(self.layers)):
+                self._apply(0, i)
 
     def reset(self) -> None:
         """Forget the sequence (its statistics too); the next `start` begins a new one."""

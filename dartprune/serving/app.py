@@ -108,10 +108,13 @@ class ModelServer:
         with self.lock:
             generator = self.generator(config)
             generator.check_length(ids.numel(), params.max_new_tokens)
-            if generator.native is not None:
-                generator.native.reset()
+            if generator.native is None:
+                return generator.generate(ids, params, on_text)
+            generator.native.reset()
+            try:
                 return generator.continue_(ids, params, on_text, new_turn=False, should_stop=should_stop)
-            return generator.generate(ids, params, on_text)
+            finally:
+                generator.engine.end_sequence()
 
     def close(self) -> None:
         if self._generator is not None:
