@@ -1,0 +1,75 @@
+"""Time to first token of an engine that serves one sequence after another (a server, an evaluation): the previous
+sequence's neurons moved back into their own order when it ended (`Engine.end_sequence`, what `generate` and the
+server do) or when the next prompt starts. One `Generator`, a dense one beside it, the three interleaved.
+
+    python benchmarks/sequence_end.py --out benchmarks/results/speed/sequence_end.md
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks.speed import make_prompt  # noqa: E402
+from dartprune.data import load_text  # noqa: E402
+from dartprune.decode.generate import Generator, SamplingParams  # noqa: E402
+from dartprune.models import load_model  # noqa: E402
+
+# the prompt and threads of the llama.cpp anchor (llamacpp_anchor.py)
+THREADS, PROMPT_TOKENS, NEW_TOKENS, TEXT = 2, 256, 16, "gutenberg:austen-emma"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    model, tokenizer = load_model(args.model)
+    ids = make_prompt(tokenizer, PROMPT_TOKENS, load_text(TEXT).text)[0]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    lines = ["# Time to first token of a reused engine: neurons moved back at the end of a sequence or at the start "
+             "of the next", "",
+             f"`{' '.join(sys.argv)}`; {args.model}, float32, {THREADS} threads, prompt {PROMPT_TOKENS} tokens of "
+             f"{TEXT}, {NEW_TOKENS} new tokens, {args.repeats} repeats interleaved; ratios paired per repeat "
+             "(median [min-max]).", "",
+             "| sparsity | TTFT dense ms | TTFT, moved back at the start | TTFT, moved back at the end | "
+             "ratio end / start | moving back (end_sequence) ms |", "|---|---|---|---|---|---|"]
+    dense = Generator(model, tokenizer)
+    for sparsity in (0.5, 0.7):
+        with Generator(model, tokenizer, DartConfig(sparsity=sparsity)) as pruned:
+            dense_ttft, at_start, at_end, moving = [], [], [], []
+            pruned.generate(ids, params)                       # warm-up
+            for _ in range(args.repeats):
+                dense_ttft.append(dense.generate(ids, params).ttft_s)
+                pruned.native.reset()                          # the sequence is left permuted ...
+                pruned.continue_(ids, params, new_turn=False)
+                pruned.native.reset()                          # ... and the next prompt moves it back
+                at_start.append(pruned.continue_(ids, params, new_turn=False).ttft_s)
+                start = time.perf_counter()
+                pruned.engine.end_sequence()
+                moving.append(time.perf_counter() - start)
+                at_end.append(pruned.generate(ids, params).ttft_s)
+        ratios = [e / s for e, s in zip(at_end, at_start)]
+        med = statistics.median
+        lines.append(f"| {sparsity:g} | {med(dense_ttft) * 1e3:.0f} | {med(at_start) * 1e3:.0f} "
+                     f"({med(s / d for s, d in zip(at_start, dense_ttft)):.3f} of dense) | {med(at_end) * 1e3:.0f} "
+                     f"({med(e / d for e, d in zip(at_end, dense_ttft)):.3f} of dense) | {med(ratios):.3f} "
+                     f"[{min(ratios):.3f}-{max(ratios):.3f}] | {med(moving) * 1e3:.1f} |")
+    dense.close()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
