@@ -179,21 +179,22 @@ class Generator:
                              f"the model's context of {self.context} tokens")
 
     def generate(self, ids: torch.Tensor, params: SamplingParams = SamplingParams(),
-                 on_text: Callable[[str], None] | None = None) -> Generation:
+                 on_text: Callable[[str], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
         """Continue the prompt `ids` ([tokens] or [1, tokens]) as a new sequence. At the end the weights go back
         into their own order (`Engine.end_sequence`), off the next prompt's time; `continue_` may still extend
-        the sequence."""
+        the sequence. `should_stop`: as in `continue_` (native loop only)."""
         ids = ids.reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
         self.check_length(ids.numel(), params.max_new_tokens)
-        if self.loop == "hf":
-            result = self._generate_hf(ids, params, on_text)
-        else:
+        try:
+            if self.loop == "hf":
+                return self._generate_hf(ids, params, on_text)
             self.native.reset()
-            result = self.continue_(ids, params, on_text, new_turn=False)
-        self.engine.end_sequence()
-        return result
+            return self.continue_(ids, params, on_text, new_turn=False, should_stop=should_stop)
+        finally:
+            self.engine.end_sequence()
 
     @torch.inference_mode()
     def continue_(self, ids: torch.Tensor, params: SamplingParams, on_text: Callable[[str], None] | None = None,

@@ -343,8 +343,7 @@ class Engine:
         if not state.built or not self.prunes:
             return torch.arange(self.sizes[layer])
         if self._compact:
-            return self.prefix[layer].kept() if not self._ended else \
-                top_neurons(state.scores[layer], state.keep[layer]).sort().values
+            return self.prefix[layer].kept() if not self._ended else self._kept_ids(state, layer).sort().values
         return state.kept[layer]
 
     def scores(self, row: int, layer: int) -> torch.Tensor:
@@ -467,10 +466,15 @@ class Engine:
         blend = self.config.retrace_blend if weight is None else weight
         return (1 - blend) * _unit(new) + blend * _unit(old) if blend else new
 
+    @staticmethod
+    def _kept_ids(row: _Row, layer: int) -> torch.Tensor:
+        """The neuron ids a row's scores and budget keep in `layer`."""
+        return top_neurons(row.scores[layer], row.keep[layer])
+
     def _apply(self, b: int, layer: int) -> int:
         """Row b's kept set of `layer` from its scores, into the execution; returns the neurons that entered."""
         row = self.rows[b]
-        kept = top_neurons(row.scores[layer], row.keep[layer])
+        kept = self._kept_ids(row, layer)
         if self._compact:
             return self.prefix[layer].keep(kept)
         previous, row.kept[layer] = row.kept[layer], kept

@@ -106,15 +106,7 @@ class ModelServer:
     def run(self, ids: torch.Tensor, params: SamplingParams, config: DartConfig, on_text=None,
             should_stop=None) -> Generation:
         with self.lock:
-            generator = self.generator(config)
-            generator.check_length(ids.numel(), params.max_new_tokens)
-            if generator.native is None:
-                return generator.generate(ids, params, on_text)
-            generator.native.reset()
-            try:
-                return generator.continue_(ids, params, on_text, new_turn=False, should_stop=should_stop)
-            finally:
-                generator.engine.end_sequence()
+            return self.generator(config).generate(ids, params, on_text, should_stop)
 
     def close(self) -> None:
         if self._generator is not None:
