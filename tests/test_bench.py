@@ -35,7 +35,8 @@ ROW_FIELDS = {"loop", "method", "sparsity", "ttft_ms", "tpot_ms", "tokens_per_s"
               "share_of_gain_from_min", "peak_rss_mb", "peak_gpu_mb", "bytes_per_token", "new_tokens",
               "same_tokens_as_dense", "token_median_ms", "speedup_token_median", "share_of_gain_token_median",
               "runs", "paired", "ttft_over_dense", "max_step_over_median"}
-HANDLE_FIELDS = {"retrace_count", "retrace_ms", "retrace_share_of_decode", "forced_retrace_ms", "executed_sparsity",
+HANDLE_FIELDS = {"retrace_count", "retrace_ms", "retrace_share_of_decode", "forced_retrace_ms", "forced_retrace_neurons",
+                 "repeated_retrace_ms", "executed_sparsity",
                  "state_bytes", "extra_bytes", "extra_share_of_model", "overhead_fraction", "keep_counts"}
 
 
@@ -108,6 +109,7 @@ def test_bench_python_api_on_a_tiny_model_gives_every_field(tmp_path):
     assert native_dart[0]["spread_retrace_max_over_median"] > 0
     dart = [r for r in result["rows"] if r["method"] == "dart" and r["sparsity"] == 0.5]
     assert all(r["forced_retrace_ms"] is not None and r["forced_retrace_ms"] > 0 for r in dart)
+    assert all(isinstance(r["forced_retrace_neurons"], int) and r["repeated_retrace_ms"] > 0 for r in dart)
     json_path, md_path = write_results(result, tmp_path, "speed_tiny")
     assert json.loads(json_path.read_text())["rows"][0]["method"] == "dense"
     table = md_path.read_text()

@@ -191,6 +191,33 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
     assert prefix.k == INTERMEDIATE
 
 
+
+def test_own_pages_keeps_every_value_and_layout():
+    from dartprune.engine.weights import own_pages
+    for tensor in (torch.randn(300, 70), torch.randn(70, 300).t(), torch.randn(5000, dtype=torch.bfloat16),
+                   torch.randn(40, 90)[:, 10:50]):
+        before, stride, pointer = tensor.clone(), tensor.stride(), tensor.data_ptr()
+        own_pages(tensor)
+        assert torch.equal(tensor, before) and tensor.stride() == stride and tensor.data_ptr() == pointer
+
+
+def test_pruning_a_model_loaded_from_safetensors_leaves_the_file_and_the_values_as_they_were(tmp_path):
+    """Loaded weights can live in a copy-on-write mapping of the file: the engine writes them in place (its neuron
+    swaps), which must change neither the file nor, after close, a single value."""
+    from transformers import AutoModelForCausalLM
+    tiny_model("llama").save_pretrained(tmp_path)
+    files = {f: f.read_bytes() for f in tmp_path.glob("*.safetensors")}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = random_ids(1, 16)
+    dense = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with dartprune.attach(model, DartConfig(sparsity=0.6)):
+        pruned = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert not torch.equal(dense, pruned)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), dense)
+    assert {f: f.read_bytes() for f in files} == files
+
 def test_batch_rows_equal_single_runs():
     model = tiny_model("llama")
     model.generation_config.eos_token_id = None

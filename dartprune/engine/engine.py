@@ -35,8 +35,8 @@ from dartprune.engine.phase import Event, Phase, next_phase
 from dartprune.engine.ring import Ring
 from dartprune.engine.scoring import squared_activations, top_neurons, vocab_prior
 from dartprune.engine.stats import RetraceRecord, SequenceStats
-from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_ffn, offloaded, to_neuron_major,
-                                     to_row_major)
+from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_ffn, offloaded, own_pages,
+                                     to_neuron_major, to_row_major)
 from dartprune.methods import get_method
 
 _PRIOR_CACHE: weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -121,6 +121,12 @@ class Engine:
         self._relaid = [w for i, w in enumerate(self._down_weights)
                         if i not in self._offloaded and to_neuron_major(w)] if self.prunes else []
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
+        if self.prunes:
+            for i, p in enumerate(self.parts):
+                if i not in self._offloaded:
+                    for tensor in (p.gate, p.up, p.up_bias, p.down):
+                        if tensor is not None:
+                            own_pages(tensor)
         self.follows_drift = self.prunes and self.method.follows_drift
         self.per_token = self.prunes and self.method.execution == "per-token"
         self.hidden = self.parts[0].up.shape[1]
