@@ -382,6 +382,58 @@ def test_spread_retraces_give_the_same_logits_on_the_compact_and_mask_paths(chun
     assert (results["compact"] - results["mask"]).abs().max() <= 1e-4
 
 
+
+def test_build_spread_moves_the_first_masks_in_after_the_prompt_one_share_per_token():
+    """build_spread = 8 tokens over 4 layers: the prompt's forward moves nothing (its first token does not wait),
+    each later token moves half a layer's worth, the unmoved layers run dense (so the first decoded token is
+    dense's, to rounding), and the executed neurons are counted layer by layer."""
+    model = tiny_model("llama")
+    prompt, steps = random_ids(1, 16, seed=4)[0], random_ids(1, 6, seed=5)[0]
+    dense = NativeModel(model)
+    dense.forward(prompt)
+    first_dense = dense.forward(steps[:1])
+    reference = Engine(model, DartConfig(sparsity=0.5, detector="none"))
+    try:
+        pruned = NativeModel(model, reference)
+        pruned.forward(prompt)
+        keep = reference.keep_counts()
+        first_pruned = pruned.forward(steps[:1])
+    finally:
+        reference.close()
+    engine = Engine(model, DartConfig(sparsity=0.5, detector="none", build_spread=8))
+    try:
+        native = NativeModel(model, engine)
+        native.forward(prompt)
+        assert engine.keep_counts() == [INTERMEDIATE] * LAYERS
+        torch.testing.assert_close(native.forward(steps[:1]), first_dense, rtol=1e-5, atol=1e-5)
+        assert (first_pruned - first_dense).abs().max() > 1e-2
+        moved = [engine.keep_counts()]
+        for i in range(1, 5):
+            native.forward(steps[i:i + 1])
+            moved.append(engine.keep_counts())
+            if i == 1:                       # layers 0 and 1 moved: they keep their sets, 2 and 3 run every neuron
+                assert [torch.equal(engine.kept(0, j), torch.arange(INTERMEDIATE)) for j in range(LAYERS)] == [
+                    False, False, True, True]
+        assert moved == [keep[:1] + [INTERMEDIATE] * 3, keep[:2] + [INTERMEDIATE] * 2,
+                         keep[:3] + [INTERMEDIATE], keep, keep]
+        executed = 16 * LAYERS * INTERMEDIATE + sum(sum(k) for k in [[INTERMEDIATE] * LAYERS] + moved[:4])
+        assert engine.stats()[0].executed_sparsity == pytest.approx(1 - executed / (21 * LAYERS * INTERMEDIATE))
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_build_spread_gives_the_same_logits_on_the_compact_and_mask_paths(chunk):
+    model = tiny_model("llama")
+    ids = random_ids(1, 40, seed=8)
+    results = {}
+    for path in ("compact", "mask"):
+        with dartprune.attach(model, DartConfig(sparsity=0.6, path=path, build_spread=6, **HAIR_TRIGGER)) as handle:
+            results[path] = teacher_forced_logits(model, ids, prefix=12, chunk=chunk)
+            results[path + "_sparsity"] = handle.stats()[0].executed_sparsity
+    torch.testing.assert_close(results["compact"], results["mask"], rtol=1e-4, atol=1e-4)
+    assert results["compact_sparsity"] == results["mask_sparsity"]
+
 def test_drift_monitor_waits_for_two_windows_and_triggers_on_pressure():
     monitor = PaperDetector(window=5, delta=0.1, floor=0.1, trigger_count=2, cooldown=1)
     base = torch.randn(1, 1, 16)

@@ -54,6 +54,9 @@ class DartConfig:
         layers in proportion to the tokens it brings, each layer switching to its new neurons when scored), so
         that no decode step stalls for the whole re-trace; 1 scores every layer in the forward that triggered
         it.
+    build_spread: tokens over which the first masks of a sequence move into the weights (each forward after the
+        prompt moves a share of the layers; a layer not yet moved runs dense), so that moving them is not part of
+        the time to the first token; 1 moves every layer at the end of the prompt's forward.
     path: "compact" (gathered smaller weights: really faster) or "mask" (multiply by a 0/1 mask: reference).
     seed: for the random method.
     calibration_file: saved calibration for wanda-static and threshold.
@@ -93,6 +96,7 @@ class DartConfig:
     dense_steps: int = 16
     retrace_blend: float = 0.3
     retrace_spread: int = 1
+    build_spread: int = 1
     turn_blend: float = 0.0
     path: Literal["compact", "mask"] = "compact"
     seed: int = 0
@@ -125,7 +129,8 @@ class DartConfig:
             raise ConfigError("early_width and late_width must be > 0")
         if self.p_min > self.p_max:
             raise ConfigError(f"p_min ({self.p_min}) must not exceed p_max ({self.p_max})")
-        for name in ("window", "trigger_count", "ring_size", "dense_steps", "retrace_spread", "min_trace_tokens",
+        for name in ("window", "trigger_count", "ring_size", "dense_steps", "retrace_spread", "build_spread",
+                     "min_trace_tokens",
                      "shift_history", "shift_persist"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")

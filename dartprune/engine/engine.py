@@ -80,6 +80,7 @@ class _Row:
     scores: list[torch.Tensor] = field(default_factory=list)
     kept: list[torch.Tensor | None] = field(default_factory=list)  # per layer, the mask path's kept ids (a batch of
     pending: list[int] = field(default_factory=list)  # one reads its prefix instead) / RETRACING: layers to re-score
+    unmoved: list[int] = field(default_factory=list)  # layers whose first kept set is not in the execution yet (dense)
     retrace_position: int = 0
     triggered_at: int = 0
     retrace_seconds: float = 0.0
@@ -190,6 +191,9 @@ class Engine:
                                "dartprune keeps per-row state and does not follow beam reordering")
         self._valid = valid.bool().cpu()
         self._replay = replay
+        if replay:                                    # the pruned pass over the prompt runs on every mask
+            for b in range(len(self.rows)):
+                self._move(b, len(self.layers))
         if self._turn:
             self._turn = False
             for row in self.rows:
@@ -250,6 +254,8 @@ class Engine:
             active = self.method.active(layer, u)
             self._active[layer] = active.sum(dim=-1).cpu()
             y = nn.functional.linear(u * active, parts.down, parts.down_bias)
+        elif self._masks[layer] is None:                # no row's kept set has moved in yet: dense
+            y = nn.functional.linear(activations(parts, x3), parts.down, parts.down_bias)
         else:
             y = masked_ffn(parts, x3, self._masks[layer])
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -283,6 +289,7 @@ class Engine:
         signal = torch.stack(self._signal) if have_signal else None      # [monitored, batch, tokens, hidden]
         for b, row in enumerate(self.rows):
             tokens = int(self._valid[b].sum())
+            moving = bool(row.unmoved)      # first masks still moving in: a share per token of the later forwards
             if row.phase is Phase.TRACING:
                 row.trace.tokens += tokens
                 if signal is not None:
@@ -297,7 +304,9 @@ class Engine:
                         self._enter_tracing(row, Event.DRIFT_DENSE, target=self.config.dense_steps)
                         row.triggered_at = row.position
                     else:
-                        self._begin_retrace(row)
+                        self._begin_retrace(b)
+            if moving and row.phase is Phase.PRUNED:
+                self._move(b, math.ceil(len(self.layers) * max(1, tokens) / self.config.build_spread))
             if row.phase is Phase.RETRACING:     # a share of the layers for each token this forward brought
                 self._rescore(b, math.ceil(len(self.layers) * max(1, tokens) / self.config.retrace_spread))
         self._step = None
@@ -312,13 +321,15 @@ class Engine:
         state = self.rows[row]
         if state.phase is Phase.RETRACING:          # finish a spread re-trace first
             self._rescore(row, len(self.layers))
-        self._begin_retrace(state)
+        self._begin_retrace(row)
         if not now:
             return None
         self._rescore(row, len(self.layers))
         return state.retraces[-1]
 
-    def _begin_retrace(self, state: _Row) -> None:
+    def _begin_retrace(self, b: int) -> None:
+        state = self.rows[b]
+        self._move(b, len(self.layers))
         state.phase = next_phase(state.phase, Event.DRIFT)
         state.pending = list(range(len(self.layers)))
         state.retrace_position, state.retrace_seconds, state.retrace_changed = state.position, 0.0, {}
@@ -346,7 +357,7 @@ class Engine:
     def kept(self, row: int, layer: int) -> torch.Tensor:
         """Row `row`'s kept neuron ids in `layer`, ascending."""
         state = self.rows[row]
-        if not state.built or not self.prunes:
+        if not state.built or not self.prunes or layer in state.unmoved:
             return torch.arange(self.sizes[layer])
         if self._compact:
             return self.prefix[layer].kept() if not self._ended else self._kept_ids(state, layer).sort().values
@@ -376,6 +387,7 @@ class Engine:
         """An ended sequence goes on: its kept sets, from its scores, back into the weights."""
         self._ended = False
         if self._compact and self.rows and self.rows[0].built:
+            self.rows[0].unmoved = []
             for i in range(len(self.layers)):
                 self._apply(0, i)
 
@@ -447,7 +459,12 @@ class Engine:
         else:
             weight = self.config.turn_blend if row.reason is Event.TURN else self.config.retrace_blend
             row.scores = [self._blend(old, new, weight) for old, new in zip(row.scores, fresh)]
-        changed = [self._apply(b, i) for i in range(len(self.layers))]
+        if first and self.config.build_spread > 1 and not self.per_token:
+            row.unmoved = list(range(len(self.layers)))       # moved by the forwards that follow (`_move`)
+            changed = []
+        else:
+            row.unmoved = []
+            changed = [self._apply(b, i) for i in range(len(self.layers))]
         if self.monitored:
             baseline = torch.cat(trace.signal, dim=1) if trace.signal else None
             if baseline is not None:
@@ -495,6 +512,13 @@ class Engine:
         was = torch.zeros(self.sizes[layer], dtype=torch.bool)
         was[previous] = True
         return int((~was[kept]).sum())
+
+    def _move(self, b: int, count: int) -> None:
+        """Up to `count` of row b's unmoved layers take their first kept set (until then they run dense)."""
+        row = self.rows[b]
+        layers, row.unmoved = row.unmoved[:count], row.unmoved[count:]
+        for i in layers:
+            self._apply(b, i)
 
     def _prior(self, layer: int) -> torch.Tensor:
         """Computed once per model weight and kind, kept while the model lives (in neuron-id order: computed
@@ -554,7 +578,8 @@ class Engine:
             elif dense or not row.built:
                 row.neurons_executed += tokens * total
             else:
-                row.neurons_executed += tokens * sum(row.keep)
+                row.neurons_executed += tokens * sum(self.sizes[i] if i in row.unmoved else k
+                                                     for i, k in enumerate(row.keep))
 
     def _row_stats(self, row: _Row) -> SequenceStats:
         keep = row.keep or list(self.sizes)
