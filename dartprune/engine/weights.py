@@ -33,6 +33,7 @@ class PrefixFFN:
         self.parts = FFNParts(**detached, act=parts.act)
         size = parts.intermediate_size
         self.order = torch.arange(size, dtype=torch.int32)
+        self._position: torch.Tensor | None = None      # the inverse of `order`, made when first asked for
         self.k = size
         self._views()
 
@@ -41,10 +42,11 @@ class PrefixFFN:
         return self.parts.intermediate_size
 
     def position(self) -> torch.Tensor:
-        """position[i]: where neuron id i is now (int64, made on demand)."""
-        out = torch.empty(self.size, dtype=torch.long)
-        out[self.order.long()] = torch.arange(self.size)
-        return out
+        """position[i]: where neuron id i is now (int64; made on demand, kept until the order changes; read-only)."""
+        if self._position is None:
+            self._position = torch.empty(self.size, dtype=torch.long)
+            self._position[self.order.long()] = torch.arange(self.size)
+        return self._position
 
     def kept(self) -> torch.Tensor:
         """The kept neuron ids, ascending."""
@@ -65,7 +67,7 @@ class PrefixFFN:
         self._move_down(both_from, both_to)
         order = self.order.clone()          # a new tensor: drivers may run under inference mode or not
         order[torch.cat([b, a])] = torch.cat([self.order[a], self.order[b]])
-        self.order = order
+        self.order, self._position = order, None
 
     def _move_down(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """down[:, dst] = down[:, src], as whole rows of its neuron-major storage when it has one (a strided
@@ -103,7 +105,7 @@ class PrefixFFN:
                 for rows in self._rows():
                     rows.index_copy_(0, dst, rows.index_select(0, src))
                 self._move_down(src, dst)
-            self.order = torch.arange(self.size, dtype=torch.int32)
+            self.order, self._position = torch.arange(self.size, dtype=torch.int32), None
         if self.k != self.size:
             self.k = self.size
             self._views()
