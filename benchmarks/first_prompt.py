@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dartprune.benchmarks import publish  # noqa: E402
+
 THREADS, PROMPT_TOKENS, NEW_TOKENS, TEXT = 2, 256, 16, "gutenberg:austen-emma"
 
 CHILD = """
@@ -75,10 +79,7 @@ def main() -> None:
         lines.append(f"| {name} | {sparsity:g} | {med(r['build_s'] for r in rows) * 1e3:.0f} | "
                      f"{med(r['ttft_s'] for r in rows) * 1e3:.0f} | {ratio:.3f} | "
                      f"{med(r['tpot_s'] for r in rows) * 1e3:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

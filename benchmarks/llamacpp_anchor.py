@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks import publish  # noqa: E402
 from dartprune.benchmarks.speed import make_prompt  # noqa: E402
 from dartprune.data import load_text  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
@@ -116,10 +117,7 @@ def main() -> None:
         ttft = statistics.median(s[0] for s in samples) * 1e3
         rate = 1 / statistics.median(s[1] for s in samples)
         lines.append(f"| {name} | {ttft:.0f} | {rate:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks import publish  # noqa: E402
 from dartprune.benchmarks.speed import make_prompt  # noqa: E402
 from dartprune.data import load_text  # noqa: E402
 from dartprune.decode.generate import Generator, SamplingParams  # noqa: E402
@@ -65,10 +66,7 @@ def main() -> None:
                      f"({med(e / d for e, d in zip(at_end, dense_ttft)):.3f} of dense) | {med(ratios):.3f} "
                      f"[{min(ratios):.3f}-{max(ratios):.3f}] | {med(moving) * 1e3:.1f} |")
     dense.close()
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
