@@ -533,3 +533,34 @@ def test_lm_eval_backend_model_args(tiny, lm_eval_backend):
     assert first == second  # every request starts a new sequence: no state leaks between requests
     assert lm.stats_summary()["sequences"] == 2
     lm.handle.detach()
+
+
+def test_compare_variants_pairs_two_methods_by_sequence_and_occurrence(tmp_path):
+    """benchmarks/compare_variants.py: the ratio of geometric means over the same sequences; a name that stands
+    twice (two controls from one text) pairs the n-th with the n-th."""
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+    rows = []
+    nll = {"a": ([2.0, 3.0, 4.0], [1.0, 5.0]), "b": ([2.5, 3.0, 3.0], [1.5, 4.0])}
+    for method, (after, controls) in nll.items():
+        for i, value in enumerate(after):
+            rows.append({"method": method, "sparsity": 0.5, "name": f"s{i}", "kind": "switch", "nll_after": value,
+                         "nll_before": 1.0, "nll_all": 1.0})
+        for value in controls:
+            rows.append({"method": method, "sparsity": 0.5, "name": "same text", "kind": "control",
+                         "nll_after": 0.0, "nll_before": 0.0, "nll_all": value})
+    details = tmp_path / "details.jsonl"
+    details.write_text("\n".join(json.dumps(r) for r in rows[::-1]))      # order of the file does not matter
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_variants.py"
+    out = tmp_path / "out.md"
+    subprocess.run([sys.executable, str(script), "--method", "a", "--against", "b", "--details", str(details),
+                    "--out", str(out)], check=True, capture_output=True)
+    table = {line.split("|")[2].strip(): line.split("|")[3:5] for line in out.read_text().splitlines()
+             if line.startswith("| 0.5")}
+    after, controls = table["after switch"], table["controls"]
+    assert int(after[0]) == 3 and float(after[1].split()[0]) == pytest.approx(math.exp((9 - 8.5) / 3), abs=1e-3)
+    # reversed file: the second "same text" of a (5.0) still pairs with the second of b (4.0)
+    assert int(controls[0]) == 2 and float(controls[1].split()[0]) == pytest.approx(math.exp(0.25), abs=1e-3)

@@ -40,6 +40,9 @@ GENRES: dict[str, list[str]] = {
 }
 CONTROLS_PER_GENRE = 3
 DETECTION_WINDOW = 64
+# the parts a comparison is paired over: (name, per-sequence mean NLL, kind of sequence)
+PARTS = (("after switch", "nll_after", "switch"), ("before switch", "nll_before", "switch"),
+         ("controls", "nll_all", "control"))
 PROFILES = {"full": {"segment": None, "genres": None},     # --drift-segment tokens, every genre
             "quick": {"segment": 24, "genres": ["novel", "code", "encyclopaedia"]}}
 
@@ -220,8 +223,7 @@ class Drift(Task):
         """Paired over sequences: after and before the switch, and the controls."""
         return paired_perplexities({
             part: {label: [r[key] for r in records if r["kind"] == kind] for label, records in self.records.items()}
-            for part, key, kind in (("after switch", "nll_after", "switch"), ("before switch", "nll_before", "switch"),
-                                    ("controls", "nll_all", "control"))})
+            for part, key, kind in PARTS})
 
     def plot_traces(self, out) -> list:
         from dartprune.evaluation.report import plot_drift_traces
