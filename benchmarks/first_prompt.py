@@ -51,6 +51,12 @@ def _run(source: Path, model: str, sparsity: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _revision(source: Path) -> str:
+    """The checkout's commit (short), or its folder's name outside git."""
+    done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or source.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -75,7 +81,7 @@ def main() -> None:
     for source, sparsity in configs:
         rows, dense = runs[(source, sparsity)], runs[(source, 0.0)]
         ratio = med(r["ttft_s"] / d["ttft_s"] for r, d in zip(rows, dense))
-        name = source.name if len(sources) > 1 else "this"
+        name = _revision(source)
         lines.append(f"| {name} | {sparsity:g} | {med(r['build_s'] for r in rows) * 1e3:.0f} | "
                      f"{med(r['ttft_s'] for r in rows) * 1e3:.0f} | {ratio:.3f} | "
                      f"{med(r['tpot_s'] for r in rows) * 1e3:.1f} |")
