@@ -36,7 +36,7 @@ ROW_FIELDS = {"loop", "method", "sparsity", "ttft_ms", "tpot_ms", "tokens_per_s"
               "same_tokens_as_dense", "token_median_ms", "speedup_token_median", "share_of_gain_token_median",
               "runs", "paired", "ttft_over_dense", "max_step_over_median"}
 HANDLE_FIELDS = {"retrace_count", "retrace_ms", "retrace_share_of_decode", "forced_retrace_ms", "forced_retrace_neurons",
-                 "repeated_retrace_ms", "executed_sparsity",
+                 "repeated_retrace_ms", "spread_retrace_steps", "executed_sparsity",
                  "state_bytes", "extra_bytes", "extra_share_of_model", "overhead_fraction", "keep_counts"}
 
 
@@ -107,6 +107,8 @@ def test_bench_python_api_on_a_tiny_model_gives_every_field(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # every engine closed
     native_dart = [r for r in result["rows"] if r["loop"] == "native" and r["method"] == "dart" and r["sparsity"]]
     assert native_dart[0]["spread_retrace_max_over_median"] > 0
+    carried = native_dart[0]["spread_retrace_steps"]       # a tiny model of 4 layers, spread over 2 tokens
+    assert carried["count"] == 2 and 0 < carried["median_over_median"] <= carried["max_over_median"]
     dart = [r for r in result["rows"] if r["method"] == "dart" and r["sparsity"] == 0.5]
     assert all(r["forced_retrace_ms"] is not None and r["forced_retrace_ms"] > 0 for r in dart)
     assert all(isinstance(r["forced_retrace_neurons"], int) and r["repeated_retrace_ms"] > 0 for r in dart)
