@@ -29,7 +29,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     records: dict[tuple[str, float], dict[tuple[str, int], dict]] = {}
-    for path in args.details:
+    seen: dict[tuple[str, float], int] = {}
+    for index, path in enumerate(args.details):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            key = (r["method"], r["sparsity"])
+            if r["method"] in (args.method, args.against) and seen.setdefault(key, index) != index:
+                raise SystemExit(f"{r['method']} at sparsity {r['sparsity']} is in two of the files given "
+                                 f"({args.details[seen[key]]} and {path}): give each run once")
         for line in path.read_text().splitlines():
             r = json.loads(line)
             runs = records.setdefault((r["method"], r["sparsity"]), {})

@@ -201,6 +201,23 @@ def test_own_pages_keeps_every_value_and_layout():
         assert torch.equal(tensor, before) and tensor.stride() == stride and tensor.data_ptr() == pointer
 
 
+
+@pytest.mark.parametrize("path, faulted", [("compact", True), ("mask", False)])
+def test_an_engine_that_swaps_in_place_faults_in_every_ffn_weight_once(monkeypatch, path, faulted):
+    import dartprune.engine.engine as engine_module
+    from dartprune.architectures import get_adapter
+    touched = []
+    monkeypatch.setattr(engine_module, "own_pages", lambda tensor: touched.append(tensor.data_ptr()))
+    model = tiny_model("llama")
+    engine = Engine(model, DartConfig(sparsity=0.5, path=path))
+    try:
+        adapter = get_adapter(model)
+        weights = [t.data_ptr() for layer in adapter.layers() for p in [adapter.ffn_parts(layer)]
+                   for t in (p.gate, p.up, p.down)]
+        assert sorted(touched) == (sorted(weights) if faulted else [])
+    finally:
+        engine.close()
+
 def test_pruning_a_model_loaded_from_safetensors_leaves_the_file_and_the_values_as_they_were(tmp_path):
     """Loaded weights can live in a copy-on-write mapping of the file: the engine writes them in place (its neuron
     swaps), which must change neither the file nor, after close, a single value."""

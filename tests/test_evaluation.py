@@ -553,7 +553,9 @@ def test_compare_variants_pairs_two_methods_by_sequence_and_occurrence(tmp_path)
             rows.append({"method": method, "sparsity": 0.5, "name": "same text", "kind": "control",
                          "nll_after": 0.0, "nll_before": 0.0, "nll_all": value})
     details = tmp_path / "details.jsonl"
-    details.write_text("\n".join(json.dumps(r) for r in rows[::-1]))      # order of the file does not matter
+    a_rows = [r for r in rows if r["method"] == "a"]
+    b_rows = [r for r in rows if r["method"] == "b"]
+    details.write_text("\n".join(json.dumps(r) for r in a_rows[::-1] + b_rows))   # one method's order reversed
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_variants.py"
     out = tmp_path / "out.md"
     subprocess.run([sys.executable, str(script), "--method", "a", "--against", "b", "--details", str(details),
@@ -561,6 +563,12 @@ def test_compare_variants_pairs_two_methods_by_sequence_and_occurrence(tmp_path)
     table = {line.split("|")[2].strip(): line.split("|")[3:5] for line in out.read_text().splitlines()
              if line.startswith("| 0.5")}
     after, controls = table["after switch"], table["controls"]
-    assert int(after[0]) == 3 and float(after[1].split()[0]) == pytest.approx(math.exp((9 - 8.5) / 3), abs=1e-3)
-    # reversed file: the second "same text" of a (5.0) still pairs with the second of b (4.0)
-    assert int(controls[0]) == 2 and float(controls[1].split()[0]) == pytest.approx(math.exp(0.25), abs=1e-3)
+    from dartprune.evaluation.intervals import bootstrap, ratio_of_geomeans
+    expected = bootstrap([[2.0, 3.0, 4.0], [2.5, 3.0, 3.0]], ratio_of_geomeans)   # paired by name
+    assert int(after[0]) == 3 and after[1].strip() == f"{expected[0]:.3f} [{expected[1]:.3f}, {expected[2]:.3f}]"
+    # a's rows reversed: its "same text" in order of occurrence is (5.0, 1.0), b's (1.5, 4.0)
+    expected = bootstrap([[5.0, 1.0], [1.5, 4.0]], ratio_of_geomeans)
+    assert int(controls[0]) == 2 and controls[1].strip() == f"{expected[0]:.3f} [{expected[1]:.3f}, {expected[2]:.3f}]"
+    again = subprocess.run([sys.executable, str(script), "--method", "a", "--against", "b", "--details", str(details),
+                            str(details)], capture_output=True, text=True)
+    assert again.returncode != 0 and "give each run once" in again.stderr

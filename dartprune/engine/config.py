@@ -56,7 +56,8 @@ class DartConfig:
         it.
     build_spread: tokens over which the first masks of a sequence move into the weights (each forward after the
         prompt moves a share of the layers; a layer not yet moved runs dense), so that moving them is not part of
-        the time to the first token; 1 moves every layer at the end of the prompt's forward.
+        the time to the first token (a share of ceil(layers / s) layers a token, so at most `s` tokens); 1 moves
+        every layer at the end of the prompt's forward.
     path: "compact" (gathered smaller weights: really faster) or "mask" (multiply by a 0/1 mask: reference).
     seed: for the random method.
     calibration_file: saved calibration for wanda-static and threshold.

@@ -122,7 +122,7 @@ class Engine:
         self._relaid = [w for i, w in enumerate(self._down_weights)
                         if i not in self._offloaded and to_neuron_major(w)] if self.prunes else []
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
-        if self.prunes:
+        if self.prunes and config.path == "compact" and self.method.execution != "per-token":  # it swaps in place
             for i, p in enumerate(self.parts):
                 if i not in self._offloaded:
                     for tensor in (p.gate, p.up, p.up_bias, p.down):

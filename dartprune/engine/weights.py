@@ -237,6 +237,7 @@ def own_pages(tensor: torch.Tensor) -> None:
         return                                    # not one dense block of storage: nothing this could fault in
     stride = max(1, 4096 // tensor.element_size())
     flat[::stride] = flat[::stride].clone()
+    flat[-1:] = flat[-1:].clone()                 # the last page, where the tensor does not start on a page
 
 
 def to_neuron_major(weight: nn.Parameter) -> bool:
