@@ -122,14 +122,14 @@ class Engine:
         self._relaid = [w for i, w in enumerate(self._down_weights)
                         if i not in self._offloaded and to_neuron_major(w)] if self.prunes else []
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
-        if self.prunes and config.path == "compact" and self.method.execution != "per-token":  # it swaps in place
+        self.follows_drift = self.prunes and self.method.follows_drift
+        self.per_token = self.prunes and self.method.execution == "per-token"
+        if self.prunes and config.path == "compact" and not self.per_token:     # the path that swaps in place
             for i, p in enumerate(self.parts):
                 if i not in self._offloaded:
                     for tensor in (p.gate, p.up, p.up_bias, p.down):
                         if tensor is not None:
                             own_pages(tensor)
-        self.follows_drift = self.prunes and self.method.follows_drift
-        self.per_token = self.prunes and self.method.execution == "per-token"
         self.hidden = self.parts[0].up.shape[1]
         self.gated = self.parts[0].gated
         self.monitored = self._monitored_layers() if self.follows_drift else []
@@ -254,9 +254,7 @@ class Engine:
             active = self.method.active(layer, u)
             self._active[layer] = active.sum(dim=-1).cpu()
             y = nn.functional.linear(u * active, parts.down, parts.down_bias)
-        elif self._masks[layer] is None:                # no row's kept set has moved in yet: dense
-            y = nn.functional.linear(activations(parts, x3), parts.down, parts.down_bias)
-        else:
+        else:                                           # no mask yet (no kept set moved in): dense
             y = masked_ffn(parts, x3, self._masks[layer])
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -258,6 +258,7 @@ def activations(parts: FFNParts, x: torch.Tensor) -> torch.Tensor:
     return parts.act(F.linear(x, parts.gate)) * pre if parts.gated else parts.act(pre)
 
 
-def masked_ffn(parts: FFNParts, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reference path: the dense FFN with the activations of pruned neurons multiplied by 0."""
-    return F.linear(activations(parts, x) * mask, parts.down, parts.down_bias)
+def masked_ffn(parts: FFNParts, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Reference path: the dense FFN with the activations of pruned neurons multiplied by 0 (no mask: dense)."""
+    u = activations(parts, x)
+    return F.linear(u if mask is None else u * mask, parts.down, parts.down_bias)
