@@ -5,7 +5,7 @@ import torch
 
 import dartprune
 from dartprune import ConfigError, DartConfig
-from dartprune.engine.budgets import depth_protection, keep_counts, pruning_ratios
+from dartprune.engine.budgets import depth_protection, keep_counts, layer_importance, pruning_ratios
 from dartprune.decode.model import NativeModel
 from dartprune.engine import Engine
 from dartprune.engine.phase import Phase
@@ -112,6 +112,20 @@ def test_budget_formula_and_first_layer_gets_its_own_budget():
     d = depth_protection(11, config)
     assert d[0] == pytest.approx(config.early_floor) and d[-1] == pytest.approx(config.late_floor)
     assert d[5] == 1.0
+
+
+@pytest.mark.parametrize("variant", ["residual", "ffn-vs-input"])
+def test_layer_importance_is_the_documented_formula(variant):
+    """S = mean over valid tokens of (1 - cos(h, other)) |f| / |h|, other = h + f (or f), padding left out."""
+    generator = torch.Generator().manual_seed(0)
+    h, f = torch.randn(2, 7, 32, generator=generator), 0.3 * torch.randn(2, 7, 32, generator=generator)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :3] = False
+    other = h + f if variant == "residual" else f
+    per_token = ((1 - torch.nn.functional.cosine_similarity(h, other, dim=-1)) * f.norm(dim=-1) / h.norm(dim=-1))
+    expected = torch.stack([per_token[0].mean(), per_token[1, 3:].mean()])
+    torch.testing.assert_close(layer_importance(h, f, valid, variant), expected)
+    assert torch.all(layer_importance(h, torch.zeros_like(f), valid, variant) == 0)
 
 
 def test_uniform_allocation_and_zero_sparsity():

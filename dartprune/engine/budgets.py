@@ -17,9 +17,16 @@ def layer_importance(h: torch.Tensor, f: torch.Tensor, valid: torch.Tensor, vari
     """
     h = h.float()
     f = f.float()
-    other = h + f if variant == "residual" else f
-    cos = torch.nn.functional.cosine_similarity(h, other, dim=-1, eps=_EPS)
-    ratio = f.norm(dim=-1) / h.norm(dim=-1).clamp_min(_EPS)
+    # three per-token dot products instead of cosine_similarity's normalised copies: this runs on every layer of
+    # every prompt, on the way to its first token
+    hh, ff, hf = (h * h).sum(dim=-1), (f * f).sum(dim=-1), (h * f).sum(dim=-1)
+    h_norm = hh.sqrt()
+    if variant == "residual":         # <h, h + f> and |h + f|
+        dot, other_norm = hh + hf, (hh + 2 * hf + ff).clamp_min(0).sqrt()
+    else:
+        dot, other_norm = hf, ff.sqrt()
+    cos = dot / (h_norm.clamp_min(_EPS) * other_norm.clamp_min(_EPS))
+    ratio = ff.sqrt() / h_norm.clamp_min(_EPS)
     per_token = (1.0 - cos) * ratio * valid
     return per_token.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 

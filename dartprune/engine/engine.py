@@ -145,6 +145,8 @@ class Engine:
         self._masks: list[torch.Tensor | None] = []
         self._step: Step | None = None
         self._valid = torch.ones(0, 0, dtype=torch.bool)
+        self._tracing = torch.ones(0, 0, dtype=torch.bool)   # this forward's valid tokens of the rows that trace
+        self._traced: list[int] = []                          # per row, how many of them
         self._signal: list[torch.Tensor | None] = []
         self._active: dict[int, torch.Tensor] = {}
         self._turn = False
@@ -199,6 +201,8 @@ class Engine:
             for row in self.rows:
                 self._enter_tracing(row, Event.TURN, target=1)
         batch, tokens = valid.shape
+        self._tracing = self._valid & torch.tensor([row.phase is Phase.TRACING for row in self.rows])[:, None]
+        self._traced = self._tracing.sum(dim=1).tolist()
         dense = not self.prunes or trace_only or any(row.phase is Phase.TRACING for row in self.rows)
         importance = self.prunes and any(row.phase is Phase.TRACING and not row.built for row in self.rows)
         self._signal = [None] * len(self.monitored)
@@ -218,25 +222,24 @@ class Engine:
             self.ring.write_x(layer, x.reshape(step.batch, step.tokens, -1))
         if not self.prunes:
             return
-        tracing = self._tracing_mask()
+        tracing, traced = self._tracing, self._traced
         kind = self.method.trace_kind()
-        if u is not None and kind is not None and tracing.any():
+        if u is not None and kind is not None and any(traced):
             sumsq = squared_activations(u.detach().reshape(step.batch, step.tokens, -1), tracing.to(u.device), kind,
                                         self.config.ema_decay).cpu()
             for b, row in enumerate(self.rows):
-                if tracing[b].any():
+                if traced[b]:
                     previous = row.trace.sumsq.get(layer)
                     if previous is not None and kind == "ema":
-                        previous.mul_(self.config.ema_decay ** int(tracing[b].sum()))
+                        previous.mul_(self.config.ema_decay ** traced[b])
                     row.trace.sumsq[layer] = sumsq[b] if previous is None else previous + sumsq[b]
         if step.importance and h is not None and f is not None:
             shape = (step.batch, step.tokens, -1)
-            means = layer_importance(h.detach().reshape(shape), f.detach().reshape(shape), tracing,
-                                     self.config.importance)
+            means = layer_importance(h.detach().reshape(shape), f.detach().reshape(shape), tracing.to(h.device),
+                                     self.config.importance).tolist()
             for b, row in enumerate(self.rows):
-                count = int(tracing[b].sum())
-                if count:
-                    row.trace.importance[layer] = row.trace.importance.get(layer, 0.0) + float(means[b]) * count
+                if traced[b]:
+                    row.trace.importance[layer] = row.trace.importance.get(layer, 0.0) + means[b] * traced[b]
 
     def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The pruned FFN of this forward on input x (any shape [..., hidden])."""
@@ -417,11 +420,6 @@ class Engine:
         row.target = target
         row.trace = _Trace()
         row.pending = []
-
-    def _tracing_mask(self) -> torch.Tensor:
-        """[batch, tokens]: valid tokens of the rows that are tracing in this forward."""
-        tracing = torch.tensor([row.phase is Phase.TRACING for row in self.rows])
-        return self._valid & tracing[:, None]
 
     # ----------------------------------------------------------------- masks
     @torch.no_grad()
