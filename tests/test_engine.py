@@ -206,6 +206,47 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("down_layout", ["neuron-major", "row-major"])
+def test_compiled_swaps_move_the_same_values_as_pytorch(monkeypatch, dtype, down_layout):
+    """The in-place compiled row swap and PyTorch's index_copy_ leave the weights bit-equal, whatever the dtype;
+    a row-major down projection (no contiguous rows to swap) goes through PyTorch."""
+    from dartprune.architectures import FFNParts
+    from dartprune.engine import weights
+    library = weights.swap_library()
+    if library is None:
+        pytest.skip("the compiled swap cannot be built here (no C compiler, or DARTPRUNE_KERNEL=0)")
+    calls = []
+
+    class Counting:
+        def dart_swap_rows(self, *args):
+            calls.append(args[4])
+            return library.dart_swap_rows(*args)
+
+    def run(compiled: bool):
+        monkeypatch.setattr(weights, "_swap_library", Counting() if compiled else "switched off")
+        generator = torch.Generator().manual_seed(0)
+        size, hidden = 96, 40
+        gate, up = (torch.randn(size, hidden, generator=generator).to(dtype) for _ in range(2))
+        up_bias = torch.randn(size, generator=generator).to(dtype)
+        down = torch.randn(size, hidden, generator=generator).to(dtype)
+        down = down.t() if down_layout == "neuron-major" else down.t().contiguous()
+        prefix = PrefixFFN(FFNParts(gate=gate, up=up, up_bias=up_bias, down=down, down_bias=None,
+                                    act=torch.nn.SiLU()))
+        for seed in range(4):
+            prefix.keep(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:30 + 5 * seed].sort()
+                        .values)
+        return [gate, up, up_bias, down, prefix.order]
+
+    expected = run(compiled=False)
+    assert not calls
+    got = run(compiled=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert bool(calls) == (down_layout == "neuron-major")   # gate, up, bias and down rows per keep that moved any
+    if calls:
+        assert len(calls) % 4 == 0 and sum(calls) > 0
+
+
 def test_own_pages_keeps_every_value_and_layout():
     from dartprune.engine.weights import own_pages
     for tensor in (torch.randn(300, 70), torch.randn(70, 300).t(), torch.randn(5000, dtype=torch.bfloat16),

@@ -6,23 +6,18 @@ them, and PyTorch's matrix-vector products reach about half the memory bandwidth
 kernel runs the whole step in one call and streams every weight at the speed of memory, so the time saved by
 reading fewer FFN weights shows in the step time.
 
-The build takes about a second (`gcc -O3 -march=native -fopenmp`); the library is cached under
-`$DARTPRUNE_CACHE/kernels`, keyed by the source, the compiler and the CPU's flags. `DARTPRUNE_KERNEL=0` turns it
-off.
+The build takes about a second and is cached (`dartprune.compiled`); `DARTPRUNE_KERNEL=0` turns it off.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from dartprune.compiled import build
 
 SOURCE = Path(__file__).with_name("kernel.c")
 ACTIVATIONS = {"SiLUActivation": 0, "SiLU": 0, "GELUTanh": 1, "PytorchGELUTanh": 1, "GELUActivation": 2, "GELU": 2}
@@ -47,18 +42,6 @@ class _Model(ctypes.Structure):
                 + [(name, _P) for name in ("x", "h", "a", "q", "kv", "attn", "u", "y", "scores", "partial")])
 
 
-def _cpu_signature() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DARTPRUNE_CACHE") or Path.home() / ".cache" / "dartprune") / "kernels"
-
-
 _LIBRARY: ctypes.CDLL | None = None
 _FAILED: str | None = None
 
@@ -68,33 +51,13 @@ def library() -> ctypes.CDLL | None:
     global _LIBRARY, _FAILED
     if _LIBRARY is not None or _FAILED is not None:
         return _LIBRARY
-    if os.environ.get("DARTPRUNE_KERNEL", "1") == "0":
-        _FAILED = "switched off by DARTPRUNE_KERNEL=0"
+    lib = build(SOURCE, "step")
+    if isinstance(lib, str):
+        _FAILED = lib
+        if not lib.startswith("switched off"):
+            warnings.warn(f"dartprune: the compiled decode step is unavailable ({lib}); using the PyTorch step",
+                          stacklevel=2)
         return None
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
-    if compiler is None:
-        _FAILED = "no C compiler found (install gcc)"
-        warnings.warn(f"dartprune: the compiled decode step is unavailable ({_FAILED}); using the PyTorch step",
-                      stacklevel=2)
-        return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(flags),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"dartprune_step_{key}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                    text=True)
-            if result.returncode != 0:
-                _FAILED = f"{compiler} failed: {result.stderr.strip().splitlines()[-1] if result.stderr else ''}"
-                warnings.warn(f"dartprune: the compiled decode step is unavailable ({_FAILED}); using the PyTorch "
-                              "step", stacklevel=2)
-                return None
-            os.replace(built, target)
-    lib = ctypes.CDLL(str(target))
     lib.dart_scratch_floats.restype = ctypes.c_long
     lib.dart_scratch_floats.argtypes = [ctypes.POINTER(_Model)]
     lib.dart_bind_scratch.argtypes = [ctypes.POINTER(_Model), _P]

@@ -16,11 +16,30 @@ position p (int32: for Llama-3.1-8B shapes the orders of all layers are 1.8 MB).
 """
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dartprune.architectures import FFNParts
+from dartprune.compiled import build
+
+_SWAP_SOURCE = Path(__file__).with_name("swap.c")
+_swap_library: ctypes.CDLL | str | None = None       # built on first use; a string says why it cannot be
+
+
+def swap_library() -> ctypes.CDLL | None:
+    """The compiled in-place row swap (swap.c), or None where it cannot be built (the swaps then go through
+    PyTorch: same values, about twice the memory traffic)."""
+    global _swap_library
+    if _swap_library is None:
+        _swap_library = build(_SWAP_SOURCE, "swap")
+        if not isinstance(_swap_library, str):
+            _swap_library.dart_swap_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    return None if isinstance(_swap_library, str) else _swap_library
 
 
 class PrefixFFN:
@@ -59,12 +78,21 @@ class PrefixFFN:
     @torch.no_grad()
     def _swap(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Exchange the neurons at positions a and b (same-length index vectors, disjoint)."""
-        device = self.parts.up.device
-        a_d, b_d = a.to(device), b.to(device)
-        both_from, both_to = torch.cat([a_d, b_d]), torch.cat([b_d, a_d])
-        for rows in self._rows():
-            rows.index_copy_(0, both_to, rows.index_select(0, both_from))
-        self._move_down(both_from, both_to)
+        down = self.parts.down
+        rows = self._rows() + ([down.t()] if down.t().is_contiguous() else [])
+        lib = swap_library() if self.parts.up.device.type == "cpu" else None
+        if lib is not None and len(rows) == len(self._rows()) + 1 and all(t.is_contiguous() for t in rows):
+            a64, b64 = a.to(torch.int64).contiguous(), b.to(torch.int64).contiguous()
+            for t in rows:                 # each row read once and written once, in place
+                lib.dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(), b64.data_ptr(),
+                                   a64.numel(), torch.get_num_threads())
+        else:
+            device = self.parts.up.device
+            a_d, b_d = a.to(device), b.to(device)
+            both_from, both_to = torch.cat([a_d, b_d]), torch.cat([b_d, a_d])
+            for t in self._rows():
+                t.index_copy_(0, both_to, t.index_select(0, both_from))
+            self._move_down(both_from, both_to)
         order = self.order.clone()          # a new tensor: drivers may run under inference mode or not
         order[torch.cat([b, a])] = torch.cat([self.order[a], self.order[b]])
         self.order, self._position = order, None

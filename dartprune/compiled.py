@@ -1,0 +1,55 @@
+"""Small C sources that dartprune builds once per machine with the system C compiler, caches and loads with ctypes.
+
+Two use it: the native loop's decode step (`decode/kernel.c`) and the engine's in-place neuron swaps
+(`engine/swap.c`). Each caller falls back to PyTorch where its library cannot be built.
+
+A library is cached under `$DARTPRUNE_CACHE/kernels` (default `~/.cache/dartprune/kernels`), keyed by its source,
+the compiler and the CPU's flags (it is built with `-march=native`). `DARTPRUNE_KERNEL=0` turns compiled code off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DARTPRUNE_CACHE") or Path.home() / ".cache" / "dartprune") / "kernels"
+
+
+def build(source: Path, name: str) -> ctypes.CDLL | str:
+    """The library built from `source` (from the cache when it is there), or why it cannot be had."""
+    if os.environ.get("DARTPRUNE_KERNEL", "1") == "0":
+        return "switched off by DARTPRUNE_KERNEL=0"
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if compiler is None:
+        return "no C compiler found (install gcc)"
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([source.read_text(), compiler, version, " ".join(FLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"dartprune_{name}_{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                return f"{compiler} failed: {result.stderr.strip().splitlines()[-1] if result.stderr else ''}"
+            os.replace(built, target)
+    return ctypes.CDLL(str(target))
