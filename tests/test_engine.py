@@ -208,9 +208,10 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("down_layout", ["neuron-major", "row-major"])
-def test_compiled_swaps_move_the_same_values_as_pytorch(monkeypatch, dtype, down_layout):
-    """The in-place compiled row swap and PyTorch's index_copy_ leave the weights bit-equal, whatever the dtype;
-    a row-major down projection (no contiguous rows to swap) goes through PyTorch."""
+def test_compiled_row_moves_equal_pytorch_and_restore_exactly(monkeypatch, dtype, down_layout):
+    """The in-place compiled row swaps leave the weights bit-equal to PyTorch's index_copy_, whatever the dtype,
+    and restore gives back the original weights; a row-major down projection (no contiguous rows to swap) goes
+    through PyTorch."""
     from dartprune.architectures import FFNParts
     from dartprune.engine import weights
     library = weights.swap_library()
@@ -231,20 +232,26 @@ def test_compiled_swaps_move_the_same_values_as_pytorch(monkeypatch, dtype, down
         up_bias = torch.randn(size, generator=generator).to(dtype)
         down = torch.randn(size, hidden, generator=generator).to(dtype)
         down = down.t() if down_layout == "neuron-major" else down.t().contiguous()
+        tensors = [gate, up, up_bias, down]
+        original = [t.clone() for t in tensors]
         prefix = PrefixFFN(FFNParts(gate=gate, up=up, up_bias=up_bias, down=down, down_bias=None,
                                     act=torch.nn.SiLU()))
         for seed in range(4):
             prefix.keep(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:30 + 5 * seed].sort()
                         .values)
-        return [gate, up, up_bias, down, prefix.order]
+        permuted = [t.clone() for t in tensors] + [prefix.order.clone()]
+        prefix.restore()
+        assert all(torch.equal(t, o) for t, o in zip(tensors, original))
+        return permuted
 
     expected = run(compiled=False)
     assert not calls
     got = run(compiled=True)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    assert bool(calls) == (down_layout == "neuron-major")   # gate, up, bias and down rows per keep that moved any
-    if calls:
+    if down_layout == "neuron-major":            # gate, up, bias and down, for every keep that moved neurons
         assert len(calls) % 4 == 0 and sum(calls) > 0
+    else:
+        assert not calls
 
 
 def test_own_pages_keeps_every_value_and_layout():

@@ -75,17 +75,24 @@ class PrefixFFN:
         p = self.parts
         return [t for t in (p.gate, p.up, p.up_bias) if t is not None]
 
+    def _row_tensors(self) -> list[torch.Tensor] | None:
+        """Every weight as rows per neuron (gate, up, up bias, neuron-major down) where the compiled row swap
+        applies to all of them, else None."""
+        down = self.parts.down
+        rows = self._rows() + [down.t()]
+        if self.parts.up.device.type != "cpu" or not all(t.is_contiguous() for t in rows):
+            return None
+        return rows if swap_library() is not None else None
+
     @torch.no_grad()
     def _swap(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Exchange the neurons at positions a and b (same-length index vectors, disjoint)."""
-        down = self.parts.down
-        rows = self._rows() + ([down.t()] if down.t().is_contiguous() else [])
-        lib = swap_library() if self.parts.up.device.type == "cpu" else None
-        if lib is not None and len(rows) == len(self._rows()) + 1 and all(t.is_contiguous() for t in rows):
+        rows = self._row_tensors()
+        if rows is not None:
             a64, b64 = a.to(torch.int64).contiguous(), b.to(torch.int64).contiguous()
             for t in rows:                 # each row read once and written once, in place
-                lib.dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(), b64.data_ptr(),
-                                   a64.numel(), torch.get_num_threads())
+                swap_library().dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(),
+                                              b64.data_ptr(), a64.numel(), torch.get_num_threads())
         else:
             device = self.parts.up.device
             a_d, b_d = a.to(device), b.to(device)
