@@ -99,7 +99,7 @@ def test_bench_python_api_on_a_tiny_model_gives_every_field(tmp_path):
     ids = random_ids(1, 24)
     settings = BenchSettings(methods=["dense", "dart", "griffin"], sparsities=[0.0, 0.5], prompt_len=24,
                              new_tokens=6, repeats=2, warmup=1, threads=1, loops=["hf", "native"],
-                             config={"retrace_spread": 2})
+                             config={"retrace_spread": 2}, ttft_pairs=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = run_speed_benchmark(model, ids, settings, label="tiny-llama")
     _check_result(result, ["hf", "native"], settings.methods, settings.sparsities)
@@ -112,10 +112,17 @@ def test_bench_python_api_on_a_tiny_model_gives_every_field(tmp_path):
     dart = [r for r in result["rows"] if r["method"] == "dart" and r["sparsity"] == 0.5]
     assert all(r["forced_retrace_ms"] is not None and r["forced_retrace_ms"] > 0 for r in dart)
     assert all(isinstance(r["forced_retrace_neurons"], int) and r["repeated_retrace_ms"] > 0 for r in dart)
+    for row in result["rows"]:                             # interleaved prompt pairs: the native pruned rows
+        paired = row["ttft_paired"]
+        assert (paired is not None) == (row["loop"] == "native" and row["method"] != "dense")
+        if paired is not None:
+            assert paired["pairs"] == 3 and 0 < paired["low"] <= paired["ratio"] <= paired["high"]
+            assert paired["dense_ms"] > 0 and paired["pruned_ms"] > 0
     json_path, md_path = write_results(result, tmp_path, "speed_tiny")
     assert json.loads(json_path.read_text())["rows"][0]["method"] == "dense"
     table = md_path.read_text()
     assert "| native | dart | 0.5 |" in table and "byte ceiling at sparsity 0.5" in table
+    assert "- time to first token (native, griffin, sparsity 0.5), 3 interleaved pairs" in table
     assert all(f"- {loop} loop, time per token = fixed" in table for loop in result["fixed_cost"])
     assert table == markdown_table(result)
 

@@ -35,6 +35,7 @@ from dartprune.decode.kernel import unavailable_reason
 from dartprune.decode.model import NativeModel, native_supported
 from dartprune.engine import DartConfig, Engine, attach
 from dartprune.engine.phase import Phase
+from dartprune.evaluation.intervals import bootstrap
 from dartprune.provenance import command_line
 
 LOOPS = ("native", "hf")
@@ -52,6 +53,7 @@ class BenchSettings:
     loops: list[str] = field(default_factory=lambda: ["native"])
     device: str = "cpu"
     forced_retraces: int = 3
+    ttft_pairs: int = 10               # extra prompt forwards of dense and each pruned method, interleaved (native)
     config: dict = field(default_factory=dict)       # other DartConfig fields for every pruned method
 
 
@@ -253,6 +255,12 @@ def run_speed_benchmark(model: nn.Module, prompt_ids: torch.Tensor, settings: Be
                 measure(model, ids, settings, method, sparsity, records[(method, sparsity)], records, sync,
                         last=r == settings.repeats - 1)
             say(f"[{label}] {loop}: repeat {r + 1}/{settings.repeats} done")
+        if loop == "native" and settings.ttft_pairs > 0:
+            for method, sparsity in configs:
+                if method != "dense":
+                    records[(method, sparsity)]["ttft_paired"] = _ttft_pairs(model, ids, settings, method, sparsity,
+                                                                             sync)
+            say(f"[{label}] {loop}: time to first token measured")
         rows += _summarise(model, loop, configs, records)
     return {
         "meta": _meta(model, label, settings, ids.shape[1]),
@@ -331,6 +339,33 @@ def _hf_once(model, ids, settings: BenchSettings, method: str, sparsity: float, 
             handle.detach()
 
 
+def _ttft_pairs(model, ids, settings: BenchSettings, method: str, sparsity: float, sync) -> dict:
+    """Time to first token over dense's from `settings.ttft_pairs` pairs of prompt forwards, the order alternating
+    within pairs (a lone pair per run, as in the lockstep runs, moves by a tenth between runs here). One engine
+    serves every pair and ends each sequence as `Generator.generate` does, so no start has neurons to move back.
+    Geometric mean of the per-pair ratios with a paired bootstrap 95% interval."""
+    engine = Engine(model, _config(settings, method, sparsity))
+    try:
+        natives = {"dense": NativeModel(model, None), "pruned": NativeModel(model, engine)}
+        times: dict[str, list[float]] = {"dense": [], "pruned": []}
+        for pair in range(settings.ttft_pairs + 1):            # the first pair warms up
+            for name in (("dense", "pruned") if pair % 2 else ("pruned", "dense")):
+                native = natives[name]
+                native.reset()
+                start = time.perf_counter()
+                int(native.forward(ids[0])[-1].argmax())
+                sync()
+                if pair:
+                    times[name].append(time.perf_counter() - start)
+                if name == "pruned":
+                    engine.end_sequence()
+    finally:
+        engine.close()
+    estimate, low, high = bootstrap([times["pruned"], times["dense"]], lambda p, d: float((p / d).log().mean().exp()))
+    return {"ratio": estimate, "low": low, "high": high, "pairs": settings.ttft_pairs,
+            "dense_ms": statistics.median(times["dense"]) * 1e3, "pruned_ms": statistics.median(times["pruned"]) * 1e3}
+
+
 def _forced_retraces(engine: Engine, count: int) -> dict:
     """Re-traces forced at the end of a reply. The first is what a re-trace costs in use: scored from tokens the
     masks were not built on, it moves many neurons. The later ones re-score the same tokens and move almost none
@@ -406,6 +441,7 @@ def _summarise(model, loop: str, configs, records: dict) -> list[dict]:
             rec["memory"][0]["peak_gpu_mb"] is not None else None,
             "same_tokens_as_dense": rec["tokens"] == dense_rec["tokens"],
             "kernel": rec.get("kernel"),
+            "ttft_paired": rec.get("ttft_paired"),
         }
         if stats is not None:
             retrace_s = [s.retrace_seconds for s in rec["stats"]]
@@ -564,6 +600,12 @@ def markdown_table(result: dict) -> str:
                      f"{fit['points']} configurations, R^2 {fit['r_squared']:.3f}): fixed {fit['fixed_ms']:.1f} ms, "
                      f"{fit['bandwidth_gb_s']:.1f} GB/s. Share of gain this allows: {bounds}")
     for r in result["rows"]:
+        if r.get("ttft_paired"):
+            t = r["ttft_paired"]
+            lines.append(f"- time to first token ({r['loop']}, {r['method']}, sparsity {r['sparsity']:g}), "
+                         f"{t['pairs']} interleaved pairs of prompt forwards: **{t['ratio']:.3f}** "
+                         f"[{t['low']:.3f}, {t['high']:.3f}] of dense's ({t['pruned_ms']:.0f} ms against "
+                         f"{t['dense_ms']:.0f} ms, medians)")
         if r.get("forced_retrace_ms"):
             repeated = (f"; again on the same tokens {r['repeated_retrace_ms']:.1f} ms"
                         if r.get("repeated_retrace_ms") is not None else "")

@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=_names, default=["float32"], help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (median, min, max)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
+    p.add_argument("--ttft-pairs", type=int, default=10,
+                   help="native loop: prompt forwards of dense and each pruned method, interleaved, for the time to "
+                        "first token (0: only the one pair of each run)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: all cores); recorded in the results")
     p.add_argument("--loops", type=_names, default=["native"],
@@ -73,6 +76,8 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("prompt_len", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.ttft_pairs < 0:
+        raise ValueError("--ttft-pairs must be >= 0")
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be >= 2 (time per output token needs two tokens)")
     if args.warmup < 0:
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     from dartprune.engine.config import parse_settings
     settings = BenchSettings(methods=args.methods, sparsities=args.sparsity, prompt_len=args.prompt_len,
-                             new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                             new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, ttft_pairs=args.ttft_pairs,
                              threads=args.threads or cores, loops=args.loops, device=args.device,
                              config=parse_settings(args.set))
     text = load_text(args.text, args.data_dir).text
