@@ -62,6 +62,29 @@ def test_detach_restores_model_and_weights():
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert not model._forward_hooks and not model._forward_pre_hooks
+    assert "generate" not in vars(model)
+
+
+def test_attached_generate_ends_its_sequence_and_a_continued_generate_resumes_it():
+    """After `model.generate` returns the weights are the model's own again (the next prompt has nothing to move
+    back), the next call gives the same tokens, and a generate that continues the cache runs as if the sequence
+    had never ended (logits equal to one call that generates the whole reply)."""
+    model = tiny_model("llama")
+    before = [(p, p.detach().clone()) for p in model.parameters()]
+    ids = random_ids(1, 16)
+    options = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with dartprune.attach(model, DartConfig(sparsity=0.5, **HAIR_TRIGGER)) as handle:
+        whole = model.generate(ids, max_new_tokens=20, **options)
+        assert handle.stats()[0].retraces and all(torch.equal(p, copy) for p, copy in before)
+        first = model.generate(ids, max_new_tokens=10, **options)
+        assert torch.equal(first.sequences, whole.sequences[:, :26])
+        assert all(torch.equal(p, copy) for p, copy in before)
+        rest = model.generate(first.sequences, cache=first.past_key_values, max_new_tokens=10, **options)
+        assert torch.equal(rest.sequences, whole.sequences)
+        for a, b in zip(first.logits + rest.logits, whole.logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert all(torch.equal(p, copy) for p, copy in before)
+    assert "generate" not in vars(model)
 
 
 def test_attach_twice_is_refused():

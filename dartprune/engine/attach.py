@@ -2,11 +2,13 @@
 sampling, streamers, stopping criteria) works unchanged.
 
 Forward hooks on the model tell the engine where a forward begins and ends; a forward over an empty cache starts
-a new sequence. The FFN modules are stood in for by `FFNTaps` (dense forwards report what they traced; pruned
+a new sequence, and a `model.generate` call ends its sequence when it returns (the neurons go back into their own
+order then, not in the next prompt's first token; a generate that continues the cache puts its kept sets back). The FFN modules are stood in for by `FFNTaps` (dense forwards report what they traced; pruned
 forwards call `Engine.ffn`), and the monitored layers' attention modules report their output.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -32,6 +34,10 @@ class DartHandle:
         self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
                         for j, layer in enumerate(self.engine.monitored)]
         self._step: Step | None = None
+        self._own_generate = "generate" in vars(model)       # an instance attribute of the user's, put back
+        if self.engine.prunes and callable(getattr(model, "generate", None)):
+            self._user_generate = model.generate
+            model.generate = self._generate_then_end(model.generate)
         model.dartprune_handle = self
 
     # ----------------------------------------------------------------- public
@@ -48,11 +54,22 @@ class DartHandle:
         the turn's tokens are traced dense like a prompt and the masks updated from them."""
         self.engine.new_turn()
 
+    def end_sequence(self) -> None:
+        """The sequence will not go on: its neurons go back into their own order now (`model.generate` does this
+        when it returns; call it after driving the model's forward yourself)."""
+        self.engine.end_sequence()
+
     def detach(self) -> None:
         """Restore the exact original model: its own FFN modules, weights in their order, no hooks, no state."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if hasattr(self, "_user_generate"):
+            if self._own_generate:
+                self.model.generate = self._user_generate
+            else:
+                del self.model.generate
+            del self._user_generate
         if self.taps is not None:
             self.taps.remove()
             self.taps = None
@@ -66,6 +83,15 @@ class DartHandle:
         self.detach()
 
     # ----------------------------------------------------------------- hooks
+    def _generate_then_end(self, generate):
+        @functools.wraps(generate)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.engine.end_sequence()
+        return wrapped
+
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         reference = ids if ids is not None else kwargs.get("inputs_embeds")
