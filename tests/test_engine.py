@@ -267,6 +267,10 @@ def test_compiled_row_moves_equal_pytorch_and_restore_exactly(monkeypatch, dtype
         assert all(torch.equal(t, o) for t, o in zip(tensors, original))
         return permuted
 
+    weights.set_compiled_swap(False)
+    assert weights.swap_library() is None
+    weights.set_compiled_swap(True)
+    assert weights.swap_library() is not None
     expected = run(compiled=False)
     assert not calls
     got = run(compiled=True)

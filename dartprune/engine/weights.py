@@ -30,6 +30,13 @@ _SWAP_SOURCE = Path(__file__).with_name("swap.c")
 _swap_library: ctypes.CDLL | str | None = None       # built on first use; a string says why it cannot be
 
 
+def set_compiled_swap(enabled: bool) -> None:
+    """Use the compiled swap where it builds (the default) or PyTorch's always, for this process: benchmarks
+    compare the two (`DARTPRUNE_KERNEL=0` turns all compiled code off from the start)."""
+    global _swap_library
+    _swap_library = None if enabled else "switched off by set_compiled_swap(False)"
+
+
 def swap_library() -> ctypes.CDLL | None:
     """The compiled in-place row swap (swap.c), or None where it cannot be built (the swaps then go through
     PyTorch: same values, about twice the memory traffic)."""

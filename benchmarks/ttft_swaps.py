@@ -1,0 +1,86 @@
+"""Time to first token of DART with the neuron swaps compiled (engine/swap.c) and through PyTorch's index_copy_,
+against dense, in one process: each round runs the three prompt forwards in a rotating order, and each pruned
+sequence ends before the next (as `generate` ends it).
+
+    python benchmarks/ttft_swaps.py --out benchmarks/results/speed/ttft_swaps.md
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks import publish  # noqa: E402
+from dartprune.benchmarks.speed import make_prompt  # noqa: E402
+from dartprune.data import load_text  # noqa: E402
+from dartprune.decode.model import NativeModel  # noqa: E402
+from dartprune.engine import Engine  # noqa: E402
+from dartprune.engine.weights import set_compiled_swap, swap_library  # noqa: E402
+from dartprune.evaluation.intervals import bootstrap  # noqa: E402
+from dartprune.models import load_model  # noqa: E402
+
+THREADS, PROMPT_TOKENS, TEXT = 2, 256, "wikitext2"     # the prompt of `dartprune bench`
+
+
+def _geomean_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a / b).log().mean().exp())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    if swap_library() is None:
+        raise SystemExit("the compiled swap cannot be built here: nothing to compare")
+    model, tokenizer = load_model(args.model)
+    ids = make_prompt(tokenizer, PROMPT_TOKENS, load_text(TEXT).text)[0]
+    lines = ["# Time to first token: neuron swaps compiled or through PyTorch", "",
+             f"`{' '.join(sys.argv)}`; {args.model}, float32, {THREADS} threads, prompt {PROMPT_TOKENS} tokens of "
+             f"{TEXT}, {args.rounds} rounds after one warm-up, the order rotating; ratios are geometric means of "
+             "the per-round ratios with paired bootstrap 95% intervals; ms are medians.", "",
+             "| sparsity | dense ms | compiled ms | PyTorch ms | compiled / dense | PyTorch / dense | "
+             "compiled / PyTorch |", "|---|---|---|---|---|---|---|"]
+    dense = NativeModel(model)
+    for sparsity in (0.5, 0.7):
+        engine = Engine(model, DartConfig(sparsity=sparsity))
+        pruned = NativeModel(model, engine)
+        runs = {"dense": (dense, True), "compiled": (pruned, True), "pytorch": (pruned, False)}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for r in range(args.rounds + 1):
+            for name in names[r % 3:] + names[:r % 3]:
+                native, compiled = runs[name]
+                set_compiled_swap(compiled)
+                native.reset()
+                start = time.perf_counter()
+                int(native.forward(ids)[-1].argmax())
+                elapsed = time.perf_counter() - start
+                if native.engine is not None:
+                    engine.end_sequence()
+                if r:
+                    times[name].append(elapsed)
+        set_compiled_swap(True)
+        engine.close()
+
+        def ratio(a: str, b: str) -> str:
+            estimate, low, high = bootstrap([times[a], times[b]], _geomean_ratio)
+            return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
+
+        med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        lines.append(f"| {sparsity:g} | {med['dense']:.0f} | {med['compiled']:.0f} | {med['pytorch']:.0f} | "
+                     f"{ratio('compiled', 'dense')} | {ratio('pytorch', 'dense')} | {ratio('compiled', 'pytorch')} |")
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
