@@ -23,14 +23,10 @@ from dartprune.data import load_text  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.weights import set_compiled_swap, swap_library  # noqa: E402
-from dartprune.evaluation.intervals import bootstrap  # noqa: E402
+from dartprune.evaluation.intervals import bootstrap, geometric_mean_ratio  # noqa: E402
 from dartprune.models import load_model  # noqa: E402
 
 THREADS, PROMPT_TOKENS, TEXT = 2, 256, "wikitext2"     # the prompt of `dartprune bench`
-
-
-def _geomean_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a / b).log().mean().exp())
 
 
 def main() -> None:
@@ -73,7 +69,7 @@ def main() -> None:
         engine.close()
 
         def ratio(a: str, b: str) -> str:
-            estimate, low, high = bootstrap([times[a], times[b]], _geomean_ratio)
+            estimate, low, high = bootstrap([times[a], times[b]], geometric_mean_ratio)
             return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
 
         med = {name: statistics.median(t) * 1e3 for name, t in times.items()}

@@ -87,6 +87,25 @@ def test_attached_generate_ends_its_sequence_and_a_continued_generate_resumes_it
     assert "generate" not in vars(model)
 
 
+def test_attach_keeps_a_generate_of_the_users_and_wraps_nothing_where_nothing_prunes():
+    model = tiny_model("llama")
+    calls = []
+
+    def own_generate(*args, **kwargs):
+        calls.append(args)
+        return type(model).generate(model, *args, **kwargs)
+
+    model.generate = own_generate
+    with dartprune.attach(model, DartConfig(sparsity=0.5)):
+        assert model.generate is not own_generate and model.generate.__wrapped__ is own_generate
+        model.generate(random_ids(1, 8), max_new_tokens=2, do_sample=False)
+        assert len(calls) == 1
+    assert model.generate is own_generate
+    del model.generate
+    with dartprune.attach(model, DartConfig(sparsity=0.0)):
+        assert "generate" not in vars(model)
+
+
 def test_attach_twice_is_refused():
     model = tiny_model("llama")
     handle = dartprune.attach(model, DartConfig())
@@ -248,7 +267,7 @@ def test_compiled_row_moves_equal_pytorch_and_restore_exactly(monkeypatch, dtype
             return library.dart_swap_rows(*args)
 
     def run(compiled: bool):
-        monkeypatch.setattr(weights, "_swap_library", Counting() if compiled else "switched off")
+        weights.set_compiled_swap(compiled)
         generator = torch.Generator().manual_seed(0)
         size, hidden = 96, 40
         gate, up = (torch.randn(size, hidden, generator=generator).to(dtype) for _ in range(2))
@@ -267,18 +286,29 @@ def test_compiled_row_moves_equal_pytorch_and_restore_exactly(monkeypatch, dtype
         assert all(torch.equal(t, o) for t, o in zip(tensors, original))
         return permuted
 
-    weights.set_compiled_swap(False)
-    assert weights.swap_library() is None
-    weights.set_compiled_swap(True)
-    assert weights.swap_library() is not None
-    expected = run(compiled=False)
-    assert not calls
-    got = run(compiled=True)
+    monkeypatch.setattr(weights, "_swap_library", Counting())
+    try:
+        expected = run(compiled=False)
+        assert weights.swap_library() is None and not calls
+        got = run(compiled=True)
+    finally:
+        weights.set_compiled_swap(True)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     if down_layout == "neuron-major":            # gate, up, bias and down, for every keep that moved neurons
         assert len(calls) % 4 == 0 and sum(calls) > 0
     else:
         assert not calls
+
+
+def test_a_compiler_that_cannot_run_is_a_reason_to_fall_back_not_an_error(monkeypatch, tmp_path):
+    from dartprune import compiled
+    from dartprune.engine.weights import _SWAP_SOURCE
+    monkeypatch.setenv("DARTPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    reason = compiled.build(_SWAP_SOURCE, "swap")
+    assert isinstance(reason, str) and "no-such-compiler" in reason
+    monkeypatch.setenv("DARTPRUNE_KERNEL", "0")
+    assert compiled.build(_SWAP_SOURCE, "swap") == "switched off by DARTPRUNE_KERNEL=0"
 
 
 def test_own_pages_keeps_every_value_and_layout():

@@ -35,7 +35,8 @@ from dartprune.decode.kernel import unavailable_reason
 from dartprune.decode.model import NativeModel, native_supported
 from dartprune.engine import DartConfig, Engine, attach
 from dartprune.engine.phase import Phase
-from dartprune.evaluation.intervals import bootstrap
+from dartprune.engine.weights import swap_library
+from dartprune.evaluation.intervals import bootstrap, geometric_mean_ratio
 from dartprune.provenance import command_line
 
 LOOPS = ("native", "hf")
@@ -361,7 +362,7 @@ def _ttft_pairs(model, ids, settings: BenchSettings, method: str, sparsity: floa
                     engine.end_sequence()
     finally:
         engine.close()
-    estimate, low, high = bootstrap([times["pruned"], times["dense"]], lambda p, d: float((p / d).log().mean().exp()))
+    estimate, low, high = bootstrap([times["pruned"], times["dense"]], geometric_mean_ratio)
     return {"ratio": estimate, "low": low, "high": high, "pairs": settings.ttft_pairs,
             "dense_ms": statistics.median(times["dense"]) * 1e3, "pruned_ms": statistics.median(times["pruned"]) * 1e3}
 
@@ -537,7 +538,8 @@ def _meta(model, label: str, settings: BenchSettings, prompt_len: int) -> dict:
         "device": settings.device, "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(), "prompt_len": prompt_len, "new_tokens": settings.new_tokens,
         "repeats": settings.repeats, "warmup": settings.warmup, "loops": settings.loops, "config": settings.config,
-        "compiled_step": unavailable_reason() or "used where it applies",
+        "compiled_step": unavailable_reason() or "used where it applies", "ttft_pairs": settings.ttft_pairs,
+        "compiled_swap": "used" if swap_library() is not None else "unavailable (PyTorch's index_copy_)",
         "versions": {"dartprune": dartprune.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -564,7 +566,8 @@ def markdown_table(result: dict) -> str:
              "weights decoding in lockstep, median [min-max] of the per-run ratios. hf: ratio of medians over "
              "independent runs (in brackets: ratio of minima). Token-median: the same from each run's median step "
              "(insensitive to bursts of load and to re-trace steps). Share = (speedup - 1) / (ceiling - 1). "
-             "Max step: the slowest step over the median step, all runs.",
+             "Max step: the slowest step over the median step, all runs. TTFT vs dense: from the interleaved pairs "
+             "of prompt forwards where they were measured (listed below), else from each run's one prefill.",
              "",
              "| loop | method | sparsity | TTFT ms (vs dense) | TPOT ms med [min-max] | tok/s | speedup | "
              "speedup token-median | ceiling | share of gain | share token-median | max step | re-traces | "
@@ -580,9 +583,10 @@ def markdown_table(result: dict) -> str:
         else:
             speed = f"{r['speedup']:.3f}" + ("" if r["method"] == "dense" else f" ({r['speedup_from_min']:.3f})")
             token = f"{r['speedup_token_median']:.3f}"
+        ttft = r["ttft_paired"]["ratio"] if r.get("ttft_paired") else r["ttft_over_dense"]
         lines.append(
             f"| {r['loop']} | {r['method']} | {r['sparsity']:g} | {r['ttft_ms']['median']:.0f} "
-            f"({r['ttft_over_dense']:.2f}) | {t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}] | "
+            f"({ttft:.2f}) | {t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}] | "
             f"{r['tokens_per_s']['median']:.1f} | {speed} | {token} | {r['byte_ceiling']:.3f} | "
             f"{_fmt(r['share_of_gain'])} | {_fmt(r['share_of_gain_token_median'])} | "
             f"{r['max_step_over_median']:.2f} | {'-' if retr is None else format(retr['median'], 'g')} | "
@@ -628,7 +632,8 @@ def markdown_table(result: dict) -> str:
                  f"{100 * f['fraction_per_retrace']:.3f}% (the FLOPs of {f['retrace_in_dense_tokens']:.1f} dense "
                  "decode tokens)")
     lines.append(f"- KV cache read at the last token: {over['kv_cache_bytes_at_end'] / 1e6:.2f} MB (not in the "
-                 "ceiling); compiled step: " + meta["compiled_step"])
+                 "ceiling); compiled step: " + meta["compiled_step"]
+                 + (f"; compiled neuron swaps: {meta['compiled_swap']}" if "compiled_swap" in meta else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     from dartprune.engine.config import parse_settings
     settings = BenchSettings(methods=args.methods, sparsities=args.sparsity, prompt_len=args.prompt_len,
-                             new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, ttft_pairs=args.ttft_pairs,
-                             threads=args.threads or cores, loops=args.loops, device=args.device,
+                             new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                             ttft_pairs=args.ttft_pairs, threads=args.threads or cores, loops=args.loops, device=args.device,
                              config=parse_settings(args.set))
     text = load_text(args.text, args.data_dir).text
     for dtype in args.dtype:

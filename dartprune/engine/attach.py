@@ -2,14 +2,16 @@
 sampling, streamers, stopping criteria) works unchanged.
 
 Forward hooks on the model tell the engine where a forward begins and ends; a forward over an empty cache starts
-a new sequence, and a `model.generate` call ends its sequence when it returns (the neurons go back into their own
-order then, not in the next prompt's first token; a generate that continues the cache puts its kept sets back). The FFN modules are stood in for by `FFNTaps` (dense forwards report what they traced; pruned
-forwards call `Engine.ffn`), and the monitored layers' attention modules report their output.
+a new sequence, and a `model.generate` call ends its sequence when it returns: the neurons go back into their own
+order then, not in the next prompt's first token. A generate that continues the cache puts its kept sets back
+first (each continued turn pays both moves, tens of milliseconds on a small model). The FFN modules are stood in
+for by `FFNTaps` (dense forwards report what they traced; pruned forwards call `Engine.ffn`), and the monitored
+layers' attention modules report their output.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,10 +36,11 @@ class DartHandle:
         self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
                         for j, layer in enumerate(self.engine.monitored)]
         self._step: Step | None = None
-        self._own_generate = "generate" in vars(model)       # an instance attribute of the user's, put back
+        self._generate: tuple[Callable, Callable | None] | None = None    # (our wrapper, the user's own attribute)
         if self.engine.prunes and callable(getattr(model, "generate", None)):
-            self._user_generate = model.generate
-            model.generate = self._generate_then_end(model.generate)
+            wrapper = self._generate_then_end(model.generate)
+            self._generate = (wrapper, vars(model).get("generate"))
+            model.generate = wrapper
         model.dartprune_handle = self
 
     # ----------------------------------------------------------------- public
@@ -64,12 +67,14 @@ class DartHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if hasattr(self, "_user_generate"):
-            if self._own_generate:
-                self.model.generate = self._user_generate
-            else:
-                del self.model.generate
-            del self._user_generate
+        if self._generate is not None:
+            wrapper, own = self._generate
+            if vars(self.model).get("generate") is wrapper:     # not replaced by someone else since
+                if own is not None:
+                    self.model.generate = own
+                else:
+                    del self.model.generate
+            self._generate = None
         if self.taps is not None:
             self.taps.remove()
             self.taps = None
@@ -83,7 +88,9 @@ class DartHandle:
         self.detach()
 
     # ----------------------------------------------------------------- hooks
-    def _generate_then_end(self, generate):
+    def _generate_then_end(self, generate: Callable) -> Callable:
+        """`generate`, then the sequence ends: its neurons go back into their own order off the next prompt's
+        first token."""
         @functools.wraps(generate)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             try:

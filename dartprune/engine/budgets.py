@@ -18,7 +18,8 @@ def layer_importance(h: torch.Tensor, f: torch.Tensor, valid: torch.Tensor, vari
     h = h.float()
     f = f.float()
     # three per-token dot products instead of cosine_similarity's normalised copies: this runs on every layer of
-    # every prompt, on the way to its first token
+    # every prompt, on the way to its first token. |h + f|^2 = hh + 2 hf + ff loses precision only where the FFN
+    # output nearly cancels the residual stream (|h + f| << |h|), which a residual block does not do in practice
     hh, ff, hf = (h * h).sum(dim=-1), (f * f).sum(dim=-1), (h * f).sum(dim=-1)
     h_norm = hh.sqrt()
     if variant == "residual":         # <h, h + f> and |h + f|

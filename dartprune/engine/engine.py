@@ -36,7 +36,7 @@ from dartprune.engine.ring import Ring
 from dartprune.engine.scoring import squared_activations, top_neurons, vocab_prior
 from dartprune.engine.stats import RetraceRecord, SequenceStats
 from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_ffn, offloaded, own_pages,
-                                     to_neuron_major, to_row_major)
+                                     swap_library, to_neuron_major, to_row_major)
 from dartprune.methods import get_method
 
 _PRIOR_CACHE: weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -125,6 +125,7 @@ class Engine:
         self.follows_drift = self.prunes and self.method.follows_drift
         self.per_token = self.prunes and self.method.execution == "per-token"
         if self.prunes and config.path == "compact" and not self.per_token:     # the path that swaps in place
+            swap_library()                    # built (or found in the cache) now, not in the first prompt
             for i, p in enumerate(self.parts):
                 if i not in self._offloaded:
                     for tensor in (p.gate, p.up, p.up_bias, p.down):

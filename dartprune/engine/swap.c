@@ -2,7 +2,10 @@
  *
  * PyTorch's index_select + index_copy_ goes through a temporary: every moved row is read twice and written twice,
  * and the temporary's fresh pages fault in. Here each pair is exchanged through a small stack buffer (one read and
- * one write per row), the pairs spread over the threads. Any dtype: rows are bytes. */
+ * one write per row), the pairs spread over the threads. Any dtype: rows are bytes.
+ * The caller guarantees what index_copy_ would check: every index in range, and a and b disjoint (no row in two
+ * pairs, no row paired with itself). PrefixFFN.keep passes prefix positions that leave and outside ones that
+ * enter. */
 #include <stdint.h>
 #include <string.h>
 

@@ -28,25 +28,27 @@ from dartprune.compiled import build
 
 _SWAP_SOURCE = Path(__file__).with_name("swap.c")
 _swap_library: ctypes.CDLL | str | None = None       # built on first use; a string says why it cannot be
+_swap_enabled = True
 
 
 def set_compiled_swap(enabled: bool) -> None:
     """Use the compiled swap where it builds (the default) or PyTorch's always, for this process: benchmarks
     compare the two (`DARTPRUNE_KERNEL=0` turns all compiled code off from the start)."""
-    global _swap_library
-    _swap_library = None if enabled else "switched off by set_compiled_swap(False)"
+    global _swap_enabled
+    _swap_enabled = enabled
 
 
 def swap_library() -> ctypes.CDLL | None:
-    """The compiled in-place row swap (swap.c), or None where it cannot be built (the swaps then go through
-    PyTorch: same values, about twice the memory traffic)."""
+    """The compiled in-place row swap (swap.c), or None where it cannot be built or is switched off (the swaps
+    then go through PyTorch: same values, about twice the memory traffic)."""
     global _swap_library
     if _swap_library is None:
         _swap_library = build(_SWAP_SOURCE, "swap")
         if not isinstance(_swap_library, str):
             _swap_library.dart_swap_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    return None if isinstance(_swap_library, str) else _swap_library
+            _swap_library.dart_swap_rows.restype = None
+    return None if isinstance(_swap_library, str) or not _swap_enabled else _swap_library
 
 
 class PrefixFFN:
@@ -97,7 +99,7 @@ class PrefixFFN:
         rows = self._row_tensors()
         if rows is not None:
             a64, b64 = a.to(torch.int64).contiguous(), b.to(torch.int64).contiguous()
-            for t in rows:                 # each row read once and written once, in place
+            for t in rows:   # each row read once and written once, in place (a and b: disjoint, in range)
                 swap_library().dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(),
                                               b64.data_ptr(), a64.numel(), torch.get_num_threads())
         else:

@@ -32,6 +32,11 @@ def ratio_of_geomeans(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.exp(a.mean() - b.mean()))
 
 
+def geometric_mean_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Geometric mean of the per-item ratios a / b (positive values, e.g. paired timings)."""
+    return float((a / b).log().mean().exp())
+
+
 def gap_recovered(method: torch.Tensor, static: torch.Tensor, dense: torch.Tensor) -> float:
     """The share of static's log-perplexity gap to dense that `method` closes (per-item mean NLLs; 1 = as good as
     dense, 0 = no better than static, negative = worse than static)."""
