@@ -19,7 +19,8 @@ def squared_activations(u: torch.Tensor, valid: torch.Tensor, kind: str, ema_dec
     if kind == "ema":
         ages = valid.flip(1).cumsum(1).flip(1) - 1
         weights = weights * (1 - ema_decay) * ema_decay ** ages.clamp_min(0).float()
-    return torch.einsum("bti,bt->bi", u.square(), weights)
+    # [b, 1, t] @ [b, t, I]: reads u^2 in its own layout (an einsum over t transposed it first)
+    return torch.bmm(weights[:, None, :], u.square())[:, 0]
 
 
 def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
