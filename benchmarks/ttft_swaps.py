@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
 from dartprune.benchmarks import publish  # noqa: E402
-from dartprune.benchmarks.speed import make_prompt  # noqa: E402
+from dartprune.benchmarks.speed import make_prompt, time_prompt  # noqa: E402
 from dartprune.data import load_text  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
@@ -57,12 +56,7 @@ def main() -> None:
             for name in names[r % 3:] + names[:r % 3]:
                 native, compiled = runs[name]
                 set_compiled_swap(compiled)
-                native.reset()
-                start = time.perf_counter()
-                int(native.forward(ids)[-1].argmax())
-                elapsed = time.perf_counter() - start
-                if native.engine is not None:
-                    engine.end_sequence()
+                elapsed = time_prompt(native, ids)
                 if r:
                     times[name].append(elapsed)
         set_compiled_swap(True)

@@ -340,6 +340,19 @@ def _hf_once(model, ids, settings: BenchSettings, method: str, sparsity: float, 
             handle.detach()
 
 
+def time_prompt(native: NativeModel, ids: torch.Tensor, sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds to the first token of a new sequence from the prompt `ids` ([tokens]). A pruned sequence is then
+    ended as `Generator.generate` ends it, so the next start has no neurons to move back."""
+    native.reset()
+    start = time.perf_counter()
+    int(native.forward(ids)[-1].argmax())
+    sync()
+    elapsed = time.perf_counter() - start
+    if native.engine is not None:
+        native.engine.end_sequence()
+    return elapsed
+
+
 def _ttft_pairs(model, ids, settings: BenchSettings, method: str, sparsity: float, sync) -> dict:
     """Time to first token over dense's from `settings.ttft_pairs` pairs of prompt forwards, the order alternating
     within pairs (a lone pair per run, as in the lockstep runs, moves by a tenth between runs here). One engine
@@ -351,15 +364,9 @@ def _ttft_pairs(model, ids, settings: BenchSettings, method: str, sparsity: floa
         times: dict[str, list[float]] = {"dense": [], "pruned": []}
         for pair in range(settings.ttft_pairs + 1):            # the first pair warms up
             for name in (("dense", "pruned") if pair % 2 else ("pruned", "dense")):
-                native = natives[name]
-                native.reset()
-                start = time.perf_counter()
-                int(native.forward(ids[0])[-1].argmax())
-                sync()
+                elapsed = time_prompt(natives[name], ids[0], sync)
                 if pair:
-                    times[name].append(time.perf_counter() - start)
-                if name == "pruned":
-                    engine.end_sequence()
+                    times[name].append(elapsed)
     finally:
         engine.close()
     estimate, low, high = bootstrap([times["pruned"], times["dense"]], geometric_mean_ratio)

@@ -202,9 +202,10 @@ class Engine:
             for row in self.rows:
                 self._enter_tracing(row, Event.TURN, target=1)
         batch, tokens = valid.shape
-        self._tracing = self._valid & torch.tensor([row.phase is Phase.TRACING for row in self.rows])[:, None]
+        tracing_rows = [row.phase is Phase.TRACING for row in self.rows]
+        self._tracing = self._valid & torch.tensor(tracing_rows, dtype=torch.bool)[:, None]
         self._traced = self._tracing.sum(dim=1).tolist()
-        dense = not self.prunes or trace_only or any(row.phase is Phase.TRACING for row in self.rows)
+        dense = not self.prunes or trace_only or any(tracing_rows)
         importance = self.prunes and any(row.phase is Phase.TRACING and not row.built for row in self.rows)
         self._signal = [None] * len(self.monitored)
         self._active = {}

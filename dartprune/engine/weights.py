@@ -85,41 +85,41 @@ class PrefixFFN:
         return [t for t in (p.gate, p.up, p.up_bias) if t is not None]
 
     def _row_tensors(self) -> list[torch.Tensor] | None:
-        """Every weight as rows per neuron (gate, up, up bias, neuron-major down) where the compiled row swap
-        applies to all of them, else None."""
-        down = self.parts.down
-        rows = self._rows() + [down.t()]
+        """Every weight as rows per neuron (gate, up, up bias, neuron-major down) where all are contiguous CPU
+        rows that the compiled swap can exchange in place, else None."""
+        rows = self._rows() + [self.parts.down.t()]
         if self.parts.up.device.type != "cpu" or not all(t.is_contiguous() for t in rows):
             return None
-        return rows if swap_library() is not None else None
+        return rows
 
     @torch.no_grad()
     def _swap(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Exchange the neurons at positions a and b (same-length index vectors, disjoint)."""
-        rows = self._row_tensors()
+        lib = swap_library()
+        rows = self._row_tensors() if lib is not None else None
         if rows is not None:
             a64, b64 = a.to(torch.int64).contiguous(), b.to(torch.int64).contiguous()
             for t in rows:   # each row read once and written once, in place (a and b: disjoint, in range)
-                swap_library().dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(),
-                                              b64.data_ptr(), a64.numel(), torch.get_num_threads())
+                lib.dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(), b64.data_ptr(),
+                                   a64.numel(), torch.get_num_threads())
         else:
-            device = self.parts.up.device
-            a_d, b_d = a.to(device), b.to(device)
-            both_from, both_to = torch.cat([a_d, b_d]), torch.cat([b_d, a_d])
-            for t in self._rows():
-                t.index_copy_(0, both_to, t.index_select(0, both_from))
-            self._move_down(both_from, both_to)
+            self._copy_neurons(torch.cat([a, b]), torch.cat([b, a]))
         order = self.order.clone()          # a new tensor: drivers may run under inference mode or not
         order[torch.cat([b, a])] = torch.cat([self.order[a], self.order[b]])
         self.order, self._position = order, None
 
-    def _move_down(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """down[:, dst] = down[:, src], as whole rows of its neuron-major storage when it has one (a strided
-        column gather is several times slower)."""
+    @torch.no_grad()
+    def _copy_neurons(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """The neuron at position src[i] to position dst[i] in every weight, through PyTorch (a temporary holds
+        the moved rows, so src and dst may overlap). The down projection moves as whole rows of its neuron-major
+        storage when it has one (a strided column gather is several times slower)."""
+        device = self.parts.up.device
+        src, dst = src.to(device), dst.to(device)
+        for rows in self._rows():
+            rows.index_copy_(0, dst, rows.index_select(0, src))
         down = self.parts.down
         if down.t().is_contiguous():
-            rows = down.t()
-            rows.index_copy_(0, dst, rows.index_select(0, src))
+            down.t().index_copy_(0, dst, down.t().index_select(0, src))
         else:
             down.index_copy_(1, dst, down.index_select(1, src))
 
@@ -142,13 +142,7 @@ class PrefixFFN:
         """Every neuron back at its original position (the weights equal the model's own again, exactly)."""
         misplaced = (self.order != torch.arange(self.size, dtype=torch.int32)).nonzero().flatten()
         if misplaced.numel():
-            with torch.no_grad():
-                device = self.parts.up.device
-                src = misplaced.to(device)
-                dst = self.order[misplaced].long().to(device)
-                for rows in self._rows():
-                    rows.index_copy_(0, dst, rows.index_select(0, src))
-                self._move_down(src, dst)
+            self._copy_neurons(misplaced, self.order[misplaced].long())
             self.order, self._position = torch.arange(self.size, dtype=torch.int32), None
         if self.k != self.size:
             self.k = self.size
