@@ -193,7 +193,7 @@ def whole_model_benchmark(shapes: Shapes, sparsities: list[float], dtype: torch.
         samples = []
         for _ in range(repeats):
             native.reset()
-            token = int(native.forward(ids)[-1].argmax())
+            token = int(native.forward(ids, last_only=True)[-1].argmax())
             steps = []
             for _ in range(new_tokens - 1):
                 sync()

@@ -62,7 +62,7 @@ def time_native(model, config: DartConfig | None, ids: torch.Tensor, new_tokens:
         native = NativeModel(model, engine)
         native.reserve(ids.numel() + new_tokens)
         start = time.perf_counter()
-        token = int(native.forward(ids)[-1].argmax())
+        token = int(native.forward(ids, last_only=True)[-1].argmax())
         first = time.perf_counter()
         for _ in range(new_tokens - 1):
             token = int(native.forward(torch.tensor([token]))[-1].argmax())

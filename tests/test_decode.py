@@ -58,6 +58,31 @@ def test_native_forward_equals_hugging_face(family, kernel):
     assert (native_logits(native, ids, 5, chunk=4) - reference).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_last_only_logits_are_the_last_row_of_the_full_ones(family, kernel):
+    """Generation asks for the last token's logits only; the cache and the engine see the same forward, so what
+    follows is unchanged (pruned, with re-traces)."""
+    model = tiny_model(family)
+    ids = random_ids(1, 24, seed=7)[0]
+    runs = []
+    for last_only in (False, True):
+        engine = Engine(model, DartConfig(sparsity=0.5, **HAIR_TRIGGER))
+        native = NativeModel(model, engine, kernel=kernel)
+        try:
+            first = native.forward(ids[:12], last_only=last_only)
+            later = [native.forward(ids[t:t + 1], last_only=last_only) for t in range(12, 24)]
+            runs.append((first, later, [r.position for r in engine.stats()[0].retraces]))
+        finally:
+            engine.close()
+    (full, full_later, full_retraces), (last, last_later, last_retraces) = runs
+    assert full.shape == (12, model.config.vocab_size) and last.shape == (1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[-1:], rtol=0, atol=1e-6)
+    for a, b in zip(full_later, last_later):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert last_retraces == full_retraces and full_retraces
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
 def test_sliding_window_attention_equals_hugging_face(family):
     model = windowed(family)

@@ -147,7 +147,7 @@ class _Decode:
         self.native, self.sync = native, sync
         native.reset()
         start = time.perf_counter()
-        self.token = int(native.forward(ids[0])[-1].argmax())
+        self.token = int(native.forward(ids[0], last_only=True)[-1].argmax())
         sync()
         self.times = RunTimes(time.perf_counter() - start, [])
         self.tokens = [self.token]
@@ -345,7 +345,7 @@ def time_prompt(native: NativeModel, ids: torch.Tensor, sync: Callable[[], None]
     ended as `Generator.generate` ends it, so the next start has no neurons to move back."""
     native.reset()
     start = time.perf_counter()
-    int(native.forward(ids)[-1].argmax())
+    int(native.forward(ids, last_only=True)[-1].argmax())
     sync()
     elapsed = time.perf_counter() - start
     if native.engine is not None:

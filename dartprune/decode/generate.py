@@ -206,7 +206,7 @@ class Generator:
         stream = TextStream(self.tokenizer, params.stop, on_text)
         start = time.perf_counter()
         self.native.reserve(self.native.cache.length + ids.numel() + params.max_new_tokens)
-        logits = self.native.forward(ids, new_turn=new_turn and self.native.cache.length > 0)[-1]
+        logits = self.native.forward(ids, new_turn=new_turn and self.native.cache.length > 0, last_only=True)[-1]
         token = sample(logits, params, generator)
         ttft = time.perf_counter() - start
         steps: list[float] = []

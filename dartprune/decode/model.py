@@ -123,10 +123,12 @@ class NativeModel:
         return self._rotary
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, new_turn: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, new_turn: bool = False, last_only: bool = False) -> torch.Tensor:
         """Logits [tokens, vocab] (float32) of `ids` ([tokens]) fed at the end of the sequence so far; at position
         0 they start a new sequence (the engine traces them as a prompt). new_turn: the tokens are a new turn of a
-        conversation (traced like a prompt, masks updated)."""
+        conversation (traced like a prompt, masks updated). last_only: logits of the last token only ([1, vocab]),
+        all that generation needs (the output projection over every prompt token is about a fifth of a 256-token
+        prompt's FLOPs on SmolLM2)."""
         ids = ids.reshape(-1).to(self.device)
         tokens, start = ids.numel(), self.cache.length
         self.cache.ensure(start + tokens)
@@ -140,7 +142,8 @@ class NativeModel:
             step = engine.begin_forward(torch.ones(1, tokens, dtype=torch.bool))
         if self.kernel is not None and tokens <= self.kernel.max_tokens and start > 0 and (
                 step is None or not engine.prunes or (not step.dense and engine.runs_prefix)):
-            return self._kernel_forward(ids.tolist(), start, step)
+            logits = self._kernel_forward(ids.tolist(), start, step)
+            return logits[-1:] if last_only else logits
         d = self.decoder
         tables = self.rotary(start + tokens)
         x = d.embed(ids)                                                     # [T, H], model dtype
@@ -161,6 +164,8 @@ class NativeModel:
                     y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
             x = x + y
         self.cache.length = start + tokens
+        if last_only:
+            x = x[-1:]
         logits = F.linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
         if d.final_softcap is not None:
             logits = torch.tanh(logits / d.final_softcap) * d.final_softcap
