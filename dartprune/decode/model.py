@@ -98,6 +98,7 @@ class NativeModel:
         self.cache = KVCache(len(decoder.layers), decoder.kv_heads, decoder.head_dim, capacity, self.device)
         self._rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_length = 0
+        self._biases: dict[tuple[int | None, int], torch.Tensor] = {}     # this forward's attention masks
         self.monitored = {layer: j for j, layer in enumerate(engine.monitored)} if engine is not None else {}
         self.kernel = None
         if kernel and kernel_applies(self) is None and library() is not None:
@@ -146,6 +147,7 @@ class NativeModel:
             return logits[-1:] if last_only else logits
         d = self.decoder
         tables = self.rotary(start + tokens)
+        self._biases = {}
         x = d.embed(ids)                                                     # [T, H], model dtype
         for i, layer in enumerate(d.layers):
             cos, sin = (t[start:start + tokens] for t in tables[layer.rope])
@@ -221,20 +223,30 @@ class NativeModel:
         cache_v[:, start:end] = v.float().transpose(0, 1)
         group = d.heads // d.kv_heads
         queries = q.transpose(0, 1).reshape(d.kv_heads, group * tokens, d.head_dim)   # [kv, group * T, hd]
-        scores = torch.bmm(queries, cache_k[:, :end].transpose(1, 2)) * d.attention_scale
-        if d.attention_softcap is not None:
-            scores = torch.tanh(scores / d.attention_softcap) * d.attention_softcap
-        if tokens > 1 or layer.window is not None:
-            scores = scores.masked_fill(~self._visible(start, tokens, layer.window).repeat(group, 1), -math.inf)
+        keys = cache_k[:, :end].transpose(1, 2)
+        bias = self._bias(start, tokens, layer.window, group) if tokens > 1 or layer.window is not None else None
+        if bias is not None and d.attention_softcap is None:      # scale, product and mask in one op
+            scores = torch.baddbmm(bias.expand(d.kv_heads, -1, -1), queries, keys, alpha=d.attention_scale)
+        else:
+            scores = torch.bmm(queries, keys).mul_(d.attention_scale)
+            if d.attention_softcap is not None:
+                scores = torch.tanh(scores / d.attention_softcap) * d.attention_softcap
+            if bias is not None:
+                scores += bias
         out = torch.bmm(scores.softmax(-1), cache_v[:, :end])                          # [kv, group * T, hd]
         out = out.view(d.heads, tokens, d.head_dim).transpose(0, 1).reshape(tokens, d.heads * d.head_dim)
         return F.linear(out.to(self.dtype), layer.o, layer.o_bias)
 
-    def _visible(self, start: int, tokens: int, window: int | None) -> torch.Tensor:
-        """[tokens, start + tokens]: query i (position start + i) sees key j."""
-        query = torch.arange(start, start + tokens, device=self.device)[:, None]
-        key = torch.arange(start + tokens, device=self.device)[None]
-        visible = key <= query
-        if window is not None:
-            visible &= query - key < window
-        return visible
+    def _bias(self, start: int, tokens: int, window: int | None, group: int) -> torch.Tensor:
+        """[group * tokens, start + tokens] float32 added to the scores: 0 where query i (position start + i, in each
+        of the `group` query heads sharing a key head) sees key j, -inf elsewhere. Made once per forward and
+        window (every layer of a forward has the same one)."""
+        if (window, group) not in self._biases:
+            query = torch.arange(start, start + tokens, device=self.device)[:, None]
+            position = torch.arange(start + tokens, device=self.device)[None]
+            visible = position <= query
+            if window is not None:
+                visible &= query - position < window
+            bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, -math.inf)
+            self._biases[window, group] = bias.repeat(group, 1)
+        return self._biases[window, group]
