@@ -1,0 +1,173 @@
+"""How well the prompt's mask fits the text before and after a switch, on the drift benchmark.
+
+Every sequence runs under DART's prompt masks with the monitor off (the masks never change). For every later token
+and layer, the FFN runs in full beside the pruned one and two measures of the mask's fit are kept: the share of the
+activations' energy (sum of u^2) on the neurons the mask drops, and the relative error of the pruned FFN output
+(|f_dense - f_pruned| / |f_dense|). A detector built on this signal (a window's mean, averaged over the layers,
+against the mean of the first two windows after the mask is built) is simulated like `drift_detectors.py`'s, for a
+sweep of margins.
+
+    python benchmarks/mask_fit.py --model smollm2-135m --sparsity 0.5,0.7 --out benchmarks/results/drift/mask_fit_smollm2.md
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks import publish  # noqa: E402
+from dartprune.decode.model import NativeModel  # noqa: E402
+from dartprune.engine import Engine  # noqa: E402
+from dartprune.engine.weights import activations  # noqa: E402
+from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
+from dartprune.evaluation.drift import DETECTION_WINDOW, drift_sequences  # noqa: E402
+from dartprune.models import load_model  # noqa: E402
+
+WINDOW, BASELINE_WINDOWS, CHUNK = 16, 2, 16
+MARGINS = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+@torch.no_grad()
+def record(model, sequences, prefix: int, sparsity: float) -> list[dict]:
+    """Per sequence: [2, layers, later tokens] (dropped energy share, relative output error) under the prompt's
+    masks."""
+    engine = Engine(model, DartConfig(sparsity=sparsity, detector="none"))
+    native = NativeModel(model, engine, kernel=False)      # every pruned forward goes through `engine.ffn`
+    captured: dict[int, list[torch.Tensor]] = {}
+    pruned_ffn = engine.ffn
+
+    def ffn(layer: int, x: torch.Tensor) -> torch.Tensor:
+        y = pruned_ffn(layer, x)
+        parts, k = engine.parts[layer], engine.keep_counts()[layer]   # the kept neurons are the first k positions
+        u = activations(parts, x.reshape(-1, x.shape[-1])).float()
+        energy = u.square()
+        dropped = energy[:, k:].sum(-1) / energy.sum(-1).clamp_min(1e-30)
+        down = parts.down.float()
+        error = F.linear(u[:, k:], down[:, k:]).norm(dim=-1) / F.linear(u, down).norm(dim=-1).clamp_min(1e-30)
+        captured.setdefault(layer, []).append(torch.stack([dropped, error]))
+        return y
+
+    engine.ffn = ffn
+    out = []
+    try:
+        for seq in sequences:
+            captured.clear()
+            ids = torch.tensor(seq.ids)
+            native.reset()
+            native.forward(ids[:prefix])
+            for start in range(prefix, len(seq.ids) - 1, CHUNK):
+                native.forward(ids[start:min(start + CHUNK, len(seq.ids) - 1)])
+            signal = torch.stack([torch.cat(captured[layer], dim=1) for layer in sorted(captured)], dim=1)
+            out.append({"kind": seq.kind, "switch": seq.switch - prefix, "signal": signal})
+    finally:
+        engine.close()
+    return out
+
+
+def _windows(values: torch.Tensor) -> torch.Tensor:
+    n = values.shape[0] // WINDOW
+    return values[:n * WINDOW].reshape(n, WINDOW).mean(dim=1)
+
+
+def simulate(recordings: list[dict], measure: int, margin: float) -> dict:
+    """Fire when a window's mean (over the layers) exceeds (1 + margin) x the mean of the first windows; after a
+    trigger the baseline is refitted from the next windows, as a re-trace would refit it."""
+    false = tokens = 0
+    detected = []
+    for rec in recordings:
+        series = _windows(rec["signal"][measure].mean(dim=0))
+        baseline, start, first_after = None, 0, None
+        for w in range(series.numel()):
+            if w < start + BASELINE_WINDOWS:
+                continue
+            if baseline is None:
+                baseline = float(series[start:start + BASELINE_WINDOWS].mean())
+            end = (w + 1) * WINDOW
+            if float(series[w]) > (1 + margin) * baseline:
+                if rec["kind"] == "control" or end <= rec["switch"]:
+                    false += 1
+                elif first_after is None:
+                    first_after = end - rec["switch"]
+                baseline, start = None, w + 1
+        if rec["kind"] == "control":
+            tokens += rec["signal"].shape[-1]
+        else:
+            tokens += rec["switch"]
+            detected.append(first_after is not None and first_after <= DETECTION_WINDOW)
+    return {"false_per_1k": 1000 * false / tokens, "detected_64": sum(detected) / len(detected)}
+
+
+def contrast(recordings: list[dict], measure: int) -> dict:
+    """Per sequence, the measure's mean after the switch over its mean before (from the third window on); controls
+    split at the same position."""
+    ratios: dict[str, list[float]] = {"switch": [], "control": []}
+    before, after = [], []
+    for rec in recordings:
+        series = rec["signal"][measure].mean(dim=0)
+        s = rec["switch"]
+        b, a = float(series[BASELINE_WINDOWS * WINDOW:s].mean()), float(series[s:].mean())
+        ratios[rec["kind"]].append(a / b)
+        if rec["kind"] == "switch":
+            before.append(b)
+            after.append(a)
+    return {"switch": ratios["switch"], "control": ratios["control"], "before": statistics.median(before),
+            "after": statistics.median(after)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsity", default="0.5,0.7")
+    parser.add_argument("--prefix", type=int, default=128)
+    parser.add_argument("--segment", type=int, default=256)
+    parser.add_argument("--split", default="tune", choices=["tune", "test", "all"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
+    sequences = drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
+    lines = [f"# How well the prompt's mask fits the text before and after a switch ({args.split} split), "
+             f"{args.model}", "", f"`{' '.join(sys.argv)}`", "",
+             f"{sum(s.kind == 'switch' for s in sequences)} switch sequences and "
+             f"{sum(s.kind == 'control' for s in sequences)} controls; prefix {args.prefix} (traced, dense), then "
+             f"segments of {args.segment} tokens in chunks of {CHUNK} under the prompt's masks (never re-traced). "
+             "Per token and layer: the share of the FFN activations' energy (sum of u^2) on the dropped neurons, "
+             "and the relative error of the pruned FFN output. Values are means over the layers; 'before' starts "
+             f"at the third window of {WINDOW} tokens; ratios are per sequence (after the switch / before it; "
+             "controls split at the same position), medians with [min, max].", ""]
+    names = ("dropped energy share", "relative FFN output error")
+    for sparsity in [float(s) for s in args.sparsity.split(",")]:
+        started = time.perf_counter()
+        recordings = record(model, sequences, args.prefix, sparsity)
+        lines += [f"## Sparsity {sparsity:g} (recorded in {time.perf_counter() - started:.0f} s)", "",
+                  "| measure | before the switch | after it | after / before, switches | after / before, controls |",
+                  "|---|---|---|---|---|"]
+        for measure, name in enumerate(names):
+            c = contrast(recordings, measure)
+            span = {k: f"{statistics.median(c[k]):.3f} [{min(c[k]):.3f}, {max(c[k]):.3f}]"
+                    for k in ("switch", "control")}
+            lines.append(f"| {name} | {c['before']:.3f} | {c['after']:.3f} | {span['switch']} | {span['control']} |")
+        lines += ["", f"Detector on the fit (window {WINDOW}, baseline the first {BASELINE_WINDOWS} windows after a "
+                  "build or re-trace; fires when a window exceeds the baseline by the margin):", "",
+                  "| measure | margin | false per 1k tokens | detected within 64 |", "|---|---|---|---|"]
+        for measure, name in enumerate(names):
+            for margin in MARGINS:
+                r = simulate(recordings, measure, margin)
+                lines.append(f"| {name} | {margin:g} | {r['false_per_1k']:.2f} | {r['detected_64']:.2f} |")
+        lines.append("")
+        print("\n".join(lines[-30:]), flush=True)
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
