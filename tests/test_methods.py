@@ -19,7 +19,7 @@ from dartprune.calibration.collect import calibrate, text_windows
 from dartprune.calibration.file import CalibrationError, check_text_differs, load_calibration, wanda_scores
 from dartprune.data import load_text
 from dartprune.engine.weights import activations
-from dartprune.engine.scoring import top_neurons
+from dartprune.engine.scoring import neuron_prior, top_neurons
 from tests.conftest import MINI
 from tests.helpers import HAIR_TRIGGER
 from tests.tiny_models import FAMILIES, VOCAB, random_ids, tiny_model
@@ -146,6 +146,48 @@ def test_griffin_scores_follow_its_formula_with_uniform_budgets(family):
             assert torch.equal(engine.kept(0, layer), top_neurons(expected, keep[layer]))
         assert keep == [round((1 - sparsity) * size) for size in engine.sizes]
         assert len(set(keep)) == 1
+
+
+# ------------------------------------------------------------------------------------------- priors
+@pytest.mark.parametrize("prior", ["down-norm", "vocab-max", "vocab-mean"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_prior_multiplies_every_neurons_score(family, prior):
+    """s_i x the neuron's static prior, computed here the brute-force way (the whole I x V matrix); a second
+    sequence and a second engine on the same model find it in the cache."""
+    model = tiny_model(family)
+    prompts = [random_ids(1, 30, seed=5), random_ids(1, 20, seed=6)]
+    activations_per_prompt = [capture(model, ids) for ids in prompts]
+    adapter = get_adapter(model)
+    downs = [adapter.ffn_parts(layer).down.detach().float().clone() for layer in adapter.layers()]
+    embeddings = adapter.output_embeddings().detach().float()
+    for _engine in range(2):
+        with dartprune.attach(model, DartConfig(method="static", sparsity=0.5, prior=prior)) as handle:
+            for ids, u in zip(prompts, activations_per_prompt):
+                with torch.no_grad():
+                    model(ids)
+                engine, keep = handle.engine, handle.stats()[0].keep_counts
+                for layer, (u_l, down) in enumerate(zip(u, downs)):
+                    if prior == "down-norm":
+                        weight = down.norm(dim=0)
+                    else:
+                        products = (embeddings @ down).abs()
+                        weight = products.max(dim=0).values if prior == "vocab-max" else products.mean(dim=0)
+                    expected = u_l.square().sum(dim=0).sqrt() * weight
+                    torch.testing.assert_close(engine.scores(0, layer), expected, rtol=1e-5, atol=1e-7)
+                    assert torch.equal(engine.kept(0, layer), top_neurons(expected, keep[layer]))
+
+
+@pytest.mark.parametrize("prior", ["vocab-max", "vocab-mean"])
+def test_the_vocabulary_prior_is_the_same_in_chunks(prior):
+    torch.manual_seed(0)
+    down, embeddings = torch.randn(16, 24), torch.randn(50, 16)
+    torch.testing.assert_close(neuron_prior(down, embeddings, prior, chunk=7),
+                               neuron_prior(down, embeddings, prior, chunk=4096), rtol=1e-6, atol=1e-6)
+
+
+def test_an_unknown_prior_is_refused():
+    with pytest.raises(ConfigError, match="prior"):
+        DartConfig(prior="down")
 
 
 # ------------------------------------------------------------------------------------------- random

@@ -33,13 +33,14 @@ from dartprune.engine.config import ConfigError, DartConfig
 from dartprune.engine.drift import Detector, make_detector
 from dartprune.engine.phase import Event, Phase, next_phase
 from dartprune.engine.ring import Ring
-from dartprune.engine.scoring import squared_activations, top_neurons, vocab_prior
+from dartprune.engine.scoring import neuron_prior, squared_activations, top_neurons
 from dartprune.engine.stats import RetraceRecord, SequenceStats
 from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_ffn, offloaded, own_pages,
                                      swap_library, to_neuron_major, to_row_major)
 from dartprune.methods import get_method
 
-_PRIOR_CACHE: weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+# per down projection module (hashed by identity: a tensor key would be compared by value), kept while it lives
+_PRIOR_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 # the engine that has permuted a model's weights, until it closes: a second one would read them in the wrong order
 _PRUNING: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
 
@@ -106,7 +107,7 @@ class Engine:
         self.config = config
         self.adapter = get_adapter(model)
         self.layers = self.adapter.layers()
-        self._down_weights = [self.adapter.down_proj(layer).weight for layer in self.layers]   # keys of the prior cache
+        self._downs = [self.adapter.down_proj(layer) for layer in self.layers]      # keys of the prior cache
         parts = [self.adapter.ffn_parts(layer) for layer in self.layers]
         self.sizes = [p.intermediate_size for p in parts]
         self.method = get_method(config.method)(config, parts, model)
@@ -119,8 +120,8 @@ class Engine:
         # down projections laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read
         # after that, so they are views of the layout in use
         self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
-        self._relaid = [w for i, w in enumerate(self._down_weights)
-                        if i not in self._offloaded and to_neuron_major(w)] if self.prunes else []
+        self._relaid = [d.weight for i, d in enumerate(self._downs)
+                        if i not in self._offloaded and to_neuron_major(d.weight)] if self.prunes else []
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
         self.follows_drift = self.prunes and self.method.follows_drift
         self.per_token = self.prunes and self.method.execution == "per-token"
@@ -521,13 +522,14 @@ class Engine:
     def _prior(self, layer: int) -> torch.Tensor:
         """Computed once per model weight and kind, kept while the model lives (in neuron-id order: computed
         before any permutation, when the engine is built)."""
-        cached = _PRIOR_CACHE.setdefault(self._down_weights[layer], {})
+        cached = _PRIOR_CACHE.setdefault(self._downs[layer], {})
         if self.config.prior not in cached:
             if layer in self._offloaded:
-                raise ConfigError("the vocabulary prior needs the FFN weights in memory; this layer is offloaded")
-            cached[self.config.prior] = vocab_prior(self.prefix[layer].to_ids(self.parts[layer].down)
-                                                    if self.prefix else self.parts[layer].down,
-                                                    self.adapter.output_embeddings(), self.config.prior)
+                raise ConfigError(f"prior={self.config.prior!r} needs the FFN weights in memory; this layer is "
+                                  "offloaded")
+            cached[self.config.prior] = neuron_prior(self.prefix[layer].to_ids(self.parts[layer].down)
+                                                     if self.prefix else self.parts[layer].down,
+                                                     self.adapter.output_embeddings(), self.config.prior)
         return cached[self.config.prior]
 
     # ----------------------------------------------------------------- re-trace from the ring
