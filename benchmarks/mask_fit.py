@@ -3,7 +3,7 @@
 Every sequence runs under DART's prompt masks with the monitor off (the masks never change). For every later token
 and layer, the FFN runs in full beside the pruned one and two measures of the mask's fit are kept: the share of the
 activations' energy (sum of u^2) on the neurons the mask drops, and the relative error of the pruned FFN output
-(|f_dense - f_pruned| / |f_dense|). A detector built on this signal (a window's mean, averaged over the layers,
+(|f_dense - f_pruned| / |f_dense|, f the down projection's output, before any norm that follows it). A detector built on this signal (a window's mean, averaged over the layers,
 against the mean of the first two windows after the mask is built) is simulated like `drift_detectors.py`'s, for a
 sweep of margins.
 
@@ -46,12 +46,15 @@ def record(model, sequences, prefix: int, sparsity: float) -> list[dict]:
 
     def ffn(layer: int, x: torch.Tensor) -> torch.Tensor:
         y = pruned_ffn(layer, x)
+        if not engine.runs_prefix:
+            raise SystemExit("the fit is read off the compact path's prefixes: this model or setting does not run them")
         parts, k = engine.parts[layer], engine.keep_counts()[layer]   # the kept neurons are the first k positions
         u = activations(parts, x.reshape(-1, x.shape[-1])).float()
         energy = u.square()
         dropped = energy[:, k:].sum(-1) / energy.sum(-1).clamp_min(1e-30)
         down = parts.down.float()
-        error = F.linear(u[:, k:], down[:, k:]).norm(dim=-1) / F.linear(u, down).norm(dim=-1).clamp_min(1e-30)
+        bias = parts.down_bias.float() if parts.down_bias is not None else None
+        error = F.linear(u[:, k:], down[:, k:]).norm(dim=-1) / F.linear(u, down, bias).norm(dim=-1).clamp_min(1e-30)
         captured.setdefault(layer, []).append(torch.stack([dropped, error]))
         return y
 

@@ -71,27 +71,32 @@ def test_last_only_logits_are_the_last_row_of_the_full_ones(family, kernel):
         native = NativeModel(model, engine, kernel=kernel)
         try:
             first = native.forward(ids[:12], last_only=last_only)
-            later = [native.forward(ids[t:t + 1], last_only=last_only) for t in range(12, 24)]
+            later = [native.forward(ids[t:t + 1], last_only=last_only) for t in range(12, 21)]
+            later.append(native.forward(ids[21:24], last_only=last_only))     # a few tokens at once
             runs.append((first, later, [r.position for r in engine.stats()[0].retraces]))
         finally:
             engine.close()
     (full, full_later, full_retraces), (last, last_later, last_retraces) = runs
     assert full.shape == (12, model.config.vocab_size) and last.shape == (1, model.config.vocab_size)
     torch.testing.assert_close(last, full[-1:], rtol=0, atol=1e-6)
+    assert full_later[-1].shape[0] == 3 and all(b.shape[0] == 1 for b in last_later)
     for a, b in zip(full_later, last_later):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b, a[-1:], rtol=0, atol=1e-6)
     assert last_retraces == full_retraces and full_retraces
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
-def test_sliding_window_attention_equals_hugging_face(family):
+def test_sliding_window_attention_equals_hugging_face(family, kernel, chunk):
+    """A window of 4 cuts attention off in the prompt and in every later forward, one token or a few at a time."""
     model = windowed(family)
     ids = random_ids(1, 24, seed=2)[0]
     with torch.no_grad():
         reference = model(ids[None]).logits[0]
-    native = NativeModel(model)
+    native = NativeModel(model, kernel=kernel)
     assert any(layer.window == 4 for layer in native.decoder.layers)
-    assert (native_logits(native, ids, 10) - reference).abs().max() <= 1e-4
+    assert (native_logits(native, ids, 10, chunk=chunk) - reference).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("chunk", [1, 5])

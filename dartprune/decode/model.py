@@ -98,7 +98,7 @@ class NativeModel:
         self.cache = KVCache(len(decoder.layers), decoder.kv_heads, decoder.head_dim, capacity, self.device)
         self._rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_length = 0
-        self._biases: dict[tuple[int | None, int], torch.Tensor] = {}     # this forward's attention masks
+        self._biases: dict[int | None, torch.Tensor] = {}      # this forward's attention masks, by window
         self.monitored = {layer: j for j, layer in enumerate(engine.monitored)} if engine is not None else {}
         self.kernel = None
         if kernel and kernel_applies(self) is None and library() is not None:
@@ -165,6 +165,7 @@ class NativeModel:
                 if layer.post_ffn_norm is not None:
                     y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
             x = x + y
+        self._biases = {}                       # [heads x tokens, length] each: not kept through the decode
         self.cache.length = start + tokens
         if last_only:
             x = x[-1:]
@@ -224,7 +225,7 @@ class NativeModel:
         group = d.heads // d.kv_heads
         queries = q.transpose(0, 1).reshape(d.kv_heads, group * tokens, d.head_dim)   # [kv, group * T, hd]
         keys = cache_k[:, :end].transpose(1, 2)
-        bias = self._bias(start, tokens, layer.window, group) if tokens > 1 or layer.window is not None else None
+        bias = self._bias(start, tokens, layer.window) if tokens > 1 or layer.window is not None else None
         if bias is not None and d.attention_softcap is None:      # scale, product and mask in one op
             scores = torch.baddbmm(bias.expand(d.kv_heads, -1, -1), queries, keys, alpha=d.attention_scale)
         else:
@@ -237,16 +238,16 @@ class NativeModel:
         out = out.view(d.heads, tokens, d.head_dim).transpose(0, 1).reshape(tokens, d.heads * d.head_dim)
         return F.linear(out.to(self.dtype), layer.o, layer.o_bias)
 
-    def _bias(self, start: int, tokens: int, window: int | None, group: int) -> torch.Tensor:
+    def _bias(self, start: int, tokens: int, window: int | None) -> torch.Tensor:
         """[group * tokens, start + tokens] float32 added to the scores: 0 where query i (position start + i, in each
         of the `group` query heads sharing a key head) sees key j, -inf elsewhere. Made once per forward and
         window (every layer of a forward has the same one)."""
-        if (window, group) not in self._biases:
+        if window not in self._biases:
             query = torch.arange(start, start + tokens, device=self.device)[:, None]
             position = torch.arange(start + tokens, device=self.device)[None]
             visible = position <= query
             if window is not None:
                 visible &= query - position < window
             bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, -math.inf)
-            self._biases[window, group] = bias.repeat(group, 1)
-        return self._biases[window, group]
+            self._biases[window] = bias.repeat(self.decoder.heads // self.decoder.kv_heads, 1)
+        return self._biases[window]

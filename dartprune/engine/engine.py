@@ -520,8 +520,8 @@ class Engine:
             self._apply(b, i)
 
     def _prior(self, layer: int) -> torch.Tensor:
-        """Computed once per model weight and kind, kept while the model lives (in neuron-id order: computed
-        before any permutation, when the engine is built)."""
+        """The prior of `layer`, by neuron id: computed at its first use, once per down projection and kind, and
+        kept while the model lives (for any engine on it)."""
         cached = _PRIOR_CACHE.setdefault(self._downs[layer], {})
         if self.config.prior not in cached:
             if layer in self._offloaded:

@@ -39,19 +39,19 @@ def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def neuron_prior(down: torch.Tensor, output_embeddings: torch.Tensor, reduce: str, chunk: int = 4096) -> torch.Tensor:
+def neuron_prior(down: torch.Tensor, output_embeddings: torch.Tensor, kind: str, chunk: int = 4096) -> torch.Tensor:
     """A static weight per neuron i multiplied into its score. "down-norm": |W_down[:, i]|, so that the score is the
     norm of what the neuron writes into the residual stream over the traced tokens (not only of its activation);
     "vocab-max" / "vocab-mean": the max or mean over the vocabulary of |E_v . W_down[:, i]|, never building the
     I x V matrix."""
     down = down.float()
-    if reduce == "down-norm":
+    if kind == "down-norm":
         return down.norm(dim=0)
-    result = torch.zeros(down.shape[1]) if reduce == "vocab-mean" else torch.full((down.shape[1],), -1.0)
+    result = torch.zeros(down.shape[1]) if kind == "vocab-mean" else torch.full((down.shape[1],), -1.0)
     for start in range(0, output_embeddings.shape[0], chunk):
         block = (output_embeddings[start:start + chunk].float() @ down).abs()
-        if reduce == "vocab-mean":
+        if kind == "vocab-mean":
             result += block.sum(dim=0)
         else:
             result = torch.maximum(result, block.max(dim=0).values)
-    return result / output_embeddings.shape[0] if reduce == "vocab-mean" else result
+    return result / output_embeddings.shape[0] if kind == "vocab-mean" else result
