@@ -149,7 +149,7 @@ def test_griffin_scores_follow_its_formula_with_uniform_budgets(family):
 
 
 # ------------------------------------------------------------------------------------------- priors
-@pytest.mark.parametrize("prior", ["down-norm", "vocab-max", "vocab-mean"])
+@pytest.mark.parametrize("prior", ["vocab-max", "vocab-mean"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_prior_multiplies_every_neurons_score(family, prior):
     """s_i x the neuron's static prior, computed here the brute-force way (the whole I x V matrix); a second
@@ -167,11 +167,8 @@ def test_a_prior_multiplies_every_neurons_score(family, prior):
                     model(ids)
                 engine, keep = handle.engine, handle.stats()[0].keep_counts
                 for layer, (u_l, down) in enumerate(zip(u, downs)):
-                    if prior == "down-norm":
-                        weight = down.norm(dim=0)
-                    else:
-                        products = (embeddings @ down).abs()
-                        weight = products.max(dim=0).values if prior == "vocab-max" else products.mean(dim=0)
+                    products = (embeddings @ down).abs()
+                    weight = products.max(dim=0).values if prior == "vocab-max" else products.mean(dim=0)
                     expected = u_l.square().sum(dim=0).sqrt() * weight
                     torch.testing.assert_close(engine.scores(0, layer), expected, rtol=1e-5, atol=1e-7)
                     assert torch.equal(engine.kept(0, layer), top_neurons(expected, keep[layer]))
@@ -187,7 +184,7 @@ def test_the_vocabulary_prior_is_the_same_in_chunks(prior):
 
 def test_an_unknown_prior_is_refused():
     with pytest.raises(ConfigError, match="prior"):
-        DartConfig(prior="down")
+        DartConfig(prior="vocab")
 
 
 # ------------------------------------------------------------------------------------------- random

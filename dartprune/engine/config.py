@@ -11,7 +11,7 @@ from typing import Any, Literal
 ALLOCATIONS = ("dart", "uniform")
 IMPORTANCES = ("residual", "ffn-vs-input")
 SCORES = ("l2", "ema")
-PRIORS = (None, "down-norm", "vocab-max", "vocab-mean")
+PRIORS = (None, "vocab-max", "vocab-mean")
 RETRACE_MODES = ("buffer", "dense-steps")
 PATHS = ("compact", "mask")
 

@@ -40,13 +40,9 @@ def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def neuron_prior(down: torch.Tensor, output_embeddings: torch.Tensor, kind: str, chunk: int = 4096) -> torch.Tensor:
-    """A static weight per neuron i multiplied into its score. "down-norm": |W_down[:, i]|, so that the score is the
-    norm of what the neuron writes into the residual stream over the traced tokens (not only of its activation);
-    "vocab-max" / "vocab-mean": the max or mean over the vocabulary of |E_v . W_down[:, i]|, never building the
-    I x V matrix."""
+    """A static weight per neuron i multiplied into its score: the max ("vocab-max") or mean ("vocab-mean") over the
+    vocabulary of |E_v . W_down[:, i]|, never building the I x V matrix."""
     down = down.float()
-    if kind == "down-norm":
-        return down.norm(dim=0)
     result = torch.zeros(down.shape[1]) if kind == "vocab-mean" else torch.full((down.shape[1],), -1.0)
     for start in range(0, output_embeddings.shape[0], chunk):
         block = (output_embeddings[start:start + chunk].float() @ down).abs()
