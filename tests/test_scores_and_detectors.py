@@ -1,6 +1,6 @@
 """Options of the scores and of the drift monitor that the end-to-end tests do not reach: the EMA score (within a
-forward and across the forwards of a long trace), the blend of old and fresh scores on a re-trace, and the
-level-shift detector on signals whose cosines are known."""
+forward and across the forwards of a long trace), the blend of old and fresh scores on a re-trace and at a new
+conversation turn, and the level-shift detector on signals whose cosines are known."""
 from __future__ import annotations
 
 import math
@@ -84,6 +84,35 @@ def test_a_retrace_blends_unit_old_and_fresh_scores():
         torch.testing.assert_close(blended[layer], expected, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(after_1[layer], old_1[layer] / old_1[layer].norm(), rtol=1e-5, atol=1e-7)
         assert torch.equal(kept_1[layer], top_neurons(old_1[layer], kept_1[layer].numel()))
+
+
+def _scores_after_a_turn(blend: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    model = tiny_model("llama")
+    ids = random_ids(1, 30, seed=13)[0]
+    engine = Engine(model, DartConfig(sparsity=0.5, detector="none", turn_blend=blend))
+    try:
+        native = NativeModel(model, engine)
+        native.forward(ids[:18])                  # the first turn; the second follows it at once, so that both
+        layers = range(len(engine.sizes))         # run dense over a dense cache (traced like prompts)
+        before = [engine.scores(0, i).clone() for i in layers]
+        native.forward(ids[18:30], new_turn=True)
+        return before, [engine.scores(0, i).clone() for i in layers]
+    finally:
+        engine.close()
+
+
+def test_a_new_turn_scores_its_own_tokens_blended_with_the_earlier_scores():
+    """turn_blend 0: the scores are the turn's tokens' alone (their dense activations, traced like a prompt);
+    0.4: 0.6 unit(turn) + 0.4 unit(earlier)."""
+    model = tiny_model("llama")
+    u = capture(model, random_ids(1, 30, seed=13))          # the whole conversation dense, per layer [30, I]
+    before, alone = _scores_after_a_turn(0.0)
+    before_b, blended = _scores_after_a_turn(0.4)
+    for layer, u_l in enumerate(u):
+        torch.testing.assert_close(alone[layer], u_l[18:30].square().sum(dim=0).sqrt(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(before_b[layer], before[layer])
+        expected = 0.6 * alone[layer] / alone[layer].norm() + 0.4 * before[layer] / before[layer].norm()
+        torch.testing.assert_close(blended[layer], expected, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------- level-shift test
