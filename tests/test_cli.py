@@ -3,6 +3,7 @@ import io
 import pytest
 
 from dartprune.cli.main import main
+from dartprune.decode.generate import Generator, SamplingParams
 
 
 def run_cli(argv, capsys, stdin=None, monkeypatch=None):
@@ -64,6 +65,31 @@ def test_generate_compare_dense_prints_the_speedup(capsys):
                             "--compare-dense", "--no-stream"], capsys)
     assert code == 0
     assert re.search(r"\| speedup over dense \d+\.\d\dx per output token \(\d+ dense tokens, same loop\)\]", err)
+
+
+def test_generate_sampling_flags_reach_the_sampler(capsys, smollm2):
+    """--temperature/--top-k/--top-p/--seed give what the Generator gives with the same SamplingParams."""
+    model, tokenizer = smollm2
+    argv = ["generate", "Once upon a time", "--method", "dense", "--max-new-tokens", "12", "--no-stream",
+            "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    _, out, _ = run_cli(argv, capsys)
+    with Generator(model, tokenizer, None) as generator:
+        expected = generator.generate(tokenizer("Once upon a time", return_tensors="pt").input_ids[0],
+                                      SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=3))
+    assert out == expected.text + "\n"
+    _, other_seed, _ = run_cli(argv[:-1] + ["4"], capsys)
+    assert other_seed != out
+
+
+def test_generate_stops_before_a_stop_string(capsys):
+    greedy = ["generate", "The capital of France is", "--method", "dense", "--max-new-tokens", "16", "--no-stream"]
+    _, full, _ = run_cli(greedy, capsys)
+    words = full.split()
+    assert len(words) >= 4
+    stop = words[3]
+    _, cut, err = run_cli(greedy + ["--stop", stop], capsys)
+    assert cut == full[:full.index(stop)] + "\n"
+    assert "tokens in" in err
 
 
 def test_unknown_method_is_an_argparse_error(capsys):
