@@ -16,7 +16,8 @@ from dartprune import DartConfig, attach
 from dartprune.cli.main import main as cli_main
 from dartprune.evaluation import EvalSettings, run_evaluation
 from dartprune.evaluation.core import (
-    MethodSpec, Session, dense_reference_logprobs, encode_pair, method_specs, teacher_forced_logprobs,
+    MethodSpec, Session, dense_reference_logprobs, encode_pair, method_specs, needs_bos_every_window,
+    teacher_forced_logprobs,
 )
 from dartprune.provenance import versions
 from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, load_text, mc_items
@@ -572,3 +573,11 @@ def test_compare_variants_pairs_two_methods_by_sequence_and_occurrence(tmp_path)
     again = subprocess.run([sys.executable, str(script), "--method", "a", "--against", "b", "--details", str(details),
                             str(details)], capture_output=True, text=True)
     assert again.returncode != 0 and "give each run once" in again.stderr
+
+
+def test_bos_on_every_window_for_gemma_by_alias_or_model_type():
+    llama, gemma = tiny_model("llama"), tiny_model("gemma3_text")
+    assert needs_bos_every_window(llama, "gemma3-270m")          # the alias says so, whatever the model
+    assert not needs_bos_every_window(llama, "smollm2-135m")
+    assert needs_bos_every_window(gemma, "/some/local/folder") and needs_bos_every_window(gemma)
+    assert not needs_bos_every_window(llama, "meta-llama/Llama-3.1-8B")

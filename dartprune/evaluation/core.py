@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -15,9 +14,8 @@ from tqdm.auto import tqdm
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.engine import DartConfig, SequenceStats
 from dartprune.engine.config import ConfigError, parse_settings
+from dartprune.models import alias_for, load_model
 from dartprune.methods import METHODS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------- environment
@@ -33,35 +31,18 @@ def progress(iterable: Iterable, desc: str, total: int | None = None, leave: boo
 
 
 def load_for_eval(name: str, dtype: str = "float32"):
-    """(model, tokenizer) for an alias / local folder / Hub id, through dartprune.models when it is there."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    try:
-        from dartprune.models import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        model, tokenizer = load_model(name, dtype=dtype)
-    elif Path(name).is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    else:
-        raise ValueError(f"cannot load {name!r}: dartprune.models is not available; give a local model folder")
+    """(model, tokenizer) for an alias / local folder / Hub id, in eval mode."""
+    model, tokenizer = load_model(name, dtype=dtype)
     model.eval()
     return model, tokenizer
 
 
 def needs_bos_every_window(model, name: str | None = None) -> bool:
-    """Gemma is trained with BOS first and degrades badly without it; every window/sequence then starts with BOS."""
-    if name:
-        try:
-            from dartprune.models import alias_for
-            alias = alias_for(name)
-            if alias is not None and hasattr(alias, "needs_bos_every_window"):
-                return bool(alias.needs_bos_every_window)
-        except (ImportError, KeyError, ValueError):
-            pass
+    """Gemma is trained with BOS first and degrades badly without it; every window/sequence then starts with BOS.
+    A model alias says so itself; any other model, by its type."""
+    alias = alias_for(name) if name else None
+    if alias is not None:
+        return alias.needs_bos_every_window
     return str(getattr(model.config, "model_type", "")).startswith("gemma")
 
 
