@@ -12,7 +12,6 @@ approximate and the engine's own run on the benchmark is the final word.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -25,13 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks import drift_parser, drift_setup, teacher_force  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.drift import make_detector  # noqa: E402
-from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
-from dartprune.evaluation.drift import DETECTION_WINDOW, drift_sequences  # noqa: E402
+from dartprune.evaluation.drift import DETECTION_WINDOW  # noqa: E402
 from dartprune.evaluation.report import write_markdown  # noqa: E402
-from dartprune.models import load_model  # noqa: E402
 
 
 @dataclass
@@ -60,11 +58,7 @@ def record(model, sequences, prefix: int, sparsity: float, layers: list[int], ch
     try:
         for seq in sequences:
             captured.clear()
-            ids = torch.tensor(seq.ids)
-            native.reset()
-            native.forward(ids[:prefix])
-            for start in range(prefix, len(seq.ids) - 1, chunk):
-                native.forward(ids[start:min(start + chunk, len(seq.ids) - 1)])
+            teacher_force(native, seq.ids, prefix, chunk)
             signal = torch.stack([torch.cat(captured[j]) for j in range(len(layers))])
             out.append(Recording(seq.name, seq.kind, seq.switch, signal[:, :prefix], signal[:, prefix:]))
     finally:
@@ -124,19 +118,10 @@ def _resolve(layers: tuple, count: int) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = drift_parser(__doc__.splitlines()[0])
     parser.add_argument("--sparsity", default="0.5,0.7")
-    parser.add_argument("--prefix", type=int, default=128)
-    parser.add_argument("--segment", type=int, default=256)
-    parser.add_argument("--split", default="tune", choices=["tune", "test", "all"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
-    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
-    sequences = drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
+    model, sequences = drift_setup(args)
     lines = [f"# Drift detectors on the drift benchmark ({args.split} split), {args.model}", "",
              f"`{' '.join(sys.argv)}`", "",
              f"{sum(s.kind == 'switch' for s in sequences)} switch sequences and "

@@ -13,7 +13,6 @@ inside an unchanged text costs anything.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -24,13 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks import drift_parser, drift_setup  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
-from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
-from dartprune.evaluation.drift import drift_sequences  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans  # noqa: E402
 from dartprune.evaluation.report import interval_text, write_markdown  # noqa: E402
-from dartprune.models import load_model  # noqa: E402
 
 
 @torch.inference_mode()
@@ -70,22 +67,13 @@ def score(model, sequences, prefix: int, config: DartConfig | None, retrace_at) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = drift_parser(__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--prefix", type=int, default=128)
-    parser.add_argument("--segment", type=int, default=256)
-    parser.add_argument("--split", default="tune", choices=["tune", "test", "all"])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--oracle", default="16:0,16:0.3,64:0,64:0.3",
                         help="oracle settings as RING:BLEND, comma-separated")
     parser.add_argument("--periodic", default="64:64", help="periodic settings as PERIOD:RING ('' for none)")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
-    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
-    sequences = drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
+    model, sequences = drift_setup(args)
     base = dict(sparsity=args.sparsity, detector="none")
     settings = [("dense", None, lambda s: []),
                 ("static", DartConfig(method="static", sparsity=args.sparsity), lambda s: [])]

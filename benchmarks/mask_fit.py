@@ -11,7 +11,6 @@ sweep of margins.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,13 +22,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import publish  # noqa: E402
+from dartprune.benchmarks import drift_parser, drift_setup, publish, teacher_force  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.weights import activations  # noqa: E402
-from dartprune.evaluation.core import needs_bos_every_window  # noqa: E402
-from dartprune.evaluation.drift import DETECTION_WINDOW, drift_sequences  # noqa: E402
-from dartprune.models import load_model  # noqa: E402
+from dartprune.evaluation.drift import DETECTION_WINDOW  # noqa: E402
 
 WINDOW, BASELINE_WINDOWS, CHUNK = 16, 2, 16
 MARGINS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -63,11 +60,7 @@ def record(model, sequences, prefix: int, sparsity: float) -> list[dict]:
     try:
         for seq in sequences:
             captured.clear()
-            ids = torch.tensor(seq.ids)
-            native.reset()
-            native.forward(ids[:prefix])
-            for start in range(prefix, len(seq.ids) - 1, CHUNK):
-                native.forward(ids[start:min(start + CHUNK, len(seq.ids) - 1)])
+            teacher_force(native, seq.ids, prefix, CHUNK)
             signal = torch.stack([torch.cat(captured[layer], dim=1) for layer in sorted(captured)], dim=1)
             out.append({"kind": seq.kind, "switch": seq.switch - prefix, "signal": signal})
     finally:
@@ -126,19 +119,10 @@ def contrast(recordings: list[dict], measure: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = drift_parser(__doc__.splitlines()[0], threads=2)
     parser.add_argument("--sparsity", default="0.5,0.7")
-    parser.add_argument("--prefix", type=int, default=128)
-    parser.add_argument("--segment", type=int, default=256)
-    parser.add_argument("--split", default="tune", choices=["tune", "test", "all"])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
-    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
-    sequences = drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
+    model, sequences = drift_setup(args)
     lines = [f"# How well the prompt's mask fits the text before and after a switch ({args.split} split), "
              f"{args.model}", "", f"`{' '.join(sys.argv)}`", "",
              f"{sum(s.kind == 'switch' for s in sequences)} switch sequences and "

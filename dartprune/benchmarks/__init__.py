@@ -1,7 +1,10 @@
 """Speed benchmark (`dartprune bench`) and what the standalone scripts in benchmarks/ share."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+import torch
 
 
 def publish(lines: list[str], out: Path | None) -> None:
@@ -10,3 +13,38 @@ def publish(lines: list[str], out: Path | None) -> None:
     print(text)
     if out:
         out.write_text(text)
+
+
+def drift_parser(description: str, threads: int = 1) -> argparse.ArgumentParser:
+    """The options every script that studies the drift benchmark takes (each adds its own, --sparsity included)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prefix", type=int, default=128)
+    parser.add_argument("--segment", type=int, default=256)
+    parser.add_argument("--split", default="tune", choices=["tune", "test", "all"])
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def drift_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, list]:
+    """Threads, the model, and the drift sequences that `drift_parser`'s options select."""
+    from dartprune.evaluation.core import needs_bos_every_window
+    from dartprune.evaluation.drift import drift_sequences
+    from dartprune.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
+    return model, drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
+
+
+@torch.no_grad()
+def teacher_force(native, ids: list[int], prefix: int, chunk: int) -> None:
+    """One drift sequence through a `NativeModel`: ids[:prefix] as a new prompt, then the rest but the last token
+    through the cache, `chunk` tokens at a time (what the scripts record their signals from)."""
+    tokens = torch.tensor(ids)
+    native.reset()
+    native.forward(tokens[:prefix])
+    for start in range(prefix, len(ids) - 1, chunk):
+        native.forward(tokens[start:min(start + chunk, len(ids) - 1)])
