@@ -98,7 +98,7 @@ class NativeModel:
         self.cache = KVCache(len(decoder.layers), decoder.kv_heads, decoder.head_dim, capacity, self.device)
         self._rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_length = 0
-        self._biases: dict[int | None, torch.Tensor] = {}      # this forward's attention masks, by window
+        self._windows = {layer.window for layer in decoder.layers}      # None: full causal attention
         self.monitored = {layer: j for j, layer in enumerate(engine.monitored)} if engine is not None else {}
         self.kernel = None
         if kernel and kernel_applies(self) is None and library() is not None:
@@ -147,11 +147,14 @@ class NativeModel:
             return logits[-1:] if last_only else logits
         d = self.decoder
         tables = self.rotary(start + tokens)
-        self._biases = {}
+        # attention masks of this forward, one per window, shared by the layers (one token needs none unless windowed)
+        masks = {window: self._mask(start, tokens, window) for window in self._windows
+                 if tokens > 1 or window is not None}
         x = d.embed(ids)                                                     # [T, H], model dtype
         for i, layer in enumerate(d.layers):
             cos, sin = (t[start:start + tokens] for t in tables[layer.rope])
-            a = self._attention(i, layer, rms_norm(x, layer.input_norm, d.norm_eps, d.norm_offset), cos, sin, start)
+            a = self._attention(i, layer, rms_norm(x, layer.input_norm, d.norm_eps, d.norm_offset), cos, sin, start,
+                                masks.get(layer.window))
             if step is not None and i in self.monitored and step.monitor:
                 engine.observe_attention(self.monitored[i], a[None])
             if layer.post_attention_norm is not None:
@@ -165,7 +168,6 @@ class NativeModel:
                 if layer.post_ffn_norm is not None:
                     y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
             x = x + y
-        self._biases = {}                       # [heads x tokens, length] each: not kept through the decode
         self.cache.length = start + tokens
         if last_only:
             x = x[-1:]
@@ -207,7 +209,7 @@ class NativeModel:
         return y
 
     def _attention(self, i: int, layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   start: int) -> torch.Tensor:
+                   start: int, mask: torch.Tensor | None) -> torch.Tensor:
         d = self.decoder
         tokens = h.shape[0]
         q = F.linear(h, layer.q, layer.q_bias).view(tokens, d.heads, d.head_dim)
@@ -225,29 +227,25 @@ class NativeModel:
         group = d.heads // d.kv_heads
         queries = q.transpose(0, 1).reshape(d.kv_heads, group * tokens, d.head_dim)   # [kv, group * T, hd]
         keys = cache_k[:, :end].transpose(1, 2)
-        bias = self._bias(start, tokens, layer.window) if tokens > 1 or layer.window is not None else None
-        if bias is not None and d.attention_softcap is None:      # scale, product and mask in one op
-            scores = torch.baddbmm(bias.expand(d.kv_heads, -1, -1), queries, keys, alpha=d.attention_scale)
+        if mask is not None and d.attention_softcap is None:      # scale, product and mask in one op
+            scores = torch.baddbmm(mask.expand(d.kv_heads, -1, -1), queries, keys, alpha=d.attention_scale)
         else:
             scores = torch.bmm(queries, keys).mul_(d.attention_scale)
             if d.attention_softcap is not None:
                 scores = torch.tanh(scores / d.attention_softcap) * d.attention_softcap
-            if bias is not None:
-                scores += bias
+            if mask is not None:
+                scores += mask
         out = torch.bmm(scores.softmax(-1), cache_v[:, :end])                          # [kv, group * T, hd]
         out = out.view(d.heads, tokens, d.head_dim).transpose(0, 1).reshape(tokens, d.heads * d.head_dim)
         return F.linear(out.to(self.dtype), layer.o, layer.o_bias)
 
-    def _bias(self, start: int, tokens: int, window: int | None) -> torch.Tensor:
+    def _mask(self, start: int, tokens: int, window: int | None) -> torch.Tensor:
         """[group * tokens, start + tokens] float32 added to the scores: 0 where query i (position start + i, in each
-        of the `group` query heads sharing a key head) sees key j, -inf elsewhere. Made once per forward and
-        window (every layer of a forward has the same one)."""
-        if window not in self._biases:
-            query = torch.arange(start, start + tokens, device=self.device)[:, None]
-            position = torch.arange(start + tokens, device=self.device)[None]
-            visible = position <= query
-            if window is not None:
-                visible &= query - position < window
-            bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, -math.inf)
-            self._biases[window] = bias.repeat(self.decoder.heads // self.decoder.kv_heads, 1)
-        return self._biases[window]
+        of the `group` query heads sharing a key head) sees key j, -inf elsewhere."""
+        query = torch.arange(start, start + tokens, device=self.device)[:, None]
+        position = torch.arange(start + tokens, device=self.device)[None]
+        visible = position <= query
+        if window is not None:
+            visible &= query - position < window
+        mask = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, -math.inf)
+        return mask.repeat(self.decoder.heads // self.decoder.kv_heads, 1)
