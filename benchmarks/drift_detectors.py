@@ -12,8 +12,6 @@ approximate and the engine's own run on the benchmark is the final word.
 """
 from __future__ import annotations
 
-import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -24,11 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import drift_parser, drift_setup, teacher_force  # noqa: E402
+from dartprune.benchmarks import Triggers, drift_parser, drift_setup, teacher_force  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.drift import make_detector  # noqa: E402
-from dartprune.evaluation.drift import DETECTION_WINDOW  # noqa: E402
 from dartprune.evaluation.report import write_markdown  # noqa: E402
 
 
@@ -69,31 +66,20 @@ def record(model, sequences, prefix: int, sparsity: float, layers: list[int], ch
 def simulate(recordings: list[Recording], config: DartConfig, rows: list[int], prefix: int) -> dict:
     """Run `config`'s detector over every recording (monitored layers = `rows` of the recorded ones); false
     triggers and detection as the benchmark counts them."""
-    false = tokens = 0
-    detected, delays = [], []
+    triggers = Triggers()
     for rec in recordings:
         detector = make_detector(config)
         detector.fit(rec.prefix[rows])
-        position, first_after = prefix, None
+        position = prefix
         for start in range(0, rec.stream.shape[1], config.window):
             piece = rec.stream[rows, start:start + config.window]
             position += piece.shape[1]
             if detector.observe(piece, position):
-                if rec.kind == "control" or position <= rec.switch:
-                    false += 1
-                elif first_after is None:
-                    first_after = position - rec.switch
+                triggers.fire(rec.kind, position, rec.switch)
                 history = torch.cat([rec.prefix[rows], rec.stream[rows, :start + piece.shape[1]]], dim=1)
                 detector.refit(history[:, -config.ring_size:])
-        if rec.kind == "control":
-            tokens += rec.stream.shape[1]
-        else:
-            tokens += rec.switch - prefix
-            detected.append(first_after is not None and first_after <= DETECTION_WINDOW)
-            if first_after is not None:
-                delays.append(first_after)
-    return {"false_per_1k": 1000 * false / tokens, "detected_64": sum(detected) / len(detected),
-            "median_delay": statistics.median(delays) if delays else math.nan}
+        triggers.end(rec.kind, rec.stream.shape[1] if rec.kind == "control" else rec.switch - prefix)
+    return triggers.result()
 
 
 PAPER = dict(detector="paper", window=5, monitored_layers=(-1,))   # the paper's rule on the last layer

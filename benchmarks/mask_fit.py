@@ -24,12 +24,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import drift_parser, drift_setup, publish, teacher_force  # noqa: E402
+from dartprune.benchmarks import Triggers, drift_parser, drift_setup, publish, teacher_force  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.drift import make_detector  # noqa: E402
 from dartprune.engine.weights import activations  # noqa: E402
-from dartprune.evaluation.drift import DETECTION_WINDOW  # noqa: E402
 
 WINDOW, BASELINE_WINDOWS, CHUNK, GATE = 16, 2, 16, 32
 MARGINS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -88,29 +87,20 @@ def _windows(values: torch.Tensor) -> torch.Tensor:
 def simulate(recordings: list[dict], measure: int, margin: float) -> dict:
     """Fire when a window's mean (over the layers) exceeds (1 + margin) x the mean of the first windows; after a
     trigger the baseline is refitted from the next windows, as a re-trace would refit it."""
-    false = tokens = 0
-    detected = []
+    triggers = Triggers()
     for rec in recordings:
         series = _windows(rec["signal"][measure].mean(dim=0))
-        baseline, start, first_after = None, 0, None
+        baseline, start = None, 0
         for w in range(series.numel()):
             if w < start + BASELINE_WINDOWS:
                 continue
             if baseline is None:
                 baseline = float(series[start:start + BASELINE_WINDOWS].mean())
-            end = (w + 1) * WINDOW
             if float(series[w]) > (1 + margin) * baseline:
-                if rec["kind"] == "control" or end <= rec["switch"]:
-                    false += 1
-                elif first_after is None:
-                    first_after = end - rec["switch"]
+                triggers.fire(rec["kind"], (w + 1) * WINDOW, rec["switch"])
                 baseline, start = None, w + 1
-        if rec["kind"] == "control":
-            tokens += rec["signal"].shape[-1]
-        else:
-            tokens += rec["switch"]
-            detected.append(first_after is not None and first_after <= DETECTION_WINDOW)
-    return {"false_per_1k": 1000 * false / tokens, "detected_64": sum(detected) / len(detected)}
+        triggers.end(rec["kind"], _unchanged(rec))
+    return triggers.result()
 
 
 def simulate_gated(recordings: list[dict], margin: float | None, prefix: int) -> dict:
@@ -119,13 +109,12 @@ def simulate_gated(recordings: list[dict], margin: float | None, prefix: int) ->
     BASELINE_WINDOWS windows after the build or the last re-trace (margin None: no gate). After a re-trace the
     rule is refitted from the last R tokens, as the engine does."""
     config = DartConfig()
-    false = tokens = 0
-    detected = []
+    triggers = Triggers()
     for rec in recordings:
         detector = make_detector(config)
         detector.fit(rec["traced"])
         fit = rec["signal"][0].mean(dim=0)
-        since, first_after = 0, None
+        since = 0
         for start in range(0, rec["attention"].shape[1] - config.window + 1, config.window):
             end = start + config.window
             if not detector.observe(rec["attention"][:, start:end], prefix + end):
@@ -134,19 +123,17 @@ def simulate_gated(recordings: list[dict], margin: float | None, prefix: int) ->
             if margin is not None and (end < baseline_end + GATE or float(fit[end - GATE:end].mean()) <= (
                     1 + margin) * float(fit[since:baseline_end].mean())):
                 continue
-            if rec["kind"] == "control" or end <= rec["switch"]:
-                false += 1
-            elif first_after is None:
-                first_after = end - rec["switch"]
+            triggers.fire(rec["kind"], end, rec["switch"])
             history = torch.cat([rec["traced"], rec["attention"][:, :end]], dim=1)
             detector.refit(history[:, -config.ring_size:])
             since = end
-        if rec["kind"] == "control":
-            tokens += rec["attention"].shape[1]
-        else:
-            tokens += rec["switch"]
-            detected.append(first_after is not None and first_after <= DETECTION_WINDOW)
-    return {"false_per_1k": 1000 * false / tokens, "detected_64": sum(detected) / len(detected)}
+        triggers.end(rec["kind"], _unchanged(rec))
+    return triggers.result()
+
+
+def _unchanged(rec: dict) -> int:
+    """Tokens of unchanged text in a recording: all of a control's, a switch sequence's before the switch."""
+    return rec["signal"].shape[-1] if rec["kind"] == "control" else rec["switch"]
 
 
 def contrast(recordings: list[dict], measure: int) -> dict:

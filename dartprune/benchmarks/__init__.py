@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -48,3 +50,35 @@ def teacher_force(native, ids: list[int], prefix: int, chunk: int) -> None:
     native.forward(tokens[:prefix])
     for start in range(prefix, len(ids) - 1, chunk):
         native.forward(tokens[start:min(start + chunk, len(ids) - 1)])
+
+
+class Triggers:
+    """A simulated detector's triggers counted as the drift benchmark counts them: one before the switch or anywhere
+    in a control is false (a rate per 1,000 of those tokens); a switch is caught when the first trigger after it
+    comes within the detection window."""
+
+    def __init__(self) -> None:
+        self.false = self.tokens = 0
+        self.delays: list[int | None] = []          # per switch sequence, tokens from the switch to its first trigger
+        self._first: int | None = None
+
+    def fire(self, kind: str, position: int, switch: int) -> None:
+        if kind == "control" or position <= switch:
+            self.false += 1
+        elif self._first is None:
+            self._first = position - switch
+
+    def end(self, kind: str, unchanged_tokens: int) -> None:
+        """The sequence is over; `unchanged_tokens`: a control's tokens, a switch sequence's before the switch."""
+        self.tokens += unchanged_tokens
+        if kind != "control":
+            self.delays.append(self._first)
+        self._first = None
+
+    def result(self) -> dict:
+        from dartprune.evaluation.drift import DETECTION_WINDOW
+
+        delays = [d for d in self.delays if d is not None]
+        return {"false_per_1k": 1000 * self.false / self.tokens,
+                "detected_64": sum(d is not None and d <= DETECTION_WINDOW for d in self.delays) / len(self.delays),
+                "median_delay": statistics.median(delays) if delays else math.nan}
