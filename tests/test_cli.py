@@ -59,12 +59,17 @@ def test_generate_rejects_prompt_longer_than_context(capsys, tmp_path):
     assert code == 2 and "exceeds the model's context" in err
 
 
-def test_generate_compare_dense_prints_the_speedup(capsys):
+@pytest.mark.parametrize("loop, how", [
+    ("native", r"\(greedy, \d+ tokens each, a dense loop decoding in turn with the pruned one as in "
+               r"`dartprune bench`\)"),
+    ("hf", r"\(\d+ dense tokens after the reply, same loop\)"),
+])
+def test_generate_compare_dense_prints_the_speedup(capsys, loop, how):
     import re
     code, _, err = run_cli(["generate", "The capital of France is", "--max-new-tokens", "6", "--sparsity", "0.5",
-                            "--compare-dense", "--no-stream"], capsys)
+                            "--compare-dense", "--no-stream", "--loop", loop], capsys)
     assert code == 0
-    assert re.search(r"\| speedup over dense \d+\.\d\dx per output token \(\d+ dense tokens, same loop\)\]", err)
+    assert re.search(r"\| speedup over dense \d+\.\d\dx per output token " + how + r"\]", err), err
 
 
 def test_generate_sampling_flags_reach_the_sampler(capsys, smollm2):

@@ -540,7 +540,6 @@ def test_compare_variants_pairs_two_methods_by_sequence_and_occurrence(tmp_path)
     """benchmarks/compare_variants.py: the ratio of geometric means over the same sequences; a name that stands
     twice (two controls from one text) pairs the n-th with the n-th."""
     import json
-    import math
     import subprocess
     import sys
     from pathlib import Path

@@ -176,6 +176,14 @@ def run_lockstep(natives: list[NativeModel], ids: torch.Tensor, new_tokens: int,
     return runs
 
 
+def paired_speedup(pruned: NativeModel, ids: torch.Tensor, new_tokens: int) -> float:
+    """Dense time per output token over `pruned`'s, from one run of the native bench: a dense native loop over the
+    same weights decodes the prompt `ids` in turn with `pruned`, token by token, so both see the same load (two
+    runs one after the other on a shared machine differ by more than what pruning saves on a short reply)."""
+    dense_run, run = run_lockstep([NativeModel(pruned.model, None), pruned], ids.reshape(1, -1), new_tokens)
+    return dense_run.times.tpot_s / run.times.tpot_s
+
+
 class _Clock(BaseStreamer):
     """Streamer that timestamps each new token (generate calls `put` with the prompt first)."""
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 import torch
+from dartprune.benchmarks.speed import paired_speedup
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
@@ -83,19 +84,24 @@ def run(args: argparse.Namespace) -> int:
     def show(text: str) -> None:
         print(text, end="", flush=True)
 
+    compare = args.compare_dense and config.method != "dense"
     with Generator(model, tokenizer, config, loop=args.loop) as generator:
         generator.check_length(ids.numel(), args.max_new_tokens)
         result = generator.generate(ids, params, None if args.no_stream else show)
-    print(result.text if args.no_stream else "")
+        print(result.text if args.no_stream else "")
+        tokens = max(2, len(result.tokens))
+        paired = paired_speedup(generator.native, ids, tokens) if compare and generator.native is not None else None
     stats = result.stats
     line = (f"[{len(result.tokens)} tokens in {result.ttft_s + result.decode_s:.2f} s, {result.tokens_per_s:.1f} "
             f"tokens/s, {generator.loop} loop | {stats.summary()}")
-    if args.compare_dense and config.method != "dense":
-        dense_params = SamplingParams(max_new_tokens=len(result.tokens), ignore_eos=True)
+    if paired is not None:
+        line += f" | speedup over dense {paired:.2f}x per output token (greedy, {tokens} tokens each, a dense loop " \
+                "decoding in turn with the pruned one as in `dartprune bench`)"
+    elif compare:
         with Generator(model, tokenizer, None, loop=args.loop) as dense:
-            reference = dense.generate(ids, dense_params)
+            reference = dense.generate(ids, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
         line += f" | speedup over dense {speedup(reference, result):.2f}x per output token ({len(reference.tokens)} " \
-                f"dense tokens, same loop)"
+                "dense tokens after the reply, same loop)"
     print(line + "]", file=sys.stderr)
     if args.trace_plot:
         from dartprune.plots import plot_drift_trace

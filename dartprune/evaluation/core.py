@@ -117,7 +117,7 @@ def method_specs(methods: list[str], sparsities: list[float], extra: dict[str, A
             specs.append(MethodSpec(method, float(sparsity), DartConfig.from_dict(values), variant))
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"a method is listed twice: {sorted(l for l in set(labels) if labels.count(l) > 1)}")
+        raise ConfigError(f"a method is listed twice: {sorted(x for x in set(labels) if labels.count(x) > 1)}")
     return specs
 
 
