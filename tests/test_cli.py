@@ -105,12 +105,12 @@ def test_unknown_method_is_an_argparse_error(capsys):
 
 
 def test_eval_methods_keep_commas_inside_a_variant():
-    from dartprune.cli.eval import _methods
-    assert _methods("static, dart,dart[monitored_layers=(0, -1);window=5]") == [
+    from dartprune.cli.eval import split_methods
+    assert split_methods("static, dart,dart[monitored_layers=(0, -1);window=5]") == [
         "static", "dart", "dart[monitored_layers=(0, -1);window=5]"]
     for bad in ("dart[window=5", ",", "dart]["):
         with pytest.raises(Exception, match="balanced brackets"):
-            _methods(bad)
+            split_methods(bad)
 
 
 def test_models_lists_aliases(capsys):

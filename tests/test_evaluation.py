@@ -166,7 +166,7 @@ def test_drift_metrics_count_false_retraces_and_detection_exactly():
         {"kind": "control", "nll_before": 1.0, "nll_after": 1.0, "nll_after_64": 1.0, "nll_all": 1.0,
          "scored_before": 100, "scored_all": 500, "false_retraces": 2, "first_after": None, "executed_sparsity": 0.5},
     ]
-    m = Drift._metrics(records)
+    m = Drift.metrics(records)
     assert m["ppl_before"] == pytest.approx(math.exp(2.0)) and m["ppl_after"] == pytest.approx(math.exp(3.0))
     assert m["ppl_control"] == pytest.approx(math.e) and m["false_per_1k_control"] == pytest.approx(4.0)
     assert m["false_per_1k_before"] == pytest.approx(5.0)

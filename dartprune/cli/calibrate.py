@@ -3,6 +3,7 @@ save them in one small safetensors file for `--calibration-file`."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import sys
 import time
 from pathlib import Path
@@ -13,8 +14,8 @@ from dartprune.calibration.file import (
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add_parser(
         "calibrate", help="calibrate wanda-static or threshold on a text (writes a --calibration-file)",
         description="Run the dense model over windows of a calibration text and save what the method needs: "
                     "per-layer input/activation norms (wanda-static) or per-layer |u| thresholds for a grid of "

@@ -3,6 +3,7 @@ the conversation. Commands: /reset, /stats, /quit (or Ctrl-D); Ctrl-C stops a re
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import signal
 import sys
 from typing import TextIO
@@ -18,8 +19,8 @@ from dartprune.models import DEFAULT_MODEL, load_model
 HELP = "commands: /reset (start over), /stats (this chat's figures), /quit; Ctrl-C stops a reply"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("chat", help="chat in the terminal, dense or pruned (each turn re-traced)",
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add_parser("chat", help="chat in the terminal, dense or pruned (each turn re-traced)",
                               description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
     p.add_argument("--method", default="dart", choices=sorted(METHODS))

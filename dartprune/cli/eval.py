@@ -3,6 +3,7 @@ methods at several sparsities; writes results.json, results.md (printed), detail
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from dartprune.engine.config import parse_settings
 
@@ -19,7 +20,7 @@ def _csv(kind):
     return parse
 
 
-def _methods(text: str) -> list[str]:
+def split_methods(text: str) -> list[str]:
     """Comma-separated methods; commas inside a variant's brackets (`dart[monitored_layers=(0, -1)]`) stay."""
     methods, depth, current, balanced = [], 0, "", True
     for char in text:
@@ -66,13 +67,13 @@ def _task_names() -> list[str]:
     return list(TASK_REGISTRY)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     from dartprune.evaluation.registry import EvalSettings
     d = EvalSettings()
-    p = subparsers.add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, cnn_dailymail, topics)",
+    p = add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, cnn_dailymail, topics)",
                               description=__doc__)
     p.add_argument("--model", default=d.model, help="alias, local folder or Hugging Face id")
-    p.add_argument("--methods", type=_methods, default=d.methods,
+    p.add_argument("--methods", type=split_methods, default=d.methods,
                    help="comma-separated methods (dense always runs once, as the reference); a method may carry its own "
                         "settings, e.g. dart,dart[detector=paper;window=5] compares two DART configurations in one run")
     p.add_argument("--sparsity", type=_csv(float), default=d.sparsities, help="comma-separated FFN sparsities")
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m dartprune.cli.eval ARGS` = `dartprune eval ARGS`."""
     import sys
     parser = argparse.ArgumentParser(prog="dartprune")
-    register(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True).add_parser)
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
     return args.run(args) or 0
 

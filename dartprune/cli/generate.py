@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import sys
 
 import torch
@@ -14,8 +15,8 @@ from dartprune.engine.config import ConfigError, parse_settings
 from dartprune.models import DEFAULT_MODEL, load_model
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a prompt, dense or pruned",
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add_parser("generate", help="generate text from a prompt, dense or pruned",
                               description="Generate a continuation of PROMPT (or --prompt-file, or stdin).")
     p.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted reads stdin")
     p.add_argument("--prompt-file", help="read the prompt from this file")

@@ -5,10 +5,11 @@ subcommand imports the backend first and hands every argument to lm-eval unchang
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add_parser(
         "lm-eval", help="run lm-evaluation-harness with --model dartprune available",
         description="Every argument goes to lm-eval, e.g. dartprune lm-eval --model dartprune --model_args "
                     "pretrained=smollm2-135m,method=dart,sparsity=0.5 --tasks piqa --limit 50",

@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dartprune", description=__doc__.splitlines()[0].replace("`", ""))
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"dartprune.cli.{name}").register(subparsers)
+        importlib.import_module(f"dartprune.cli.{name}").register(subparsers.add_parser)
     return parser
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import sys
 
 from dartprune.architectures import supported_model_types
@@ -10,8 +11,8 @@ from dartprune.models import list_models
 COLUMNS = ("alias", "model", "source package", "size", "licence", "installed")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("models", help="list model aliases and supported families")
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add_parser("models", help="list model aliases and supported families")
     p.set_defaults(run=run)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import sys
 
 from dartprune.engine.config import parse_settings
@@ -12,8 +13,8 @@ from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
+def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
     p.add_argument("--name", help="the model name clients ask for (default: --model)")
     p.add_argument("--method", default="dart", choices=sorted(METHODS), help="default method of every request")

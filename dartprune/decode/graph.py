@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dartprune.decode.model import NativeModel, _rotate, rms_norm
+from dartprune.decode.model import NativeModel, apply_rotary, rms_norm
 
 
 class GraphStep:
@@ -53,8 +53,8 @@ class GraphStep:
             if layer.q_norm is not None:
                 q = rms_norm(q, layer.q_norm, d.norm_eps, d.norm_offset)
                 k = rms_norm(k, layer.k_norm, d.norm_eps, d.norm_offset)
-            q = _rotate(q.float(), cos[:, None], sin[:, None])
-            k = _rotate(k.float(), cos[:, None], sin[:, None])
+            q = apply_rotary(q.float(), cos[:, None], sin[:, None])
+            k = apply_rotary(k.float(), cos[:, None], sin[:, None])
             native.cache.k[i].index_copy_(1, self.position, k.transpose(0, 1))
             native.cache.v[i].index_copy_(1, self.position, v.float().transpose(0, 1))
             group = d.heads // d.kv_heads

@@ -67,7 +67,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
     return weight * normed.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in Hugging Face's half-split layout (the prompt's forward and the graph step)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -218,8 +219,8 @@ class NativeModel:
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, d.norm_eps, d.norm_offset)
             k = rms_norm(k, layer.k_norm, d.norm_eps, d.norm_offset)
-        q = _rotate(q.float(), cos[:, None], sin[:, None])
-        k = _rotate(k.float(), cos[:, None], sin[:, None])
+        q = apply_rotary(q.float(), cos[:, None], sin[:, None])
+        k = apply_rotary(k.float(), cos[:, None], sin[:, None])
         end = start + tokens
         cache_k, cache_v = self.cache.k[i], self.cache.v[i]
         cache_k[:, start:end] = k.transpose(0, 1)

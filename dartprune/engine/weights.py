@@ -26,7 +26,7 @@ from torch import nn
 from dartprune.architectures import FFNParts
 from dartprune.compiled import build
 
-_SWAP_SOURCE = Path(__file__).with_name("swap.c")
+SWAP_SOURCE = Path(__file__).with_name("swap.c")
 _swap_library: ctypes.CDLL | str | None = None       # built on first use; a string says why it cannot be
 _swap_enabled = True
 
@@ -43,7 +43,7 @@ def swap_library() -> ctypes.CDLL | None:
     then go through PyTorch: same values, about twice the memory traffic)."""
     global _swap_library
     if _swap_library is None:
-        _swap_library = build(_SWAP_SOURCE, "swap")
+        _swap_library = build(SWAP_SOURCE, "swap")
         if not isinstance(_swap_library, str):
             _swap_library.dart_swap_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -92,12 +92,16 @@ class PrefixFFN:
             return None
         return rows
 
+    def uses_compiled_swap(self) -> bool:
+        """Whether this layer's swaps run through the compiled routine (it builds and is switched on, and every
+        weight is contiguous CPU rows that it can exchange in place)."""
+        return swap_library() is not None and self._row_tensors() is not None
+
     @torch.no_grad()
     def _swap(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Exchange the neurons at positions a and b (same-length index vectors, disjoint)."""
-        lib = swap_library()
-        rows = self._row_tensors() if lib is not None else None
-        if rows is not None:
+        if self.uses_compiled_swap():
+            lib, rows = swap_library(), self._row_tensors()
             a64, b64 = a.to(torch.int64).contiguous(), b.to(torch.int64).contiguous()
             for t in rows:   # each row read once and written once, in place (a and b: disjoint, in range)
                 lib.dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(), b64.data_ptr(),

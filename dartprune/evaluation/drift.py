@@ -191,13 +191,15 @@ class Drift(Task):
                 self.traces[(seq.name, spec.name, spec.sparsity)] = stats
         self.records[spec.label] = records
         self.details += [{"task": self.name, "method": spec.name, "sparsity": spec.sparsity, **r} for r in records]
-        return [self.result(spec, self.settings.drift_split, self._metrics(records), len(records), self.prefix,
+        return [self.result(spec, self.settings.drift_split, self.metrics(records), len(records), self.prefix,
                             {"executed_sparsity": mean([r["executed_sparsity"] for r in records]),
                              "retraces_mean": mean([r["retraces"] for r in records]), "sequences": len(records)},
                             time.perf_counter() - started, segment=self.sequences[0].switch - self.prefix)]
 
     @staticmethod
-    def _metrics(records: list[dict]) -> dict[str, float]:
+    def metrics(records: list[dict]) -> dict[str, float]:
+        """One method's row from its per-sequence records: perplexities before and after the switch and on the
+        controls, false re-traces per 1,000 tokens, share of switches caught within 64 tokens, median delay."""
         switches = [r for r in records if r["kind"] == "switch"]
         controls = [r for r in records if r["kind"] == "control"]
         delays = [r["first_after"] for r in switches if r["first_after"] is not None]
