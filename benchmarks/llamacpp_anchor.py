@@ -23,12 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import publish  # noqa: E402
-from dartprune.benchmarks.speed import make_prompt  # noqa: E402
-from dartprune.data import load_text  # noqa: E402
+from dartprune.benchmarks import publish, timing_setup  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
-from dartprune.models import ALIASES, gguf_sources, load_model  # noqa: E402
+from dartprune.models import ALIASES, gguf_sources  # noqa: E402
 
 
 def requantize(llama_cpp, source: Path, target: Path, ftype: int) -> Path:
@@ -82,11 +80,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import llama_cpp
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer, ids = timing_setup("smollm2-135m", args.threads, args.prompt_len, args.text)
     for param in model.parameters():
         param.data = param.data.clone()            # ordinary memory, as the speed benchmark does
-    ids = make_prompt(tokenizer, args.prompt_len, load_text(args.text).text)[0]
     [q4] = gguf_sources(ALIASES["smollm2-135m"])
     runners = {}
     with tempfile.TemporaryDirectory() as tmp:

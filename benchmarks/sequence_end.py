@@ -12,16 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import publish  # noqa: E402
-from dartprune.benchmarks.speed import make_prompt  # noqa: E402
-from dartprune.data import load_text  # noqa: E402
+from dartprune.benchmarks import publish, timing_setup  # noqa: E402
 from dartprune.decode.generate import Generator, SamplingParams  # noqa: E402
-from dartprune.models import load_model  # noqa: E402
 
 # the prompt and threads of the llama.cpp anchor (llamacpp_anchor.py)
 THREADS, PROMPT_TOKENS, NEW_TOKENS, TEXT = 2, 256, 16, "gutenberg:austen-emma"
@@ -33,9 +28,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    model, tokenizer = load_model(args.model)
-    ids = make_prompt(tokenizer, PROMPT_TOKENS, load_text(TEXT).text)[0]
+    model, tokenizer, ids = timing_setup(args.model, THREADS, PROMPT_TOKENS, TEXT)
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     lines = ["# Time to first token of a reused engine: neurons moved back at the end of a sequence or at the start "
              "of the next", "",

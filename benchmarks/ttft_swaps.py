@@ -11,19 +11,15 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import publish  # noqa: E402
-from dartprune.benchmarks.speed import make_prompt, time_prompt  # noqa: E402
-from dartprune.data import load_text  # noqa: E402
+from dartprune.benchmarks import publish, timing_setup  # noqa: E402
+from dartprune.benchmarks.speed import time_prompt  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.weights import set_compiled_swap, swap_library  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, geometric_mean_ratio  # noqa: E402
-from dartprune.models import load_model  # noqa: E402
 
 THREADS, PROMPT_TOKENS, TEXT = 2, 256, "wikitext2"     # the prompt of `dartprune bench`
 
@@ -34,11 +30,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
     if swap_library() is None:
         raise SystemExit("the compiled swap cannot be built here: nothing to compare")
-    model, tokenizer = load_model(args.model)
-    ids = make_prompt(tokenizer, PROMPT_TOKENS, load_text(TEXT).text)[0]
+    model, _, ids = timing_setup(args.model, THREADS, PROMPT_TOKENS, TEXT)
     lines = ["# Time to first token: neuron swaps compiled or through PyTorch", "",
              f"`{' '.join(sys.argv)}`; {args.model}, float32, {THREADS} threads, prompt {PROMPT_TOKENS} tokens of "
              f"{TEXT}, {args.rounds} rounds after one warm-up, the order rotating; ratios are geometric means of "

@@ -17,6 +17,18 @@ def publish(lines: list[str], out: Path | None) -> None:
         out.write_text(text)
 
 
+def timing_setup(model_name: str, threads: int, prompt_tokens: int, text: str):
+    """What the timing scripts start from: the thread count, the model and its tokenizer, and a prompt of
+    `prompt_tokens` tokens of `text` ([tokens])."""
+    from dartprune.benchmarks.speed import make_prompt
+    from dartprune.data import load_text
+    from dartprune.models import load_model
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(model_name)
+    return model, tokenizer, make_prompt(tokenizer, prompt_tokens, load_text(text).text)[0]
+
+
 def drift_parser(description: str, threads: int = 1) -> argparse.ArgumentParser:
     """The options every script that studies the drift benchmark takes (each adds its own, --sparsity included)."""
     parser = argparse.ArgumentParser(description=description)
