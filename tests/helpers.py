@@ -21,3 +21,17 @@ def teacher_forced_logits(model, ids: torch.Tensor, prefix: int, chunk: int = 1,
                     use_cache=True)
         logits.append(out.logits)
     return torch.cat(logits, dim=1)
+
+
+def layout(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """Every tensor of the model's state, with its strides (an engine may lay weights out differently)."""
+    return {name: (value.clone(), value.stride()) for name, value in model.state_dict().items()}
+
+
+def assert_untouched(model: torch.nn.Module, before: dict[str, tuple[torch.Tensor, tuple[int, ...]]]) -> None:
+    """The model holds no dartprune handle or tapped FFN, and every tensor has its values and layout of `before`."""
+    from dartprune.engine.taps import TappedFFN
+    assert getattr(model, "dartprune_handle", None) is None
+    assert not any(isinstance(m, TappedFFN) for m in model.modules())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name][0]) and value.stride() == before[name][1], name

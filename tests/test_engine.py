@@ -12,7 +12,7 @@ from dartprune.engine.phase import Phase
 from dartprune.engine.drift import PaperDetector
 from dartprune.engine.weights import PrefixFFN, masked_ffn
 from dartprune.engine.scoring import top_neurons
-from tests.helpers import HAIR_TRIGGER, teacher_forced_logits
+from tests.helpers import HAIR_TRIGGER, assert_untouched, layout, teacher_forced_logits
 from tests.tiny_models import FAMILIES, INTERMEDIATE, LAYERS, random_ids, tiny_model
 
 
@@ -48,7 +48,7 @@ def test_compact_path_matches_mask_path(family, prune_prefill):
 
 def test_detach_restores_model_and_weights():
     model = tiny_model("llama")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = layout(model)
     modules_before = [type(m) for m in model.modules()]
     ids = random_ids(1, 16)
     dense = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -59,10 +59,21 @@ def test_detach_restores_model_and_weights():
     assert torch.equal(dense, after)
     assert not torch.equal(dense, pruned)
     assert [type(m) for m in model.modules()] == modules_before
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
-    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert_untouched(model, before)
     assert "generate" not in vars(model)
+
+
+def test_a_refused_attach_leaves_the_model_as_it_was():
+    """Settings found wrong only against the model (a monitored layer it does not have) are refused before any
+    weight is laid out anew; the model can then be attached and detached as usual."""
+    model = tiny_model("llama")
+    before = layout(model)
+    with pytest.raises(ConfigError, match="monitored layer 50 is out of range"):
+        dartprune.attach(model, DartConfig(sparsity=0.5, monitored_layers=(50,)))
+    assert_untouched(model, before)
+    with dartprune.attach(model, DartConfig(sparsity=0.5)):
+        pass
+    assert_untouched(model, before)
 
 
 def test_attached_generate_ends_its_sequence_and_a_continued_generate_resumes_it():

@@ -233,13 +233,19 @@ def test_openai_client_streams_the_same_text(client):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "messages": [{"role": "pirate", "content": "hi"}]}, 400, "role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"monitored_layers": [50]}},
+     400, "out of range"),                      # found only when the engine is built
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, needle):
+    good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    assert _http(server + "/v1/chat/completions", json.dumps(good).encode())[0] == 200
     code, answer = _http(server + "/v1/chat/completions", json.dumps(body).encode())
     assert code == status
     error = answer["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
     assert _http(server + "/health") == (200, {"status": "ok", "model": "tiny"})
+    code, answer = _http(server + "/v1/chat/completions", json.dumps(good).encode())     # the same settings again
+    assert code == 200 and answer["dartprune"]["loop"] == "native", answer
 
 
 def test_malformed_json_is_a_400(server):

@@ -55,6 +55,7 @@ class Generation:
     ttft_s: float                      # prompt in, first token out
     step_s: list[float] = field(default_factory=list)   # each later token
     stats: SequenceStats | None = None
+    loop: str = "native"               # the loop that ran: "native" or "hf"
 
     @property
     def decode_s(self) -> float:
@@ -225,7 +226,7 @@ class Generator:
             steps.append(time.perf_counter() - start)
         stream.finish()
         return Generation(text=stream.text, tokens=stream.tokens, finish_reason=reason, prompt_tokens=ids.numel(),
-                          ttft_s=ttft, step_s=steps, stats=self.engine.stats()[0])
+                          ttft_s=ttft, step_s=steps, stats=self.engine.stats()[0], loop="native")
 
     def _ends(self, token: int, stream: TextStream, params: SamplingParams) -> str | None:
         """Why the reply ends at this token ("eos", or "stop" when the text now ends in a stop string), else
@@ -271,4 +272,5 @@ class Generator:
         marks = times[1:]                                   # the first put is the prompt
         steps = [b - a for a, b in zip(marks, marks[1:])]
         return Generation(text=stream.text, tokens=stream.tokens, finish_reason=reason, prompt_tokens=ids.numel(),
-                          ttft_s=(marks[0] - start) if marks else 0.0, step_s=steps, stats=self.engine.stats()[0])
+                          ttft_s=(marks[0] - start) if marks else 0.0, step_s=steps, stats=self.engine.stats()[0],
+                          loop="hf")

@@ -117,14 +117,15 @@ class Engine:
             if model in _PRUNING:
                 raise RuntimeError("another dartprune Engine prunes this model (its weights are permuted in place); "
                                    "close it first")
+        self.follows_drift = self.prunes and self.method.follows_drift
+        self.per_token = self.prunes and self.method.execution == "per-token"
+        self.monitored = self._monitored_layers() if self.follows_drift else []   # may refuse: before any weight moves
         # down projections laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read
         # after that, so they are views of the layout in use
         self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
         self._relaid = [d.weight for i, d in enumerate(self._downs)
                         if i not in self._offloaded and to_neuron_major(d.weight)] if self.prunes else []
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
-        self.follows_drift = self.prunes and self.method.follows_drift
-        self.per_token = self.prunes and self.method.execution == "per-token"
         if self.prunes and config.path == "compact" and not self.per_token:     # the path that swaps in place
             swap_library()                    # built (or found in the cache) now, not in the first prompt
             for i, p in enumerate(self.parts):
@@ -134,7 +135,6 @@ class Engine:
                             own_pages(tensor)
         self.hidden = self.parts[0].up.shape[1]
         self.gated = self.parts[0].gated
-        self.monitored = self._monitored_layers() if self.follows_drift else []
         self.prefix: list[PrefixFFN | ModuleFFN] = [
             ModuleFFN(self.adapter.ffn(layer), self.adapter.down_proj(layer), p.intermediate_size)
             if i in self._offloaded else PrefixFFN(p)

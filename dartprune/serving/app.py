@@ -98,8 +98,7 @@ class ModelServer:
 
     def generator(self, config: DartConfig) -> Generator:
         if self._generator is None or self._generator.config != config:
-            if self._generator is not None:
-                self._generator.close()
+            self.close()             # a build that fails (settings only the engine can check) leaves none behind
             self._generator = Generator(self.model, self.tokenizer, config, loop=self.loop)
         return self._generator
 
@@ -129,9 +128,9 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _figures(result: Generation, config: DartConfig, loop: str) -> dict[str, Any]:
+def _figures(result: Generation, config: DartConfig) -> dict[str, Any]:
     stats = result.stats
-    return {"method": config.method, "sparsity": config.sparsity, "loop": loop,
+    return {"method": config.method, "sparsity": config.sparsity, "loop": result.loop,
             "executed_sparsity": round(stats.executed_sparsity, 4), "retraces": stats.retrace_count,
             "state_bytes": stats.state_bytes, "tokens_per_s": round(result.tokens_per_s, 2)}
 
@@ -261,7 +260,7 @@ def create_app(server: ModelServer) -> FastAPI:
 
             def final(result):
                 return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
-                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config)}
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream(http, ids, params, config, chunk, final, include)
@@ -269,7 +268,7 @@ def create_app(server: ModelServer) -> FastAPI:
         return {"id": ident, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": _finish(result.finish_reason)}],
-                "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+                "usage": usage(result), "dartprune": _figures(result, config)}
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
@@ -291,7 +290,7 @@ def create_app(server: ModelServer) -> FastAPI:
 
             def final(result):
                 return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
-                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config)}
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream(http, ids, params, config, chunk, final, include)
@@ -299,6 +298,6 @@ def create_app(server: ModelServer) -> FastAPI:
         return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
                 "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
                              "logprobs": None}],
-                "usage": usage(result), "dartprune": _figures(result, config, server.loop)}
+                "usage": usage(result), "dartprune": _figures(result, config)}
 
     return app
