@@ -122,6 +122,32 @@ def test_pruned_native_loop_equals_attach_with_hugging_face(family, kernel, chun
     assert stats.executed_sparsity == pytest.approx(expected.executed_sparsity)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_prune_prefill_runs_the_prompt_pruned_in_the_native_loop_as_with_hugging_face(family):
+    """prune_prefill: the prompt is traced dense, then run again on the masks, in both drivers alike."""
+    model = tiny_model(family)
+    ids = random_ids(1, 30, seed=6)[0]
+    results = {}
+    for prune_prefill in (False, True):
+        config = DartConfig(sparsity=0.6, prune_prefill=prune_prefill, **HAIR_TRIGGER)
+        with dartprune.attach(model, config) as handle:
+            reference = teacher_forced_logits(model, ids[None], prefix=16, chunk=1)[0]
+            expected = handle.stats()[0]
+        engine = Engine(model, config)
+        try:
+            ours = native_logits(NativeModel(model, engine), ids, 16, chunk=1)
+            stats = engine.stats()[0]
+        finally:
+            engine.close()
+        assert (ours - reference).abs().max() <= 1e-4
+        assert stats.retrace_positions == expected.retrace_positions
+        assert stats.executed_sparsity == pytest.approx(expected.executed_sparsity)
+        results[prune_prefill] = (ours, stats.executed_sparsity)
+    (dense_prompt, dense_sparsity), (pruned_prompt, pruned_sparsity) = results[False], results[True]
+    assert (dense_prompt[:16] - pruned_prompt[:16]).abs().max() > 1e-2       # the prompt itself ran pruned
+    assert pruned_sparsity > dense_sparsity
+
+
 def test_native_generation_equals_hugging_face_generate_on_smollm2(smollm2):
     """Greedy, dense: the same 64 tokens as `model.generate`."""
     model, tokenizer = smollm2

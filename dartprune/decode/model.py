@@ -137,16 +137,37 @@ class NativeModel:
         engine = self.engine
         step = None
         if engine is not None:
+            valid = torch.ones(1, tokens, dtype=torch.bool)
             if start == 0:
                 engine.start(1)
+                if engine.prunes and engine.config.prune_prefill:   # trace the prompt dense, then run it pruned
+                    self._layers(ids, start, engine.begin_forward(valid, trace_only=True))
+                    engine.end_forward(account=False)
+                    step = engine.begin_forward(valid, replay=True)
             elif new_turn:
                 engine.new_turn()
-            step = engine.begin_forward(torch.ones(1, tokens, dtype=torch.bool))
+            if step is None:
+                step = engine.begin_forward(valid)
         if self.kernel is not None and tokens <= self.kernel.max_tokens and start > 0 and (
                 step is None or not engine.prunes or (not step.dense and engine.runs_prefix)):
             logits = self._kernel_forward(ids.tolist(), start, step)
             return logits[-1:] if last_only else logits
+        x = self._layers(ids, start, step)
+        self.cache.length = start + tokens
+        if last_only:
+            x = x[-1:]
         d = self.decoder
+        logits = F.linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
+        if d.final_softcap is not None:
+            logits = torch.tanh(logits / d.final_softcap) * d.final_softcap
+        if engine is not None:
+            engine.end_forward()
+        return logits
+
+    def _layers(self, ids: torch.Tensor, start: int, step) -> torch.Tensor:
+        """The decoder layers over `ids` at positions from `start` (their keys and values written to the cache):
+        the final hidden states [tokens, hidden], before the last norm."""
+        d, engine, tokens = self.decoder, self.engine, ids.numel()
         tables = self.rotary(start + tokens)
         # attention masks of this forward, one per window, shared by the layers (one token needs none unless windowed)
         masks = {window: self._mask(start, tokens, window) for window in self._windows
@@ -169,15 +190,7 @@ class NativeModel:
                 if layer.post_ffn_norm is not None:
                     y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
             x = x + y
-        self.cache.length = start + tokens
-        if last_only:
-            x = x[-1:]
-        logits = F.linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
-        if d.final_softcap is not None:
-            logits = torch.tanh(logits / d.final_softcap) * d.final_softcap
-        if engine is not None:
-            engine.end_forward()
-        return logits
+        return x
 
     def _kernel_forward(self, tokens: list[int], start: int, step) -> torch.Tensor:
         """A few tokens through the compiled forward; the engine gets what it would from the PyTorch one."""
