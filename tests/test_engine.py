@@ -5,6 +5,7 @@ import torch
 
 import dartprune
 from dartprune import ConfigError, DartConfig
+from dartprune.engine.config import parse_settings
 from dartprune.engine.budgets import depth_protection, keep_counts, layer_importance, pruning_ratios
 from dartprune.decode.model import NativeModel
 from dartprune.engine import Engine
@@ -597,6 +598,26 @@ def test_drift_monitor_waits_for_two_windows_and_triggers_on_pressure():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         DartConfig(**bad)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("delta=abc", "delta must be a number, got 'abc'"), ("retrace_blend=None", "retrace_blend must be a number"),
+    ("sparsity=nan", "sparsity must be a number"), ("window=True", "window must be an integer"),
+    ("seed=1.5", "seed must be an integer"), ("prune_prefill=1", "prune_prefill must be true or false"),
+    ("cooldown=2.0", "cooldown must be an integer"),
+])
+def test_settings_of_the_wrong_type_are_config_errors(setting, message):
+    """What `--set` and a server request give: a clear ConfigError, never a TypeError or a value taken as truthy."""
+    with pytest.raises(ConfigError, match=message):
+        DartConfig.from_dict(parse_settings([setting]))
+
+
+def test_settings_read_command_line_booleans_and_none():
+    assert parse_settings(["prune_prefill=false", "a=True", "b=None", "detector=none", "d=0.5", "e=(0, -1)",
+                           "f=x"]) == {"prune_prefill": False, "a": True, "b": None, "detector": "none", "d": 0.5,
+                                       "e": (0, -1), "f": "x"}
+    assert DartConfig.from_dict(parse_settings(["prune_prefill=false"])).prune_prefill is False
+    assert DartConfig.from_dict(parse_settings(["prune_prefill=true"])).prune_prefill is True
 
 
 def test_config_from_dict_names_unknown_keys():

@@ -5,6 +5,9 @@ module is as valid as the built-in ones."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -119,7 +122,17 @@ class DartConfig:
         from dartprune.engine.drift import DETECTORS
         _choice("detector", self.detector, tuple(DETECTORS))
         _choice("path", self.path, PATHS)
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+        for name in _NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.prune_prefill, bool):
+            raise ConfigError(f"prune_prefill must be true or false, got {self.prune_prefill!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.calibration_file is not None and not isinstance(self.calibration_file, (str, os.PathLike)):
+            raise ConfigError(f"calibration_file must be a path, got {self.calibration_file!r}")
+        if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         for name in ("early_width", "late_width", "early_floor", "late_floor", "p_min", "p_max", "ema_decay",
                      "retrace_blend", "turn_blend"):
@@ -133,9 +146,10 @@ class DartConfig:
         for name in ("window", "trigger_count", "ring_size", "dense_steps", "retrace_spread", "build_spread",
                      "min_trace_tokens",
                      "shift_history", "shift_persist"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.cooldown, int) or self.cooldown < 0:
+        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, numbers.Integral) or self.cooldown < 0:
             raise ConfigError(f"cooldown must be an integer >= 0, got {self.cooldown!r}")
         if self.delta < 0 or self.floor < 0 or self.shift_k < 0 or self.shift_floor < 0:
             raise ConfigError("delta, floor, shift_k and shift_floor must be >= 0")
@@ -165,18 +179,27 @@ class DartConfig:
 
 
 def parse_settings(settings: list[str]) -> dict[str, object]:
-    """KEY=VALUE pairs with Python-literal values where they parse (numbers, booleans, tuples)."""
+    """KEY=VALUE pairs with Python-literal values where they parse (numbers, tuples, True/False/None; true and
+    false as on a command line), else strings ("none" stays a string: it is a detector's name)."""
     import ast
     values: dict[str, object] = {}
     for item in settings:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"a setting must look like KEY=VALUE, got {item!r}")
+        words = {"true": True, "false": False}
+        if raw.strip().lower() in words:
+            values[key.strip()] = words[raw.strip().lower()]
+            continue
         try:
             values[key.strip()] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             values[key.strip()] = raw
     return values
+
+
+_NUMBERS = ("sparsity", "early_width", "late_width", "early_floor", "late_floor", "p_min", "p_max", "ema_decay",
+            "shift_k", "shift_floor", "delta", "floor", "retrace_blend", "turn_blend")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
