@@ -365,3 +365,19 @@ def test_static_shape_step_for_cuda_graphs_equals_the_native_forward(family, met
     assert stats[0].executed_sparsity == pytest.approx(stats[1].executed_sparsity)
     if method == "dart":
         assert stats[1].retrace_count >= 2 and stats[1].prompt_tokens == 10
+
+
+def test_static_shape_step_refuses_an_engine_that_does_not_run_the_prefix():
+    from dartprune.decode.graph import GraphStep
+    model = tiny_model("llama")
+    for config in (DartConfig(sparsity=0.5, path="mask"), DartConfig(sparsity=0.5, path="compact")):
+        engine = Engine(model, config)
+        try:
+            native = NativeModel(model, engine, kernel=False)
+            if config.path == "mask":
+                with pytest.raises(ValueError, match="compact path"):
+                    GraphStep(native, capture=False)
+            else:
+                GraphStep(native, capture=False)
+        finally:
+            engine.close()

@@ -24,6 +24,10 @@ class GraphStep:
         self.capture = native.device.type == "cuda" if capture is None else capture
         if self.capture and native.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        if native.engine is not None and native.engine.prunes and not native.engine.prefix_capable:
+            raise ValueError("the static-shape step runs each pruned layer over its kept prefix: it needs the "
+                             "compact path, a kept-set method and every weight in memory (path='mask', per-token "
+                             "methods and offloaded layers run through NativeModel.forward)")
         d = native.decoder
         device = native.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)

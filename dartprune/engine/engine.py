@@ -343,6 +343,12 @@ class Engine:
         return self.prunes and (self._turn or any(row.phase is Phase.TRACING for row in self.rows))
 
     @property
+    def prefix_capable(self) -> bool:
+        """A batch of one runs each pruned layer over the prefix of its permuted weights: the compact path, a
+        kept-set method, every weight in memory (a loop that runs the FFNs itself needs it)."""
+        return self.prunes and self.config.path == "compact" and not self.per_token and not self._offloaded
+
+    @property
     def runs_prefix(self) -> bool:
         """Pruned forwards of this sequence run each layer over the prefix of its permuted weights (a batch of one
         on the compact path, every weight in memory), so a loop may run them itself from `keep_counts`."""
