@@ -475,6 +475,33 @@ def test_eval_with_missing_data_leaves_no_output_folder(tiny, tmp_path, monkeypa
     assert not out.exists()
 
 
+def test_a_calibrated_method_is_not_evaluated_on_its_calibration_text(tiny, tmp_path):
+    """Checked once every task's data is prepared, before any output or compute; another text runs."""
+    from dartprune.calibration.collect import calibrate
+    from dartprune.calibration.file import CalibrationError
+    model, tokenizer, _ = tiny
+    harbour = MINI / "gutenberg" / "harbour.txt"
+    path = calibrate(model, tokenizer, "wanda-static", load_text(harbour), tmp_path / "cal.safetensors",
+                     samples=2, seq_len=32).path
+
+    def settings(text: Path, out: str) -> EvalSettings:
+        return EvalSettings(model="tiny", methods=["wanda-static"], sparsities=[0.5], tasks=["ppl"], text=str(text),
+                            out=str(tmp_path / out), limit=1, ppl_window=64, prefix=16,
+                            calibration={"wanda-static": path})
+
+    with pytest.raises(CalibrationError, match="is the calibration text"):
+        run_evaluation(settings(harbour, "same"), model, tokenizer, command="test", echo=False)
+    assert not (tmp_path / "same").exists()
+    results, _ = run_evaluation(settings(MINI / "gutenberg" / "kitchen.txt", "other"), model, tokenizer,
+                                command="test", echo=False)
+    assert [r.method for r in results] == ["dense", "wanda-static"]
+    from dartprune.cli.eval import main      # a bare --calibration-file reaches a variant of a calibrated method
+    _, _, folder = tiny
+    assert main(["--model", str(folder), "--methods", "wanda-static[allocation=uniform]", "--calibration-file",
+                 str(path), "--tasks", "ppl", "--text", str(MINI / "gutenberg" / "kitchen.txt"), "--limit", "1",
+                 "--ppl-window", "64", "--prefix", "16", "--out", str(tmp_path / "cli")]) == 0
+
+
 def test_per_task_limits(tiny, tmp_path):
     model, tokenizer, _ = tiny
     settings = EvalSettings(model="tiny", methods=["random"], sparsities=[0.5], tasks=["topics"], out=str(tmp_path),

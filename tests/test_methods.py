@@ -16,7 +16,7 @@ from dartprune.architectures import get_adapter
 from dartprune.methods import METHODS
 from dartprune.engine.budgets import keep_counts, pruning_ratios
 from dartprune.calibration.collect import calibrate, text_windows
-from dartprune.calibration.file import CalibrationError, check_text_differs, load_calibration, wanda_scores
+from dartprune.calibration.file import CalibrationError, check_sources_differ, load_calibration, wanda_scores
 from dartprune.data import load_text
 from dartprune.engine.weights import activations
 from dartprune.engine.scoring import neuron_prior, top_neurons
@@ -400,9 +400,11 @@ def test_calibration_file_records_model_text_and_sizes(llama_files):
     assert header["sparsities"] == list(GRID)
     assert Path(llama_files["threshold"]).stat().st_size < 20_000
     assert load_calibration(llama_files["wanda-static"]).text_sha256 == CAL_TEXT.sha256
-    check_text_differs(llama_files["wanda-static"], EVAL_TEXT)
+    check_sources_differ(llama_files["wanda-static"], {EVAL_TEXT.name: EVAL_TEXT.sha256, "wikitext2": None})
     with pytest.raises(CalibrationError, match="is the calibration text"):
-        check_text_differs(llama_files["wanda-static"], CAL_TEXT)
+        check_sources_differ(llama_files["wanda-static"], {"renamed.txt": CAL_TEXT.sha256})
+    with pytest.raises(CalibrationError, match="is the calibration text"):
+        check_sources_differ(llama_files["wanda-static"], {CAL_TEXT.name: None})
 
 
 def test_text_windows_are_evenly_spread_and_do_not_overlap(windows):

@@ -54,11 +54,14 @@ class CalibrationError(ValueError):
     """A calibration file is missing, malformed, or made for another model, method or sparsity."""
 
 
-def check_text_differs(calibration_file: str | Path, text: Text) -> None:
-    """Raise CalibrationError if `text` is the text the calibration file was made from (calibration and evaluation
-    texts must differ)."""
-    if text.sha256 == load_calibration(calibration_file).text_sha256:
-        raise CalibrationError(f"{text.name} is the calibration text of {calibration_file}; evaluate on another text")
+def check_sources_differ(calibration_file: str | Path, sources: dict[str, str | None]) -> None:
+    """Raise CalibrationError if the calibration file was made from one of `sources` (text name -> sha256 where
+    known): calibration and evaluation texts must differ."""
+    made_from = load_calibration(calibration_file).meta["text"]
+    for name, sha256 in sources.items():
+        if name == made_from["name"] or sha256 == made_from["sha256"]:
+            raise CalibrationError(f"{name} is the calibration text of {calibration_file}; evaluate on another "
+                                   "text or calibrate on one that no evaluation reads")
 
 
 # ----------------------------------------------------------------------------------------------- model identity

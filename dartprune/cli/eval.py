@@ -68,7 +68,9 @@ def _task_names() -> list[str]:
 
 
 def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    from dartprune.evaluation.core import parse_method
     from dartprune.evaluation.registry import EvalSettings
+    from dartprune.methods import METHODS
     d = EvalSettings()
     p = add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, cnn_dailymail, topics)",
                               description=__doc__)
@@ -119,7 +121,9 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dartprune.evaluation.core import parse_method
     from dartprune.evaluation.registry import EvalSettings
+    from dartprune.methods import METHODS
     from dartprune.evaluation.runner import run_evaluation
     extra = parse_settings(args.set)
     calibration: dict[str, str] = {}
@@ -128,10 +132,12 @@ def run(args: argparse.Namespace) -> int:
         if sep:
             calibration[method] = path
         else:
-            calibration.update({m: item for m in args.methods if m in ("wanda-static", "threshold")})
+            named = {parse_method(m)[0] for m in args.methods}
+            calibration.update({m: item for m in named if m in METHODS and METHODS[m].calibration is not None})
     for name, value in (("--prefix", args.prefix), ("--ppl-window", args.ppl_window),
                         ("--ppl-windows", args.ppl_windows), ("--drift-segment", args.drift_segment),
-                        ("--topic-tokens", args.topic_tokens), ("--threads", args.threads or 1)):
+                        ("--topic-tokens", args.topic_tokens),
+                        ("--threads", args.threads if args.threads is not None else 1)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1")
     summary_files = {}

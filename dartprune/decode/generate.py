@@ -14,6 +14,7 @@ from torch import nn
 
 from dartprune.decode.model import NativeModel, native_supported
 from dartprune.engine import DartConfig, Engine, SequenceStats, attach
+from dartprune.methods import METHODS
 
 LOOPS = ("auto", "native", "hf")
 
@@ -145,7 +146,7 @@ class Generator:
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
         config = config or DartConfig(method="dense", sparsity=0.0)
-        native = native_supported(model) and config.method != "threshold"
+        native = native_supported(model) and METHODS[config.method].execution == "kept-set"
         if loop == "native" and not native:
             raise ValueError(f"the native loop does not run {model.config.model_type!r} models with method "
                              f"{config.method!r}; use --loop hf")

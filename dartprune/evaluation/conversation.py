@@ -114,7 +114,11 @@ class ConversationTask(Task):
         if s.drift_split != "all":
             items = [d for d in items if d.split == s.drift_split]
         self.items = items[:s.limit_for("conversation")]
+        self.genres = genres
         self.records: dict[str, list[dict]] = {}
+
+    def sources(self) -> dict[str, str | None]:
+        return {source: None for sources in self.genres.values() for source in sources}
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()

@@ -163,9 +163,13 @@ class Drift(Task):
             controls = [q for q in sequences if q.kind == "control"][:max(1, limit // 2)]
             sequences = switches + controls
         self.sequences = sequences
+        self.genres = genres
         self.prefix = s.prefix
         self.records: dict[str, list[dict]] = {}
         self.traces: dict[tuple[str, str, float], object] = {}
+
+    def sources(self) -> dict[str, str | None]:
+        return {source: None for sources in self.genres.values() for source in sources}
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()

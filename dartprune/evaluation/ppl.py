@@ -59,7 +59,10 @@ class Perplexity(Task):
         ids = text_tokens(self.tokenizer, text, windows * body)
         head = [self.tokenizer.bos_token_id] if self.bos else []
         self.windows = [head + ids[i * body:(i + 1) * body] for i in range(windows)]
-        self.source = text.name
+        self.source, self.sha256 = text.name, text.sha256
+
+    def sources(self) -> dict[str, str | None]:
+        return {self.source: self.sha256}
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()

@@ -108,6 +108,11 @@ class Task(ABC):
     def prepare(self) -> None:
         """Load and tokenise the data (honouring settings.limit)."""
 
+    def sources(self) -> dict[str, str | None]:
+        """The texts the prepared items come from, by name, with their sha256 where known (a calibrated method
+        must not be evaluated on its calibration text); none by default."""
+        return {}
+
     def comparisons(self) -> list[dict]:
         """Paired comparisons across the evaluated methods, once they all ran (none by default)."""
         return []

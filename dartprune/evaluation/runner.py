@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from dartprune.evaluation import conversation, drift, generation, mc, ppl  # noqa: F401  (registers the tasks)
+from dartprune.calibration.file import check_sources_differ
 from dartprune.data import data_dir
 from dartprune.evaluation.core import Session, load_for_eval, method_specs, progress
 from dartprune.provenance import command_line, git_state, versions
@@ -45,6 +46,10 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         task = cls(settings, model, tokenizer, meta["versions"])
         task.prepare()
         tasks.append(task)
+    for spec in specs:           # a calibrated method evaluated on its own calibration text would flatter it
+        if spec.config.calibration_file is not None:
+            for task in tasks:
+                check_sources_differ(spec.config.calibration_file, task.sources())
     out.mkdir(parents=True, exist_ok=True)
     for task in progress(tasks, "tasks", leave=True):
         cls = type(task)
