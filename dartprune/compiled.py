@@ -53,7 +53,8 @@ def build(source: Path, name: str) -> ctypes.CDLL | str:
                 result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode != 0:
-                    return f"{compiler} failed: {result.stderr.strip().splitlines()[-1] if result.stderr else ''}"
+                    last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+                    return f"{compiler} failed: {last}"
                 os.replace(built, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:

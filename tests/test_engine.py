@@ -262,7 +262,7 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("down_layout", ["neuron-major", "row-major"])
-def test_compiled_row_moves_equal_pytorch_and_restore_exactly(monkeypatch, dtype, down_layout):
+def test_compiled_row_moves_equal_pytorch_and_restore_exactly(dtype, down_layout):
     """The in-place compiled row swaps leave the weights bit-equal to PyTorch's index_copy_, whatever the dtype,
     and restore gives back the original weights; a row-major down projection (no contiguous rows to swap) goes
     through PyTorch."""
@@ -310,6 +310,11 @@ def test_a_compiler_that_cannot_run_is_a_reason_to_fall_back_not_an_error(monkey
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     reason = compiled.build(SWAP_SOURCE, "swap")
     assert isinstance(reason, str) and "no-such-compiler" in reason
+    silent = tmp_path / "silent-cc"                # a compiler that fails without a word on stderr
+    silent.write_text("#!/bin/sh\nexit 3\n")
+    silent.chmod(0o755)
+    monkeypatch.setenv("CC", str(silent))
+    assert compiled.build(SWAP_SOURCE, "swap") == f"{silent} failed: exit status 3"
     monkeypatch.setenv("DARTPRUNE_KERNEL", "0")
     assert compiled.build(SWAP_SOURCE, "swap") == "switched off by DARTPRUNE_KERNEL=0"
 

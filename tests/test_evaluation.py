@@ -555,9 +555,9 @@ def test_lm_eval_backend_model_args(tiny, lm_eval_backend):
     lm = lm_eval_backend.DartLM(pretrained=str(folder), method="static", sparsity=0.7, monitored_layers="-1;-2",
                                 batch_size=1)
     assert lm.dart_config.monitored_layers == (-1, -2) and lm.handle.config.sparsity == 0.7
-    request = (("Question: why?\nAnswer:", " because"), *encode_pair(lm.tokenizer, "Question: why?\nAnswer:",
-                                                                     " because"))
-    first, second = lm._loglikelihood_tokens([request, request], disable_tqdm=True)
+    from lm_eval.api.instance import Instance
+    request = Instance("loglikelihood", doc={}, arguments=("Question: why?\nAnswer:", " because"), idx=0)
+    first, second = lm.loglikelihood([request, request], disable_tqdm=True)
     assert first == second  # every request starts a new sequence: no state leaks between requests
     assert lm.stats_summary()["sequences"] == 2
     lm.handle.detach()

@@ -19,7 +19,8 @@ class FFNParts:
     """One layer's FFN as weights in the [out, in] layout, whatever the module stores.
 
     Gated: u = act(gate @ x) * (up @ x). Plain: u = act(up @ x + up_bias). Output: y = down @ u + down_bias.
-    Tensors may be views (e.g. transposed Conv1D weights); the engine copies what it keeps.
+    Tensors may be views (e.g. transposed Conv1D weights) of the module's own parameters: the engine permutes
+    neurons in them in place (engine/weights.py), never copies them.
     """
 
     gate: torch.Tensor | None

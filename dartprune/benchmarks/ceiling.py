@@ -67,7 +67,7 @@ def _is_norm(module: nn.Module) -> bool:
 def decode_bytes(model: nn.Module, keep_counts: list[int] | None = None) -> DecodeBytes:
     """Weight bytes read per decoded token; FFN neurons kept per layer from `keep_counts` (None: all).
 
-    Works on a model with or without an attached handle (a `PrunedFFN` holds the same parameters)."""
+    Works on a model with or without an attached handle (a `TappedFFN` holds the same parameters)."""
     adapter = get_adapter(model)
     layers = adapter.layers()
     if keep_counts is not None and len(keep_counts) != len(layers):
@@ -188,7 +188,6 @@ class Shapes:
     heads: int
     kv_heads: int
     dtype_bytes: int = 2
-    tied_embeddings: bool = False
 
     @property
     def head_dim(self) -> int:

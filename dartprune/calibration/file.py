@@ -33,7 +33,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dartprune.architectures import FFNParts, get_adapter
-from dartprune.data import Text
 
 FORMAT = "dartprune-calibration"
 VERSION = 1

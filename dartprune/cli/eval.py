@@ -68,9 +68,7 @@ def _task_names() -> list[str]:
 
 
 def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
-    from dartprune.evaluation.core import parse_method
     from dartprune.evaluation.registry import EvalSettings
-    from dartprune.methods import METHODS
     d = EvalSettings()
     p = add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, cnn_dailymail, topics)",
                               description=__doc__)

@@ -35,7 +35,8 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
                    help="decode loop: dartprune's native loop (Llama and Gemma families; auto picks it where it "
                         "runs) or Hugging Face generate")
     p.add_argument("--compare-dense", action="store_true",
-                   help="also generate as many tokens dense and print the speedup (time per output token)")
+                   help="then time the reply against a dense loop decoding in turn with it and print the speedup "
+                        "(dense time per output token over the pruned one's, as `dartprune bench`)")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--calibration-file", help="for wanda-static and threshold (see `dartprune calibrate`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -54,9 +54,6 @@ class KVCache:
             new[:, :, :old.shape[2]] = old
             setattr(self, name, new)
 
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     """Hugging Face's RMSNorm of the Llama (offset 0, `w * x`) and Gemma (offset 1, `(1 + w) * x`) families."""

@@ -48,10 +48,6 @@ class Detector(ABC):
         """After a re-trace, from the signal of the tokens it was traced on."""
         self.fit(signal)
 
-    @abstractmethod
-    def state_bytes(self) -> int:
-        ...
-
 
 DETECTORS: dict[str, type[Detector]] = {}
 
@@ -151,10 +147,6 @@ class PaperDetector(Detector):
         self.fit(signal)
         self.cooldown_left = self.cooldown
 
-    def state_bytes(self) -> int:
-        tensors = [t for t in (self.reference, *self._baseline, *self._pending) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 @register_detector
 @dataclass
@@ -230,10 +222,6 @@ class ShiftDetector(Detector):
         """After a re-trace: the buffered tokens are the new reference; the level is learnt again."""
         self.fit(signal)
 
-    def state_bytes(self) -> int:
-        tensors = [t for t in (self.reference, *self._baseline, *self._pending) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors) + 8 * len(self.values)
-
 
 @register_detector
 @dataclass
@@ -252,6 +240,3 @@ class NoDetector(Detector):
 
     def observe(self, signal: torch.Tensor, end_position: int) -> bool:
         return False
-
-    def state_bytes(self) -> int:
-        return 0

@@ -54,8 +54,3 @@ class Ring:
         else:
             order = (self.next + torch.arange(self.size)) % self.size
         return order[self.valid[row, order]]
-
-    def nbytes_per_row(self) -> int:
-        batch = self.x.shape[1]
-        total = self.x.numel() * self.x.element_size() + self.a.numel() * 4 + self.valid.numel()
-        return total // max(1, batch)
