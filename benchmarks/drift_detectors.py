@@ -22,11 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import Triggers, drift_parser, drift_setup, teacher_force  # noqa: E402
+from dartprune.benchmarks import Triggers, drift_parser, drift_setup, publish, teacher_force  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
+from dartprune.engine.config import monitored_layer_indices  # noqa: E402
 from dartprune.engine.drift import make_detector  # noqa: E402
-from dartprune.evaluation.report import write_markdown  # noqa: E402
 
 
 @dataclass
@@ -99,10 +99,6 @@ CANDIDATES: list[dict] = [
 ]
 
 
-def _resolve(layers: tuple, count: int) -> list[int]:
-    return sorted({round(v * (count - 1)) if isinstance(v, float) else v % count for v in layers})
-
-
 def main() -> None:
     parser = drift_parser(__doc__.splitlines()[0])
     parser.add_argument("--sparsity", default="0.5,0.7")
@@ -114,7 +110,7 @@ def main() -> None:
              f"{sum(s.kind == 'control' for s in sequences)} controls; prefix {args.prefix}, segments "
              f"{args.segment}. Signals recorded under DART's prompt mask; detectors simulated over them.", ""]
     count = model.config.num_hidden_layers
-    wanted = [_resolve(DartConfig(**c).monitored_layers, count) for c in CANDIDATES]
+    wanted = [monitored_layer_indices(DartConfig(**c).monitored_layers, count) for c in CANDIDATES]
     layers = sorted({layer for w in wanted for layer in w})
     for sparsity in [float(s) for s in args.sparsity.split(",")]:
         started = time.perf_counter()
@@ -130,7 +126,7 @@ def main() -> None:
                          f"{result['detected_64']:.2f} | {result['median_delay']:g} |")
             print(lines[-1], flush=True)
         lines.append("")
-    write_markdown(lines, args.out)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import drift_parser, drift_setup  # noqa: E402
+from dartprune.benchmarks import drift_parser, drift_setup, publish  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans  # noqa: E402
-from dartprune.evaluation.report import interval_text, write_markdown  # noqa: E402
+from dartprune.evaluation.report import interval_text  # noqa: E402
 
 
 @torch.inference_mode()
@@ -118,7 +118,7 @@ def main() -> None:
             line += "- | - | -"
         lines.append(line + f" | {time.perf_counter() - started:.0f} |")
         print(lines[-1], flush=True)
-    write_markdown(lines, args.out)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
+from dartprune.benchmarks import publish  # noqa: E402
 from dartprune.evaluation.core import Session, needs_bos_every_window  # noqa: E402
 from dartprune.evaluation.drift import GENRES, TextSegments  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, ratio_of_geomeans  # noqa: E402
-from dartprune.evaluation.report import interval_text, write_markdown  # noqa: E402
+from dartprune.evaluation.report import interval_text  # noqa: E402
 from dartprune.models import load_model  # noqa: E402
 
 
@@ -102,7 +103,7 @@ def main() -> None:
             lines.append(f"| static@{sparsity:g} | {shown} | {math.exp(sum(nll) / len(nll)):.1f} | {ratio} | "
                          f"{executed:.3f} | {equal} | {time.perf_counter() - started:.0f} |")
             print(lines[-1], flush=True)
-    write_markdown(lines, args.out)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def _cpu_signature() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DARTPRUNE_CACHE") or Path.home() / ".cache" / "dartprune") / "kernels"
+    from dartprune.models import cache_dir as root       # one place reads DARTPRUNE_CACHE
+    return root() / "kernels"
 
 
 def build(source: Path, name: str) -> ctypes.CDLL | str:

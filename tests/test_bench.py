@@ -162,6 +162,8 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     (["bench", "--new-tokens", "1"], "--new-tokens"),
     (["bench", "--threads", "0"], "--threads"),
     (["bench", "--loops", "lean"], "unknown loop"),
+    (["bench", "--set", "sparsity=0.3"], "with --sparsity, not --set"),
+    (["bench", "--set", "window=abc"], "window must be an integer"),
 ])
 def test_bench_cli_rejects_bad_arguments_before_loading(capsys, argv, message):
     assert main(argv) == 2

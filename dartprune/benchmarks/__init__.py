@@ -10,10 +10,11 @@ import torch
 
 
 def publish(lines: list[str], out: Path | None) -> None:
-    """Print a script's markdown result and write it to `out` when given."""
+    """Print a script's markdown result and write it to `out` (its folder made) when given."""
     text = "\n".join(lines) + "\n"
     print(text)
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
 
 
@@ -91,6 +92,7 @@ class Triggers:
         from dartprune.evaluation.drift import DETECTION_WINDOW
 
         delays = [d for d in self.delays if d is not None]
-        return {"false_per_1k": 1000 * self.false / self.tokens,
-                "detected_64": sum(d is not None and d <= DETECTION_WINDOW for d in self.delays) / len(self.delays),
+        return {"false_per_1k": 1000 * self.false / self.tokens if self.tokens else math.nan,
+                "detected_64": sum(d is not None and d <= DETECTION_WINDOW for d in self.delays) / len(self.delays)
+                if self.delays else math.nan,
                 "median_delay": statistics.median(delays) if delays else math.nan}

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from dartprune.engine.config import ConfigError, DartConfig, parse_settings
 from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL
 
@@ -88,6 +89,11 @@ def _check(args: argparse.Namespace) -> None:
     bad_loops = [loop for loop in args.loops if loop not in ("native", "hf")]
     if bad_loops:
         raise ValueError(f"--loops: unknown loop(s) {bad_loops}; choose from native, hf")
+    settings = parse_settings(args.set)
+    for key in ("method", "sparsity"):
+        if key in settings:
+            raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
+    DartConfig.from_dict({**settings, "method": "dart", "sparsity": 0.5})     # a bad value fails before loading
 
 
 def _stem(model: str, dtype: str) -> str:
@@ -110,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     for dtype in args.dtype:
         parse_dtype(dtype)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    from dartprune.engine.config import parse_settings
     settings = BenchSettings(methods=args.methods, sparsities=args.sparsity, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
                              ttft_pairs=args.ttft_pairs, threads=args.threads or cores, loops=args.loops, device=args.device,

@@ -198,6 +198,20 @@ def parse_settings(settings: list[str]) -> dict[str, object]:
     return values
 
 
+def monitored_layer_indices(layers: tuple[int | float, ...], count: int) -> list[int]:
+    """Layer indices from `monitored_layers` for a model of `count` layers: integers index (negative from the end),
+    floats are relative depths (0.0 the first layer, 1.0 the last), so one default fits models of any depth."""
+    out = set()
+    for layer in layers:
+        if isinstance(layer, float):
+            out.add(round(layer * (count - 1)))
+        elif not -count <= layer < count:
+            raise ConfigError(f"monitored layer {layer} is out of range for a model with {count} layers")
+        else:
+            out.add(layer % count)
+    return sorted(out)
+
+
 _NUMBERS = ("sparsity", "early_width", "late_width", "early_floor", "late_floor", "p_min", "p_max", "ema_decay",
             "shift_k", "shift_floor", "delta", "floor", "retrace_blend", "turn_blend")
 

@@ -29,7 +29,7 @@ from torch import nn
 from dartprune.architectures import get_adapter
 from dartprune.engine import costs
 from dartprune.engine.budgets import keep_counts, layer_importance, pruning_ratios
-from dartprune.engine.config import ConfigError, DartConfig
+from dartprune.engine.config import ConfigError, DartConfig, monitored_layer_indices
 from dartprune.engine.drift import Detector, make_detector
 from dartprune.engine.phase import Event, Phase, next_phase
 from dartprune.engine.ring import Ring
@@ -119,7 +119,9 @@ class Engine:
                                    "close it first")
         self.follows_drift = self.prunes and self.method.follows_drift
         self.per_token = self.prunes and self.method.execution == "per-token"
-        self.monitored = self._monitored_layers() if self.follows_drift else []   # may refuse: before any weight moves
+        # resolved (and refused when out of range) before any weight is laid out anew
+        self.monitored = (monitored_layer_indices(config.monitored_layers, len(self.layers)) if self.follows_drift
+                          else [])
         # down projections laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read
         # after that, so they are views of the layout in use
         self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
@@ -598,17 +600,3 @@ class Engine:
             executed_sparsity=1 - row.neurons_executed / row.neurons_total if row.neurons_total else 0.0,
             state_bytes=state["total"] if self.prunes else 0, overhead_flops=dict(row.flops),
             dense_flops=row.dense_flops, retrace_seconds=sum(r.seconds for r in row.retraces))
-
-    def _monitored_layers(self) -> list[int]:
-        """Layer indices from `monitored_layers`: integers index (negative from the end), floats are relative
-        depths (0.0 the first layer, 1.0 the last), so one default fits models of any depth."""
-        count = len(self.layers)
-        out = set()
-        for layer in self.config.monitored_layers:
-            if isinstance(layer, float):
-                out.add(round(layer * (count - 1)))
-            elif not -count <= layer < count:
-                raise ConfigError(f"monitored layer {layer} is out of range for a model with {count} layers")
-            else:
-                out.add(layer % count)
-        return sorted(out)

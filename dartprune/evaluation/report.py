@@ -92,15 +92,6 @@ def interval_text(value: tuple[float, float, float]) -> str:
     return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def write_markdown(lines: list[str], out: Path | None) -> None:
-    """Print a benchmark script's report, and write it to `out` (its folder made) when given."""
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-
-
 def comparisons_markdown(comparisons: list[dict]) -> list[str]:
     """The paired comparisons as tables, 95% intervals: perplexity ratios and gap recovered (drift,
     conversation); ROUGE-L ratios and differences (summaries)."""
