@@ -6,7 +6,6 @@ from collections.abc import Callable
 import sys
 
 import torch
-from dartprune.benchmarks.speed import paired_speedup
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
@@ -92,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         result = generator.generate(ids, params, None if args.no_stream else show)
         print(result.text if args.no_stream else "")
         tokens = max(2, len(result.tokens))
-        paired = paired_speedup(generator.native, ids, tokens) if compare and generator.native is not None else None
+        paired = None
+        if compare and generator.native is not None:
+            from dartprune.benchmarks.speed import paired_speedup
+            paired = paired_speedup(generator.native, ids, tokens)
     stats = result.stats
     line = (f"[{len(result.tokens)} tokens in {result.ttft_s + result.decode_s:.2f} s, {result.tokens_per_s:.1f} "
             f"tokens/s, {generator.loop} loop | {stats.summary()}")
