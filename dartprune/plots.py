@@ -25,7 +25,8 @@ def plot_drift_trace(stats: SequenceStats, path: str | Path, title: str = "", sw
         ax.axvline(switch_at, color="black", lw=1.5, label="text switch")
     ax.set_xlabel("token position")
     ax.set_ylabel("cos(window mean, reference)")
-    ax.set_title(title or f"{stats.method} at sparsity {stats.sparsity:g}: {stats.retrace_count} re-traces")
+    count = stats.retrace_count
+    ax.set_title(title or f"{stats.method} at sparsity {stats.sparsity:g}: {count} re-trace{'' if count == 1 else 's'}")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

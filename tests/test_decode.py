@@ -381,3 +381,38 @@ def test_static_shape_step_refuses_an_engine_that_does_not_run_the_prefix():
                 GraphStep(native, capture=False)
         finally:
             engine.close()
+
+
+@pytest.mark.parametrize("loop", ["native", "hf"])
+def test_a_closed_generator_refuses_to_generate_and_keeps_its_statistics(loop):
+    """After close (or its `with` block) the model is restored: generating would run it dense in the hf loop and
+    fail deep in the engine in the native one, so it is refused; closing twice does nothing. Token ids come as a
+    tensor or a list; text is refused (encode it first)."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 12, seed=2)[0]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    with Generator(model, tiny_tokenizer(), DartConfig(sparsity=0.5), loop=loop) as generator:
+        first = generator.generate(ids, params)
+        assert generator.generate(ids.tolist(), params).tokens == first.tokens
+        with pytest.raises(TypeError, match="encode the text"):
+            generator.generate("some text", params)
+    with pytest.raises(RuntimeError, match="Generator is closed"):
+        generator.generate(ids, params)
+    generator.close()
+    assert generator.engine.stats()[0].tokens == first.stats.tokens       # the last sequence stays readable
+
+
+def test_attach_takes_a_dict_and_its_stats_outlive_detach():
+    model = tiny_model("llama")
+    ids = random_ids(1, 12, seed=2)
+    with dartprune.attach(model, {"sparsity": 0.5, "window": 4}) as handle:
+        assert handle.config.window == 4
+        model.generate(ids, max_new_tokens=6, do_sample=False)
+        during = handle.stats()[0]
+    after = handle.stats()[0]
+    assert (after.tokens, after.keep_counts, after.executed_sparsity) == (
+        during.tokens, during.keep_counts, during.executed_sparsity) and after.tokens == 17
+    with pytest.raises(RuntimeError, match="engine is closed"):
+        handle.engine.start(1)
+    with pytest.raises(TypeError, match="DartConfig or a dict"):
+        dartprune.attach(model, 0.5)

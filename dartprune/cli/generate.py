@@ -74,10 +74,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 1")
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.compare_dense and args.method == "dense":
+        raise ValueError("--compare-dense times a pruned method against dense; --method dense is dense already")
+    if args.trace_plot and not METHODS[args.method].follows_drift:
+        raise ValueError(f"--trace-plot draws the drift monitor, which --method {args.method} does not run "
+                         "(dart does)")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     prompt = read_prompt(args)
-    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
+    sparsity = 0.0 if args.method == "dense" else args.sparsity      # dense has none, whatever --sparsity says
+    config = DartConfig.from_dict({"method": args.method, "sparsity": sparsity, "seed": args.seed,
                                    "calibration_file": args.calibration_file, **parse_settings(args.set)})
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     ids = encode_prompt(tokenizer, prompt, args.chat)[0]
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     def show(text: str) -> None:
         print(text, end="", flush=True)
 
-    compare = args.compare_dense and config.method != "dense"
+    compare = args.compare_dense
     with Generator(model, tokenizer, config, loop=args.loop) as generator:
         generator.check_length(ids.numel(), args.max_new_tokens)
         result = generator.generate(ids, params, None if args.no_stream else show)

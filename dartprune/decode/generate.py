@@ -154,6 +154,7 @@ class Generator:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos = eos_ids(model, tokenizer)
         self.context = getattr(model.config, "max_position_embeddings", None)
+        self.closed = False
         if self.loop == "native":
             self.engine = Engine(model, config)
             self.native = NativeModel(model, self.engine)
@@ -164,10 +165,14 @@ class Generator:
             self.native = None
 
     def close(self) -> None:
+        """Restore the model; the generator cannot be used afterwards. Closing twice does nothing."""
+        if self.closed:
+            return
         if self.handle is not None:
             self.handle.detach()
         else:
             self.engine.close()
+        self.closed = True
 
     def __enter__(self) -> Generator:
         return self
@@ -180,13 +185,17 @@ class Generator:
             raise ValueError(f"the prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens that exceeds "
                              f"the model's context of {self.context} tokens")
 
-    def generate(self, ids: torch.Tensor, params: SamplingParams = SamplingParams(),
+    def generate(self, ids: torch.Tensor | list[int], params: SamplingParams = SamplingParams(),
                  on_text: Callable[[str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
         """Continue the prompt `ids` ([tokens] or [1, tokens]) as a new sequence. At the end the weights go back
         into their own order (`Engine.end_sequence`), off the next prompt's time; `continue_` may still extend
         the sequence. `should_stop`: as in `continue_` (native loop only)."""
-        ids = ids.reshape(-1)
+        if self.closed:
+            raise RuntimeError("this Generator is closed (its model was restored); build a new one")
+        if isinstance(ids, str):
+            raise TypeError("generate takes token ids; encode the text with the tokenizer first")
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
         self.check_length(ids.numel(), params.max_new_tokens)

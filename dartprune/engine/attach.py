@@ -140,8 +140,13 @@ class DartHandle:
         return hook
 
 
-def attach(model: nn.Module, config: DartConfig | None = None, **overrides: Any) -> DartHandle:
-    """Make `model` prune its FFN neurons per sequence, in place; `handle.detach()` restores it exactly."""
+def attach(model: nn.Module, config: DartConfig | dict[str, Any] | None = None, **overrides: Any) -> DartHandle:
+    """Make `model` prune its FFN neurons per sequence, in place; `handle.detach()` restores it exactly.
+    config: a DartConfig, or a dict of its fields (as `DartConfig.from_dict` reads them)."""
+    if isinstance(config, dict):
+        config = DartConfig.from_dict(config)
+    elif config is not None and not isinstance(config, DartConfig):
+        raise TypeError(f"config must be a DartConfig or a dict of its fields, got {type(config).__name__}")
     config = config or DartConfig()
     if overrides:
         config = config.replace(**overrides)

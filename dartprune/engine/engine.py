@@ -156,6 +156,8 @@ class Engine:
         self._turn = False
         self._replay = False
         self._ended = False
+        self.closed = False
+        self._last_stats: list[SequenceStats] = []           # what `stats` gives once the engine is closed
         if self.prunes:
             _PRUNING[model] = self
 
@@ -166,6 +168,7 @@ class Engine:
         The weights go back to their original order first, so that a sequence computes the same whatever ran
         before it (the order of a sum decides its last bits, and a greedy choice or a drift decision can hang on
         them)."""
+        self._check_open()
         for prefix in self.prefix:
             prefix.restore()                  # nothing to move after `end_sequence`
         self._ended = False
@@ -190,6 +193,7 @@ class Engine:
 
         trace_only: a dense pass that only traces (`prune_prefill`'s first pass); replay: the pruned pass over the
         same prompt tokens that follows it (not written to the ring, not monitored)."""
+        self._check_open()
         if self._ended:
             self._resume()
         if len(self.rows) != valid.shape[0]:
@@ -384,8 +388,8 @@ class Engine:
         return self.rows[row].phase
 
     def stats(self) -> list[SequenceStats]:
-        """One `SequenceStats` per row of the current (or last) sequence."""
-        return [self._row_stats(row) for row in self.rows]
+        """One `SequenceStats` per row of the current (or last) sequence, still readable after `close`."""
+        return list(self._last_stats) if self.closed else [self._row_stats(row) for row in self.rows]
 
     def end_sequence(self) -> None:
         """The sequence is not expected to go on: every weight goes back to its original order now, so that the
@@ -409,7 +413,11 @@ class Engine:
         self.ring = None
 
     def close(self) -> None:
-        """Forget the sequence and put every weight back in its original order and layout (bit for bit)."""
+        """Put every weight back in its original order and layout (bit for bit) and forget the sequence, keeping
+        its statistics readable. Closing twice does nothing."""
+        if self.closed:
+            return
+        self._last_stats = self.stats()
         for prefix in self.prefix:
             prefix.release() if isinstance(prefix, ModuleFFN) else prefix.restore()
         for weight in self._relaid:
@@ -417,8 +425,13 @@ class Engine:
         self._relaid, self.prefix = [], []
         self.rows = []
         self.ring = None
+        self.closed = True
         if _PRUNING.get(self.model) is self:
             del _PRUNING[self.model]
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine is closed (its model was restored); build a new one to prune again")
 
     # ----------------------------------------------------------------- rows and phases
     def _new_row(self) -> _Row:
