@@ -161,11 +161,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
-    uvicorn = pytest.importorskip("uvicorn")
-    from dartprune.serving.app import ModelServer, create_app
+def model_server():
+    pytest.importorskip("fastapi")
+    from dartprune.serving.app import ModelServer
     torch.set_num_threads(1)
     model_server = ModelServer(tiny_model("llama"), chat_tokenizer(), "tiny", DartConfig(sparsity=0.5))
+    yield model_server
+    model_server.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_server):
+    uvicorn = pytest.importorskip("uvicorn")
+    from dartprune.serving.app import create_app
     port = _free_port()
     config = uvicorn.Config(create_app(model_server), host="127.0.0.1", port=port, log_level="error")
     running = uvicorn.Server(config)
@@ -178,7 +186,6 @@ def server():
     yield f"http://127.0.0.1:{port}"
     running.should_exit = True
     thread.join(timeout=10)
-    model_server.close()
 
 
 @pytest.fixture
@@ -235,6 +242,12 @@ def test_openai_client_streams_the_same_text(client):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"monitored_layers": [50]}},
      400, "out of range"),                      # found only when the engine is built
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+      "dartprune": {"calibration_file": "/etc/passwd"}}, 400, "not per request"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+     "does not support logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+     "does not support frequency_penalty"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, needle):
     good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -250,7 +263,66 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
 
 def test_malformed_json_is_a_400(server):
     code, answer = _http(server + "/v1/completions", b"{not json")
-    assert code == 400 and "JSON" in answer["error"]["message"]
+    assert code == 400 and "JSON" in answer["error"]["message"] and answer["error"]["param"] is None
+
+
+def test_completion_options_it_would_ignore_are_refused_and_neutral_values_pass(server):
+    base = {"model": "tiny", "prompt": "the harbour", "max_tokens": 2}
+    for extra, name in (({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"), ({"best_of": 3}, "best_of"),
+                        ({"logit_bias": {"5": 3.0}}, "logit_bias")):
+        code, answer = _http(server + "/v1/completions", json.dumps({**base, **extra}).encode())
+        assert code == 400 and answer["error"]["param"] == name, answer
+    neutral = {"echo": False, "logprobs": None, "best_of": 1, "presence_penalty": 0, "user": "someone"}
+    assert _http(server + "/v1/completions", json.dumps({**base, **neutral}).encode())[0] == 200
+
+
+def test_unknown_routes_answer_in_the_openai_error_shape(server):
+    code, answer = _http(server + "/v1/nothing-here", b"{}")
+    assert code == 404 and answer["error"]["type"] == "invalid_request_error"
+    code, answer = _http(server + "/v1/models", b"{}")               # POST where only GET is served
+    assert code == 405 and "error" in answer
+
+
+def test_dense_per_request_reports_no_sparsity(server):
+    body = {"model": "tiny", "prompt": "the harbour", "max_tokens": 2, "dartprune": {"method": "dense"}}
+    code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
+    assert code == 200 and answer["dartprune"]["sparsity"] == 0.0 and answer["dartprune"]["method"] == "dense"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_stops_its_generation(server, model_server, monkeypatch, stream):
+    """A reply nobody reads would hold the model from every other request: generation ends at the next token."""
+    import http.client
+    import urllib.parse
+    finished = []
+    real = model_server.run
+
+    def recording(ids, params, config, on_text=None, should_stop=None):
+        def slowly() -> bool:              # at least 2 ms a token, so that 4000 tokens outlast the disconnect
+            time.sleep(0.002)
+            return should_stop()
+        finished.append(real(ids, params, config, on_text, slowly))
+        return finished[-1]
+
+    monkeypatch.setattr(model_server, "run", recording)
+    address = urllib.parse.urlparse(server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    body = {"model": "tiny", "prompt": "zzz", "max_tokens": 4000, "temperature": 0, "stream": stream,
+            "dartprune": {"method": "dense"}}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    if stream:
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+    else:
+        time.sleep(0.5)                                  # the request is read and generation has begun
+    # ("zzz" runs to 4000 tokens on this model without an end-of-sequence token)
+    connection.sock.shutdown(2)
+    connection.close()
+    for _ in range(600):                                 # wait for it to end (a loop, not a timing assertion)
+        if finished:
+            break
+        time.sleep(0.1)
+    assert finished and finished[0].finish_reason == "interrupted" and len(finished[0].tokens) < 4000
 
 
 def _rss_mb() -> float:

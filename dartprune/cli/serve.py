@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from collections.abc import Callable
 import sys
 
@@ -39,6 +40,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, **parse_settings(args.set)})
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:   # before loading
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise RuntimeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from err
     from dartprune.models import load_model
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     server = ModelServer(model, tokenizer, args.name or args.model, config, loop=args.loop)

@@ -5,7 +5,9 @@ Requests run one after another on the model (a lock); each is a new sequence, so
 another. DART settings come from the command line and can be changed per request with the extra field
 `"dartprune": {"method": ..., "sparsity": ..., ...}` (any DartConfig field); the response carries the usual usage
 counts and, under `"dartprune"`, the engine's figures for that request. Errors are OpenAI-style JSON with a 4xx
-status, and the server keeps serving.
+status, and the server keeps serving. OpenAI options it does not implement (logprobs, echo, penalties, logit
+bias, tools, ...) are refused unless set to their neutral value; a client that disconnects stops its generation;
+per-request settings cannot name server-side files (calibration_file).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 
 from dartprune.decode.chat import has_chat_template, render_chat
@@ -66,15 +69,40 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     dartprune: dict[str, Any] | None = None
+    # OpenAI options this server does not implement: accepted at their neutral value, refused otherwise
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        """The options set that this server would otherwise ignore."""
+        return [name for name, neutral in UNSUPPORTED.items()
+                if name in type(self).model_fields and getattr(self, name) not in neutral]
 
 
 class ChatRequest(_Common):
     messages: list[Message]
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+# option -> its values that ask for nothing (anything else is refused: a silently ignored option is a wrong answer)
+UNSUPPORTED: dict[str, tuple] = {
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
+    "response_format": (None, {"type": "text"}), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "echo": (False,), "best_of": (None, 1), "suffix": (None, ""),
+}
 
 
 @dataclass
@@ -91,8 +119,14 @@ class ModelServer:
     _generator: Generator | None = None
 
     def settings(self, overrides: dict[str, Any] | None) -> DartConfig:
+        overrides = dict(overrides or {})
+        if "calibration_file" in overrides:         # a client must not make the server open paths of its choice
+            raise APIError(400, "dartprune settings: calibration_file is set when the server starts "
+                                "(serve --set calibration_file=FILE), not per request", param="dartprune")
+        if overrides.get("method", self.config.method) == "dense":
+            overrides["sparsity"] = 0.0                   # dense has none, whatever the server's default says
         try:
-            return DartConfig.from_dict({**dataclasses.asdict(self.config), **(overrides or {})})
+            return DartConfig.from_dict({**dataclasses.asdict(self.config), **overrides})
         except (ConfigError, TypeError) as err:
             raise APIError(400, f"dartprune settings: {err}", param="dartprune") from err
 
@@ -116,6 +150,9 @@ class ModelServer:
 def _params(request: _Common, max_tokens: int | None) -> SamplingParams:
     if request.n != 1:
         raise APIError(400, "only n = 1 is supported", param="n")
+    unsupported = request.unsupported()
+    if unsupported:
+        raise APIError(400, f"this server does not support {', '.join(unsupported)}", param=unsupported[0])
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
@@ -152,9 +189,14 @@ def create_app(server: ModelServer) -> FastAPI:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         kind = first.get("type", "")
-        message = "the body is not valid JSON" if kind == "json_invalid" else \
-            f"{where or 'body'}: {first.get('msg', 'invalid request')}"
-        return APIError(400, message, param=where).response()
+        if kind == "json_invalid":
+            return APIError(400, "the body is not valid JSON").response()
+        return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return APIError(err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None
+                        ).response()
 
     def check_model(name: str) -> None:
         if name != server.name:
@@ -184,11 +226,24 @@ def create_app(server: ModelServer) -> FastAPI:
                            param="max_tokens", code="context_length_exceeded")
         return params, config
 
-    async def run(ids, params, config) -> Generation:
+    async def watch(http: Request, stop: threading.Event) -> None:
+        """Set `stop` when the client goes away, so that its generation ends at the next token (a long reply nobody
+        reads would hold the model from every other request)."""
+        while not stop.is_set():
+            if await http.is_disconnected():
+                stop.set()
+            await asyncio.sleep(0.25)
+
+    async def run(http: Request, ids, params, config) -> Generation:
+        stop = threading.Event()
+        watcher = asyncio.create_task(watch(http, stop))
         try:
-            return await asyncio.to_thread(server.run, ids, params, config)
+            return await asyncio.to_thread(server.run, ids, params, config, None, stop.is_set)
         except ValueError as err:
             raise APIError(400, str(err)) from err
+        finally:
+            stop.set()
+            watcher.cancel()
 
     def stream(http: Request, ids, params, config, chunk, final, include_usage: bool) -> StreamingResponse:
         """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, then [DONE]."""
@@ -205,28 +260,32 @@ def create_app(server: ModelServer) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             threading.Thread(target=work, daemon=True).start()
-            first = chunk(None, None)
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
-            while True:
-                try:
-                    kind, value = await asyncio.to_thread(pieces.get, True, 0.5)
-                except queue.Empty:
-                    if await http.is_disconnected():
-                        stop.set()
-                    continue
-                if kind == "text":
-                    yield f"data: {json.dumps(chunk(value, None))}\n\n"
-                elif kind == "error":
-                    body = {"error": {"message": str(value), "type": "server_error", "param": None, "code": None}}
-                    yield f"data: {json.dumps(body)}\n\n"
-                    break
-                else:
-                    yield f"data: {json.dumps(chunk(None, _finish(value.finish_reason)))}\n\n"
-                    if include_usage:
-                        yield f"data: {json.dumps(final(value))}\n\n"
-                    break
-            yield "data: [DONE]\n\n"
+            watcher = asyncio.create_task(watch(http, stop))
+            try:
+                first = chunk(None, None)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                while True:
+                    try:
+                        kind, value = await asyncio.to_thread(pieces.get, True, 0.5)
+                    except queue.Empty:
+                        continue
+                    if kind == "text":
+                        yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                    elif kind == "error":
+                        body = {"error": {"message": str(value), "type": "server_error", "param": None,
+                                          "code": None}}
+                        yield f"data: {json.dumps(body)}\n\n"
+                        break
+                    else:
+                        yield f"data: {json.dumps(chunk(None, _finish(value.finish_reason)))}\n\n"
+                        if include_usage:
+                            yield f"data: {json.dumps(final(value))}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:                  # done, or the response was cancelled because the client went away
+                stop.set()
+                watcher.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -264,7 +323,7 @@ def create_app(server: ModelServer) -> FastAPI:
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream(http, ids, params, config, chunk, final, include)
-        result = await run(ids, params, config)
+        result = await run(http, ids, params, config)
         return {"id": ident, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": _finish(result.finish_reason)}],
@@ -294,7 +353,7 @@ def create_app(server: ModelServer) -> FastAPI:
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream(http, ids, params, config, chunk, final, include)
-        result = await run(ids, params, config)
+        result = await run(http, ids, params, config)
         return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
                 "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
                              "logprobs": None}],
