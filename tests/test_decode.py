@@ -416,3 +416,23 @@ def test_attach_takes_a_dict_and_its_stats_outlive_detach():
         handle.engine.start(1)
     with pytest.raises(TypeError, match="DartConfig or a dict"):
         dartprune.attach(model, 0.5)
+
+
+def test_should_stop_interrupts_both_loops_at_the_same_token():
+    """The server's disconnect check: asked after every token; both loops stop there with the same tokens."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 12, seed=2)[0]
+    replies = {}
+    for loop in ("native", "hf"):
+        asked = []
+
+        def should_stop() -> bool:
+            asked.append(1)
+            return len(asked) >= 4
+
+        streamed = []
+        with Generator(model, tiny_tokenizer(), DartConfig(sparsity=0.5), loop=loop) as generator:
+            replies[loop] = generator.generate(ids, SamplingParams(max_new_tokens=40, ignore_eos=True),
+                                               on_text=streamed.append, should_stop=should_stop)
+        assert replies[loop].finish_reason == "interrupted" and "".join(streamed) == replies[loop].text
+    assert replies["native"].tokens == replies["hf"].tokens and 3 <= len(replies["hf"].tokens) <= 5

@@ -190,7 +190,7 @@ class Generator:
                  should_stop: Callable[[], bool] | None = None) -> Generation:
         """Continue the prompt `ids` ([tokens] or [1, tokens]) as a new sequence. At the end the weights go back
         into their own order (`Engine.end_sequence`), off the next prompt's time; `continue_` may still extend
-        the sequence. `should_stop`: as in `continue_` (native loop only)."""
+        the sequence. `should_stop`: as in `continue_`."""
         if self.closed:
             raise RuntimeError("this Generator is closed (its model was restored); build a new one")
         if isinstance(ids, str):
@@ -201,7 +201,7 @@ class Generator:
         self.check_length(ids.numel(), params.max_new_tokens)
         try:
             if self.loop == "hf":
-                return self._generate_hf(ids, params, on_text)
+                return self._generate_hf(ids, params, on_text, should_stop)
             self.native.reset()
             return self.continue_(ids, params, on_text, new_turn=False, should_stop=should_stop)
         finally:
@@ -246,41 +246,50 @@ class Generator:
         return "stop" if stream.add(token) else None
 
     @torch.inference_mode()
-    def _generate_hf(self, ids: torch.Tensor, params: SamplingParams,
-                     on_text: Callable[[str], None] | None) -> Generation:
+    def _generate_hf(self, ids: torch.Tensor, params: SamplingParams, on_text: Callable[[str], None] | None,
+                     should_stop: Callable[[], bool] | None = None) -> Generation:
+        """`model.generate` with the engine attached; each token is streamed and checked for the end of the reply
+        (EOS, a stop string, `should_stop`) as it comes, as the native loop does."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
         stream = TextStream(self.tokenizer, params.stop, on_text)
         times: list[float] = []
+        ended: list[str] = []                               # why the reply ended, once it has
+        ends = self._ends
 
         class Clock(BaseStreamer):
+            """Timestamps each new token and streams it (generate calls `put` with the prompt first)."""
+
             def put(self, value: torch.Tensor) -> None:
                 times.append(time.perf_counter())
+                if len(times) > 1 and not ended:
+                    reason = ends(int(value.reshape(-1)[0]), stream, params)
+                    if reason is None and should_stop is not None and should_stop():
+                        reason = "interrupted"
+                    if reason is not None:
+                        ended.append(reason)
 
             def end(self) -> None:
                 pass
+
+        class Ended(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), bool(ended), dtype=torch.bool, device=input_ids.device)
 
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k or None) if params.temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        extra = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
-        if params.ignore_eos:
-            extra["min_new_tokens"] = params.max_new_tokens
+        extra = {"min_new_tokens": params.max_new_tokens} if params.ignore_eos else {}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         start = time.perf_counter()
-        out = self.model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
-                                  max_new_tokens=params.max_new_tokens, streamer=Clock(), pad_token_id=pad,
-                                  **sampling, **extra)
-        reason = None
-        for token in out[0, ids.numel():].tolist():
-            reason = self._ends(token, stream, params)
-            if reason is not None:
-                break
+        self.model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+                            max_new_tokens=params.max_new_tokens, streamer=Clock(), pad_token_id=pad,
+                            stopping_criteria=StoppingCriteriaList([Ended()]), **sampling, **extra)
         stream.finish()
-        reason = reason or "length"
         marks = times[1:]                                   # the first put is the prompt
         steps = [b - a for a, b in zip(marks, marks[1:])]
-        return Generation(text=stream.text, tokens=stream.tokens, finish_reason=reason, prompt_tokens=ids.numel(),
-                          ttft_s=(marks[0] - start) if marks else 0.0, step_s=steps, stats=self.engine.stats()[0],
-                          loop="hf")
+        return Generation(text=stream.text, tokens=stream.tokens, finish_reason=ended[0] if ended else "length",
+                          prompt_tokens=ids.numel(), ttft_s=(marks[0] - start) if marks else 0.0, step_s=steps,
+                          stats=self.engine.stats()[0], loop="hf")
