@@ -108,8 +108,8 @@ def load_text(source: str | Path, root: str | Path | None = None) -> Text:
         if path is None:
             folder = data_dir(root)
             books = sorted(p.stem for p in (folder / "gutenberg").glob("*.txt")) if folder else []
-            hint = f"; the folder has {books}" if books else ""
-            raise _not_found(f"Gutenberg text {name!r}{hint}", local, None, "it is only read from a local folder")
+            reason = "it is only read from a local folder" + (f", which has {', '.join(books)}" if books else "")
+            raise _not_found(f"Gutenberg text {name!r}", local, None, reason)
         return Text(spec, path.read_text(encoding="utf-8", errors="replace"))
     if spec == "wikitext2":
         path = _local_file(root, WIKITEXT2)

@@ -502,6 +502,21 @@ def test_a_calibrated_method_is_not_evaluated_on_its_calibration_text(tiny, tmp_
                  "--ppl-window", "64", "--prefix", "16", "--out", str(tmp_path / "cli")]) == 0
 
 
+def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for argv, message in (
+            (["--tasks", "ppl", "--limit", "foo=2"], "names unknown task(s) ['foo']"),
+            (["--tasks", "ppl", "--out", str(tmp_path / "a_file")], "is a file"),
+            (["--tasks", "ppl", "--limit", "abc"], "--limit takes N or TASK=N"),
+    ):
+        argv = ["eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), *argv]
+        try:
+            code = cli_main(argv)
+        except SystemExit as exit_info:          # argparse's own refusal
+            code = exit_info.code
+        assert code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_per_task_limits(tiny, tmp_path):
     model, tokenizer, _ = tiny
     settings = EvalSettings(model="tiny", methods=["random"], sparsities=[0.5], tasks=["topics"], out=str(tmp_path),

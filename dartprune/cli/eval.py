@@ -38,14 +38,21 @@ def split_methods(text: str) -> list[str]:
 
 
 def _limit(text: str) -> int | dict[str, int]:
+    """N, or TASK=N,... (tasks checked against the registry once they are all registered, in `run`)."""
+    def count(value: str) -> int:
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--limit takes N or TASK=N,..., got {text!r}") from None
+
     if "=" not in text:
-        return int(text)
+        return count(text)
     limits = {}
     for item in _csv(str)(text):
-        task, sep, count = item.partition("=")
+        task, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"--limit item {item!r} must look like TASK=N")
-        limits[task.strip()] = int(count)
+        limits[task.strip()] = count(value)
     return limits
 
 

@@ -11,7 +11,7 @@ from dartprune.calibration.file import check_sources_differ
 from dartprune.data import data_dir
 from dartprune.evaluation.core import Session, load_for_eval, method_specs, progress
 from dartprune.provenance import command_line, git_state, versions
-from dartprune.evaluation.registry import EvalSettings, Result, get_task
+from dartprune.evaluation.registry import TASK_REGISTRY, EvalSettings, Result, get_task
 from dartprune.evaluation.report import markdown, plot_quality, write_details, write_json
 
 
@@ -23,7 +23,12 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     limits = settings.limit.values() if isinstance(settings.limit, dict) else [settings.limit]
     if any(n is not None and n < 1 for n in limits):
         raise ValueError("--limit must be >= 1")
+    unknown = sorted(set(settings.limit) - set(TASK_REGISTRY)) if isinstance(settings.limit, dict) else []
+    if unknown:
+        raise ValueError(f"--limit names unknown task(s) {unknown}; tasks: {', '.join(sorted(TASK_REGISTRY))}")
     out = Path(settings.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it names the folder the results go to")
     local = data_dir(settings.data_dir)   # a named folder that does not exist fails here, before the model loads
     if model is None:
         model, tokenizer = load_for_eval(settings.model, settings.dtype)
