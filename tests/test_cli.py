@@ -47,6 +47,7 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
     (["generate", "hi", "--set", "window"], "KEY=VALUE"),
     (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
     (["generate", "hi", "--method", "dense", "--compare-dense"], "dense already"),
+    (["generate", "hi", "--method", "dart", "--calibration-file", "x.safetensors"], "takes none"),
     (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
 ])
 def test_generate_rejects_bad_input_before_loading(capsys, argv, message):

@@ -440,6 +440,14 @@ def test_calibrate_command(tmp_path, monkeypatch, capsys):
         bad.run(bad)
     with pytest.raises(SystemExit):
         parser.parse_args(["calibrate", "--method", "dart", "--out", str(out)])
+    common = ["calibrate", "--method", "threshold", "--model", "tiny", "--text", str(CAL_PATH), "--no-progress"]
+    folder = parser.parse_args(common + ["--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="is a folder"):
+        folder.run(folder)
+    too_long = parser.parse_args(common + ["--seq-len", "5000", "--out", str(tmp_path / "long.safetensors")])
+    with pytest.raises(ValueError, match="exceed the model's context of 4096"):
+        too_long.run(too_long)
+    assert not (tmp_path / "long.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------- real SmolLM2

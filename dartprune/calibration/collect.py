@@ -132,6 +132,12 @@ def calibrate(model: nn.Module, tokenizer, method: str, text: Text, out: str | P
     sparsities = list(sparsities)
     if method == "threshold" and (not sparsities or not all(0.0 <= s < 1.0 for s in sparsities)):
         raise ValueError(f"sparsities must be in [0, 1), got {sparsities}")
+    if Path(out).is_dir():
+        raise ValueError(f"{out} is a folder; `out` names the calibration file to write")
+    length = seq_len if windows is None else windows.shape[1]
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and length > context:
+        raise ValueError(f"windows of {length} tokens exceed the model's context of {context} tokens")
     if windows is None:
         windows = text_windows(tokenizer, text, samples, seq_len)
     samples, seq_len = windows.shape

@@ -53,6 +53,8 @@ def parse_sparsities(value: str | None) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     if args.samples < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise ValueError("--samples and --batch-size must be >= 1 and --seq-len >= 2")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; it names the calibration file to write")
     sparsities = parse_sparsities(args.sparsities)
     from dartprune.data import load_text
     text = load_text(args.text, args.data_dir)

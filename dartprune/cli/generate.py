@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.compare_dense and args.method == "dense":
         raise ValueError("--compare-dense times a pruned method against dense; --method dense is dense already")
+    if args.calibration_file and METHODS[args.method].calibration is None:
+        raise ValueError(f"--calibration-file is for the calibrated methods; --method {args.method} takes none")
     if args.trace_plot and not METHODS[args.method].follows_drift:
         raise ValueError(f"--trace-plot draws the drift monitor, which --method {args.method} does not run "
                          "(dart does)")
