@@ -11,6 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from dartprune.engine.stats import SequenceStats  # noqa: E402
 
 
+def check_image_path(path: str | Path) -> None:
+    """Refuse, before any work, a file name whose extension matplotlib cannot write."""
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise ValueError(f"cannot write a plot to {path}: use one of .{', .'.join(sorted(formats))}")
+
+
 def plot_drift_trace(stats: SequenceStats, path: str | Path, title: str = "", switch_at: int | None = None) -> Path:
     """Window cosine vs position, the threshold in force, re-trace marks, and an optional topic-switch line."""
     path = Path(path)

@@ -24,8 +24,11 @@ def test_generate_streams_a_continuation_and_summarises(capsys):
 
 def test_generate_dense_reads_stdin_and_prompt_file(capsys, monkeypatch, tmp_path):
     code, out_stdin, _ = run_cli(["generate", "--method", "dense", "--max-new-tokens", "8", "--no-stream"],
-                                 capsys, stdin="Once upon a time", monkeypatch=monkeypatch)
+                                 capsys, stdin="Once upon a time\n", monkeypatch=monkeypatch)   # as `echo` pipes it
     assert code == 0
+    _, out_argument, _ = run_cli(["generate", "Once upon a time", "--method", "dense", "--max-new-tokens", "8",
+                                  "--no-stream"], capsys)
+    assert out_argument == out_stdin
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Once upon a time")
     code, out_file, _ = run_cli(["generate", "--prompt-file", str(prompt), "--method", "dense",
@@ -48,6 +51,8 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
     (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
     (["generate", "hi", "--method", "dense", "--compare-dense"], "dense already"),
     (["generate", "hi", "--method", "dart", "--calibration-file", "x.safetensors"], "takes none"),
+    (["generate", "hi", "--trace-plot", "trace.xyz"], "cannot write a plot to trace.xyz"),
+    (["generate", "hi", "--prompt-file", "README.md"], "not both"),
     (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
 ])
 def test_generate_rejects_bad_input_before_loading(capsys, argv, message):

@@ -283,6 +283,19 @@ def test_unknown_routes_answer_in_the_openai_error_shape(server):
     assert code == 405 and "error" in answer
 
 
+def test_chat_content_may_be_a_list_of_text_parts(server):
+    def reply(content):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4,
+                "temperature": 0}
+        return _http(server + "/v1/chat/completions", json.dumps(body).encode())
+    code, whole = reply("the harbour at night")
+    assert code == 200
+    code, parts = reply([{"type": "text", "text": "the harbour "}, {"type": "text", "text": "at night"}])
+    assert code == 200 and parts["choices"][0]["message"]["content"] == whole["choices"][0]["message"]["content"]
+    code, answer = reply([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])
+    assert code == 400
+
+
 def test_dense_per_request_reports_no_sparsity(server):
     body = {"model": "tiny", "prompt": "the harbour", "max_tokens": 2, "dartprune": {"method": "dense"}}
     code, answer = _http(server + "/v1/completions", json.dumps(body).encode())

@@ -46,12 +46,16 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
 
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file:
+        if args.prompt not in (None, "-"):
+            raise ValueError("give the prompt as an argument or with --prompt-file, not both")
         with open(args.prompt_file, encoding="utf-8") as f:
             prompt = f.read()
     elif args.prompt is None or args.prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise ValueError("no prompt: give it as an argument, with --prompt-file, or on stdin")
         prompt = sys.stdin.read()
+        if prompt.endswith("\n"):        # `echo text |` adds one; the same text as an argument has none
+            prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1]
     else:
         prompt = args.prompt
     if not prompt.strip():
@@ -81,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if args.trace_plot and not METHODS[args.method].follows_drift:
         raise ValueError(f"--trace-plot draws the drift monitor, which --method {args.method} does not run "
                          "(dart does)")
+    if args.trace_plot:
+        from dartprune.plots import check_image_path
+        check_image_path(args.trace_plot)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     prompt = read_prompt(args)

@@ -49,9 +49,17 @@ class APIError(Exception):
             "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]           # a string, or OpenAI's list of content parts (text ones only)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -208,7 +216,7 @@ def create_app(server: ModelServer) -> FastAPI:
             raise APIError(400, "messages must not be empty", param="messages")
         if not has_chat_template(server.tokenizer):
             raise APIError(400, f"{server.name} has no chat template; use /v1/completions", param="messages")
-        return torch.tensor(render_chat(server.tokenizer, [m.model_dump() for m in request.messages]),
+        return torch.tensor(render_chat(server.tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages]),
                             dtype=torch.long)
 
     def encode_prompt(request: CompletionRequest) -> torch.Tensor:
@@ -223,7 +231,7 @@ def create_app(server: ModelServer) -> FastAPI:
         if context is not None and ids.numel() + params.max_new_tokens > context:
             raise APIError(400, f"this request has {ids.numel()} prompt tokens and asks for "
                                 f"{params.max_new_tokens} more, over the model's context of {context} tokens",
-                           param="max_tokens", code="context_length_exceeded")
+                           param="max_tokens" if ids.numel() < context else None, code="context_length_exceeded")
         return params, config
 
     async def watch(http: Request, stop: threading.Event) -> None:
