@@ -503,11 +503,16 @@ def test_a_calibrated_method_is_not_evaluated_on_its_calibration_text(tiny, tmp_
 
 
 def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, capsys):
+    """The model named does not exist: each run must stop on its own error, before loading it."""
     (tmp_path / "a_file").write_text("x")
     for argv, message in (
             (["--tasks", "ppl", "--limit", "foo=2"], "names unknown task(s) ['foo']"),
             (["--tasks", "ppl", "--out", str(tmp_path / "a_file")], "is a file"),
             (["--tasks", "ppl", "--limit", "abc"], "--limit takes N or TASK=N"),
+            (["--tasks", "ppl", "--text", "gutenberg:nope", "--data-dir", str(MINI)], "Gutenberg text 'nope'"),
+            (["--tasks", "mc", "--mc-sets", "copa,nope", "--data-dir", str(MINI)], "unknown multiple-choice set"),
+            (["--tasks", "drift", "--drift-sources", "story=gutenberg:nope;code=python:argparse", "--data-dir", str(MINI)],
+             "the drift benchmark reads"),
     ):
         argv = ["eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), *argv]
         try:

@@ -58,6 +58,27 @@ class DriftSequence:
     switch: int               # index of the first token of B (for a control: where B would start)
 
 
+def source_text(source: str, root) -> str:
+    """The running text of a drift source: a text (a book past its title page), or `news:SET`'s articles."""
+    if source.startswith("news:"):
+        items = load_summaries(source.split(":", 1)[1], None, root)
+        bodies = [item["article"].rsplit("Article: ", 1)[-1].split("\n\nSummarize the above")[0] for item in items]
+        return "\n\n".join(bodies)
+    text = load_text(source, root).text
+    return text[2000:] if source.startswith("gutenberg:") else text
+
+
+def check_sources(genres: dict[str, list[str]], root) -> None:
+    """Every source can be read (before the model loads), with the message `drift_sequences` gives."""
+    try:
+        for sources in genres.values():
+            for source in sources:
+                source_text(source, root)
+    except DataNotFoundError as err:
+        raise DataNotFoundError(f"the drift benchmark reads Gutenberg books, WikiText-2, news articles and Python "
+                                f"source; one is missing: {err}") from err
+
+
 class TextSegments:
     """Consecutive, never reused token segments of each source (a text is tokenised once, in its first 400k
     characters, past a book's title page)."""
@@ -67,17 +88,10 @@ class TextSegments:
         self.tokens: dict[str, list[int]] = {}
         self.cursor: dict[str, int] = {}
 
-    def _text(self, source: str) -> str:
-        if source.startswith("news:"):
-            items = load_summaries(source.split(":", 1)[1], None, self.root)
-            bodies = [item["article"].rsplit("Article: ", 1)[-1].split("\n\nSummarize the above")[0] for item in items]
-            return "\n\n".join(bodies)
-        text = load_text(source, self.root).text
-        return text[2000:] if source.startswith("gutenberg:") else text
-
     def take(self, source: str, count: int) -> list[int]:
         if source not in self.tokens:
-            self.tokens[source] = self.tokenizer(self._text(source)[:400_000], add_special_tokens=False).input_ids
+            self.tokens[source] = self.tokenizer(source_text(source, self.root)[:400_000],
+                                                 add_special_tokens=False).input_ids
             self.cursor[source] = 0
         start = self.cursor[source]
         if start + count > len(self.tokens[source]):
@@ -150,6 +164,10 @@ class Drift(Task):
                 + PROTOCOL_TEACHER_FORCED + "; false re-traces: monitor triggers before the switch or anywhere in "
                 "a control, per 1,000 scored tokens; detected: a trigger within 64 tokens after the switch; "
                 "ppl: geometric mean over sequences of each sequence's perplexity")
+
+    @classmethod
+    def check_data(cls, settings) -> None:
+        check_sources(selected_genres(settings), settings.data_dir)
 
     def prepare(self) -> None:
         s = self.settings

@@ -82,6 +82,10 @@ class _Summaries(_GenerationTask):
     primary = ("rougeL", True)
     stop = ["###"]
 
+    @classmethod
+    def check_data(cls, settings) -> None:
+        load_summaries(cls.name, 1, settings.data_dir, settings.summary_files.get(cls.name))
+
     def prepare(self) -> None:
         limit = context_limit(self.model)
         bos = needs_bos_every_window(self.model, self.settings.model)

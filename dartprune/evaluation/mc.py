@@ -48,6 +48,11 @@ class MultipleChoice(Task):
     primary = ("acc_norm", True)
     protocol = PROTOCOL_MC
 
+    @classmethod
+    def check_data(cls, settings) -> None:
+        for name in settings.mc_sets:
+            load_mc(name, 1, settings.data_dir)
+
     def prepare(self) -> None:
         self.sets = {name: load_mc(name, self.settings.limit_for("mc"), self.settings.data_dir)
                      for name in self.settings.mc_sets}

@@ -44,6 +44,10 @@ class Perplexity(Task):
         super().__init__(*args, **kwargs)
         self.nll: dict[str, list[float]] = {}       # per method label: each window's mean NLL
 
+    @classmethod
+    def check_data(cls, settings) -> None:
+        load_text(settings.text, settings.data_dir)
+
     def prepare(self) -> None:
         s = self.settings
         windows = s.limit_for("ppl") if s.limit_for("ppl") is not None else s.ppl_windows

@@ -105,6 +105,11 @@ class Task(ABC):
         self.versions = versions
         self.details: list[dict] = []  # per-item outputs, written to details.jsonl
 
+    @classmethod
+    def check_data(cls, settings: EvalSettings) -> None:
+        """Raise if the task's data cannot be had (called before the model loads: a run whose data is missing
+        stops there); nothing to check by default."""
+
     def prepare(self) -> None:
         """Load and tokenise the data (honouring settings.limit)."""
 

@@ -30,6 +30,8 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; it names the folder the results go to")
     local = data_dir(settings.data_dir)   # a named folder that does not exist fails here, before the model loads
+    for cls in task_classes:              # and so does data that cannot be had
+        cls.check_data(settings)
     if model is None:
         model, tokenizer = load_for_eval(settings.model, settings.dtype)
     if settings.threads is not None:
