@@ -419,7 +419,8 @@ def test_attach_takes_a_dict_and_its_stats_outlive_detach():
 
 
 def test_should_stop_interrupts_both_loops_at_the_same_token():
-    """The server's disconnect check: asked after every token; both loops stop there with the same tokens."""
+    """The server's disconnect check: asked after every token; both loops stop there with the same tokens, and
+    neither runs a forward after the last token (the engine counts the same tokens, the same steps are timed)."""
     model = tiny_model("llama")
     ids = random_ids(1, 12, seed=2)[0]
     replies = {}
@@ -435,4 +436,32 @@ def test_should_stop_interrupts_both_loops_at_the_same_token():
             replies[loop] = generator.generate(ids, SamplingParams(max_new_tokens=40, ignore_eos=True),
                                                on_text=streamed.append, should_stop=should_stop)
         assert replies[loop].finish_reason == "interrupted" and "".join(streamed) == replies[loop].text
-    assert replies["native"].tokens == replies["hf"].tokens and 3 <= len(replies["hf"].tokens) <= 5
+    native, hf = replies["native"], replies["hf"]
+    assert native.tokens == hf.tokens and len(hf.tokens) == 4
+    assert native.stats.tokens == hf.stats.tokens == 12 + 3 and len(native.step_s) == len(hf.step_s) == 3
+
+
+@pytest.mark.parametrize("case", ["stop string", "length", "end of sequence", "ignore_eos"])
+def test_both_loops_end_a_reply_at_the_same_token_with_the_same_work(case):
+    model = tiny_model("llama")
+    tokenizer = tiny_tokenizer()
+    ids = random_ids(1, 12, seed=2)[0]
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5), loop="native") as generator:
+        free = generator.generate(ids, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    params = SamplingParams(max_new_tokens=8)
+    if case == "stop string":
+        params = SamplingParams(max_new_tokens=30, stop=(tokenizer.decode(free.tokens[:6])[-2:],))
+    model.generation_config.eos_token_id = free.tokens[5] if case in ("end of sequence", "ignore_eos") else None
+    if case == "ignore_eos":
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    replies = {}
+    for loop in ("native", "hf"):
+        with Generator(model, tokenizer, DartConfig(sparsity=0.5), loop=loop) as generator:
+            replies[loop] = generator.generate(ids, params)
+    native, hf = replies["native"], replies["hf"]
+    assert (native.tokens, native.finish_reason, native.text) == (hf.tokens, hf.finish_reason, hf.text)
+    assert native.stats.tokens == hf.stats.tokens and len(native.step_s) == len(hf.step_s)
+    assert native.finish_reason == {"stop string": "stop", "length": "length", "end of sequence": "eos",
+                                    "ignore_eos": "length"}[case]
+    if case == "ignore_eos":
+        assert free.tokens[5] in native.tokens                   # the end-of-sequence token was sampled and kept

@@ -258,22 +258,27 @@ class Generator:
         ends = self._ends
 
         class Clock(BaseStreamer):
-            """Timestamps each new token and streams it (generate calls `put` with the prompt first)."""
+            """Timestamps each new token (generate calls `put` with the prompt first)."""
 
             def put(self, value: torch.Tensor) -> None:
                 times.append(time.perf_counter())
-                if len(times) > 1 and not ended:
-                    reason = ends(int(value.reshape(-1)[0]), stream, params)
-                    if reason is None and should_stop is not None and should_stop():
-                        reason = "interrupted"
-                    if reason is not None:
-                        ended.append(reason)
 
             def end(self) -> None:
                 pass
 
         class Ended(StoppingCriteria):
+            """Streams each new token and ends the reply where the native loop would: transformers asks this as
+            soon as the token is chosen (before the streamer), so no forward runs after the last token."""
+
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+                if not ended:
+                    reason = ends(int(input_ids[0, -1]), stream, params)
+                    if reason is None and len(stream.tokens) >= params.max_new_tokens:
+                        reason = "length"
+                    if reason is None and should_stop is not None and should_stop():
+                        reason = "interrupted"
+                    if reason is not None:
+                        ended.append(reason)
                 return torch.full((input_ids.shape[0],), bool(ended), dtype=torch.bool, device=input_ids.device)
 
         if params.seed is not None:
@@ -281,7 +286,7 @@ class Generator:
         sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k or None) if params.temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        extra = {"min_new_tokens": params.max_new_tokens} if params.ignore_eos else {}
+        extra = {"eos_token_id": []} if params.ignore_eos else {}    # EOS sampled like any token, as natively
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         start = time.perf_counter()
         self.model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
