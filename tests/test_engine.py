@@ -617,6 +617,14 @@ def test_settings_of_the_wrong_type_are_config_errors(setting, message):
         DartConfig.from_dict(parse_settings([setting]))
 
 
+def test_config_takes_numpy_numbers_as_python_ones():
+    import numpy as np
+    config = DartConfig(sparsity=np.float32(0.5), window=np.int64(4), prune_prefill=np.bool_(True),
+                        monitored_layers=(np.int64(-1), np.float32(0.5)))
+    assert config.monitored_layers == (-1, 0.5) and type(config.monitored_layers[0]) is int
+    assert config.prune_prefill is True and DartConfig(monitored_layers=np.int64(2)).monitored_layers == (2,)
+
+
 def test_settings_read_command_line_booleans_and_none():
     assert parse_settings(["prune_prefill=false", "a=True", "b=None", "detector=none", "d=0.5", "e=(0, -1)",
                            "f=x"]) == {"prune_prefill": False, "a": True, "b": None, "detector": "none", "d": 0.5,

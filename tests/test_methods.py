@@ -400,7 +400,8 @@ def test_calibration_file_records_model_text_and_sizes(llama_files):
     assert header["sparsities"] == list(GRID)
     assert Path(llama_files["threshold"]).stat().st_size < 20_000
     assert load_calibration(llama_files["wanda-static"]).text_sha256 == CAL_TEXT.sha256
-    check_sources_differ(llama_files["wanda-static"], {EVAL_TEXT.name: EVAL_TEXT.sha256, "wikitext2": None})
+    check_sources_differ(llama_files["wanda-static"], {EVAL_TEXT.name: EVAL_TEXT.sha256, "wikitext2": None,
+                                                       CAL_TEXT.name: EVAL_TEXT.sha256})   # same name, not text
     with pytest.raises(CalibrationError, match="is the calibration text"):
         check_sources_differ(llama_files["wanda-static"], {"renamed.txt": CAL_TEXT.sha256})
     with pytest.raises(CalibrationError, match="is the calibration text"):

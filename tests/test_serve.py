@@ -261,6 +261,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
     assert code == 200 and answer["dartprune"]["loop"] == "native", answer
 
 
+def test_a_streamed_request_with_settings_the_engine_refuses_is_a_400(server):
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True,
+            "dartprune": {"monitored_layers": [50]}}
+    code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
+    assert code == 400 and "out of range" in answer["error"]["message"]
+
+
 def test_malformed_json_is_a_400(server):
     code, answer = _http(server + "/v1/completions", b"{not json")
     assert code == 400 and "JSON" in answer["error"]["message"] and answer["error"]["param"] is None
@@ -307,11 +314,12 @@ def test_a_client_that_goes_away_stops_its_generation(server, model_server, monk
     """A reply nobody reads would hold the model from every other request: generation ends at the next token."""
     import http.client
     import urllib.parse
-    finished = []
+    finished, started = [], threading.Event()
     real = model_server.run
 
     def recording(ids, params, config, on_text=None, should_stop=None):
         def slowly() -> bool:              # at least 2 ms a token, so that 4000 tokens outlast the disconnect
+            started.set()
             time.sleep(0.002)
             return should_stop()
         finished.append(real(ids, params, config, on_text, slowly))
@@ -326,8 +334,7 @@ def test_a_client_that_goes_away_stops_its_generation(server, model_server, monk
     if stream:
         response = connection.getresponse()
         assert response.status == 200 and response.readline().startswith(b"data: ")
-    else:
-        time.sleep(0.5)                                  # the request is read and generation has begun
+    assert started.wait(60)                              # generation has begun
     # ("zzz" runs to 4000 tokens on this model without an end-of-sequence token)
     connection.sock.shutdown(2)
     connection.close()

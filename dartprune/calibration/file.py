@@ -55,10 +55,11 @@ class CalibrationError(ValueError):
 
 def check_sources_differ(calibration_file: str | Path, sources: dict[str, str | None]) -> None:
     """Raise CalibrationError if the calibration file was made from one of `sources` (text name -> sha256 where
-    known): calibration and evaluation texts must differ."""
+    known): calibration and evaluation texts must differ. A source with a sha256 is matched by its content (two
+    files may share a name), one without by its name (`gutenberg:NAME`, `wikitext2`, ...)."""
     made_from = load_calibration(calibration_file).meta["text"]
     for name, sha256 in sources.items():
-        if name == made_from["name"] or sha256 == made_from["sha256"]:
+        if sha256 == made_from["sha256"] if sha256 is not None else name == made_from["name"]:
             raise CalibrationError(f"{name} is the calibration text of {calibration_file}; evaluate on another "
                                    "text or calibrate on one that no evaluation reads")
 

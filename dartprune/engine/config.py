@@ -9,7 +9,10 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Literal
+
+import numpy as np
 
 ALLOCATIONS = ("dart", "uniform")
 IMPORTANCES = ("residual", "ffn-vs-input")
@@ -108,7 +111,14 @@ class DartConfig:
 
     def __post_init__(self) -> None:
         layers = self.monitored_layers
-        self.monitored_layers = (layers,) if isinstance(layers, (int, float)) else tuple(layers)
+        if isinstance(layers, (numbers.Real, str)) or not isinstance(layers, Iterable):
+            layers = (layers,)
+        # numpy scalars become Python ones: an index stays an int, a relative depth a float
+        self.monitored_layers = tuple(int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                      else float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                      else v for v in layers)
+        if isinstance(self.prune_prefill, np.bool_):
+            self.prune_prefill = bool(self.prune_prefill)
         self.validate()
 
     def validate(self) -> None:

@@ -54,6 +54,10 @@ class TextPart(BaseModel):
     text: str
 
 
+class ClientGone(Exception):
+    """The client closed its request; nothing is left to answer."""
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]           # a string, or OpenAI's list of content parts (text ones only)
@@ -144,9 +148,17 @@ class ModelServer:
             self._generator = Generator(self.model, self.tokenizer, config, loop=self.loop)
         return self._generator
 
+    def build(self, config: DartConfig) -> None:
+        """The generator for `config` now: settings only the engine can check fail here (a streamed request
+        checks them before its response starts)."""
+        with self.lock:
+            self.generator(config)
+
     def run(self, ids: torch.Tensor, params: SamplingParams, config: DartConfig, on_text=None,
             should_stop=None) -> Generation:
         with self.lock:
+            if should_stop is not None and should_stop():        # the client left while the request waited
+                raise ClientGone("the client closed the request before it ran")
             return self.generator(config).generate(ids, params, on_text, should_stop)
 
     def close(self) -> None:
@@ -249,12 +261,19 @@ def create_app(server: ModelServer) -> FastAPI:
             return await asyncio.to_thread(server.run, ids, params, config, None, stop.is_set)
         except ValueError as err:
             raise APIError(400, str(err)) from err
+        except ClientGone as err:          # answered to nobody (499: nginx's "client closed request")
+            raise APIError(499, str(err)) from err
         finally:
             stop.set()
             watcher.cancel()
 
-    def stream(http: Request, ids, params, config, chunk, final, include_usage: bool) -> StreamingResponse:
-        """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, then [DONE]."""
+    async def stream(http: Request, ids, params, config, chunk, final, include_usage: bool) -> StreamingResponse:
+        """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, then [DONE]. Settings
+        that only the engine can check are checked first, so that they get a 400 and not an error event."""
+        try:
+            await asyncio.to_thread(server.build, config)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
         pieces: queue.Queue = queue.Queue()
         stop = threading.Event()
 
@@ -330,7 +349,7 @@ def create_app(server: ModelServer) -> FastAPI:
                         "choices": [], "usage": usage(result), "dartprune": _figures(result, config)}
 
             include = bool(request.stream_options and request.stream_options.include_usage)
-            return stream(http, ids, params, config, chunk, final, include)
+            return await stream(http, ids, params, config, chunk, final, include)
         result = await run(http, ids, params, config)
         return {"id": ident, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -360,7 +379,7 @@ def create_app(server: ModelServer) -> FastAPI:
                         "choices": [], "usage": usage(result), "dartprune": _figures(result, config)}
 
             include = bool(request.stream_options and request.stream_options.include_usage)
-            return stream(http, ids, params, config, chunk, final, include)
+            return await stream(http, ids, params, config, chunk, final, include)
         result = await run(http, ids, params, config)
         return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
                 "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
