@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from dartprune.data import DataNotFoundError
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.evaluation.core import MethodSpec, needs_bos_every_window, progress
-from dartprune.evaluation.drift import TextSegments, check_sources, mean, selected_genres
+from dartprune.evaluation.drift import ReadsGenres, TextSegments, mean, selected_genres
 from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
 
@@ -95,7 +95,7 @@ def dialogues(tokenizer, passage: int, reply: int, genres: dict[str, list[str]],
 
 
 @register_task
-class ConversationTask(Task):
+class ConversationTask(ReadsGenres, Task):
     name = "conversation"
     description = ("conversation benchmark: 3-turn dialogues whose turns change genre; perplexity of reference "
                    "replies per turn with the cache kept across turns, paired intervals")
@@ -104,10 +104,6 @@ class ConversationTask(Task):
                 "passage's true continuation; one sequence, cache kept across turns; each turn fed dense and traced "
                 "(DART re-traces from it, static keeps turn one's mask), replies fed in chunks of <= W tokens with "
                 "the monitor live; ppl: geometric mean over dialogues of the per-dialogue reply perplexity")
-
-    @classmethod
-    def check_data(cls, settings) -> None:
-        check_sources(selected_genres(settings), settings.data_dir)
 
     def prepare(self) -> None:
         s = self.settings
@@ -120,9 +116,6 @@ class ConversationTask(Task):
         self.items = items[:s.limit_for("conversation")]
         self.genres = genres
         self.records: dict[str, list[dict]] = {}
-
-    def sources(self) -> dict[str, str | None]:
-        return {source: None for sources in self.genres.values() for source in sources}
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()

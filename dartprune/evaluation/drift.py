@@ -68,6 +68,12 @@ def source_text(source: str, root) -> str:
     return text[2000:] if source.startswith("gutenberg:") else text
 
 
+def missing_source(err: DataNotFoundError) -> DataNotFoundError:
+    """What the drift benchmark says when one of its sources cannot be read."""
+    return DataNotFoundError(f"the drift benchmark reads Gutenberg books, WikiText-2, news articles and Python "
+                             f"source; one is missing: {err}")
+
+
 def check_sources(genres: dict[str, list[str]], root) -> None:
     """Every source can be read (before the model loads), with the message `drift_sequences` gives."""
     try:
@@ -75,8 +81,7 @@ def check_sources(genres: dict[str, list[str]], root) -> None:
             for source in sources:
                 source_text(source, root)
     except DataNotFoundError as err:
-        raise DataNotFoundError(f"the drift benchmark reads Gutenberg books, WikiText-2, news articles and Python "
-                                f"source; one is missing: {err}") from err
+        raise missing_source(err) from err
 
 
 class TextSegments:
@@ -132,8 +137,7 @@ def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list
                 sequences.append(DriftSequence(f"{src} (control)", "control", "", genre, genre, ids,
                                                prefix + segment))
     except DataNotFoundError as err:
-        raise DataNotFoundError(f"the drift benchmark reads Gutenberg books, WikiText-2, news articles and Python "
-                                f"source; one is missing: {err}") from err
+        raise missing_source(err) from err
     for kind in ("switch", "control"):
         for i, seq in enumerate(s for s in sequences if s.kind == kind):
             seq.split = "tune" if i % 2 == 0 else "test"
@@ -154,8 +158,22 @@ def selected_genres(settings) -> dict[str, list[str]]:
     return settings.drift_sources or {g: GENRES[g] for g in PROFILES[settings.drift_profile]["genres"] or GENRES}
 
 
+class ReadsGenres:
+    """For the tasks built from the drift benchmark's genres (drift, conversation): their sources are checked before
+    the model loads and named for the calibration-text rule (`prepare` sets `self.genres`)."""
+
+    genres: dict[str, list[str]]
+
+    @classmethod
+    def check_data(cls, settings) -> None:
+        check_sources(selected_genres(settings), settings.data_dir)
+
+    def sources(self) -> dict[str, str | None]:
+        return {source: None for sources in self.genres.values() for source in sources}
+
+
 @register_task
-class Drift(Task):
+class Drift(ReadsGenres, Task):
     name = "drift"
     description = ("drift benchmark: switch sequences across 7 genres and homogeneous controls; false re-traces, "
                    "detection, perplexity before/after the switch, paired intervals")
@@ -164,10 +182,6 @@ class Drift(Task):
                 + PROTOCOL_TEACHER_FORCED + "; false re-traces: monitor triggers before the switch or anywhere in "
                 "a control, per 1,000 scored tokens; detected: a trigger within 64 tokens after the switch; "
                 "ppl: geometric mean over sequences of each sequence's perplexity")
-
-    @classmethod
-    def check_data(cls, settings) -> None:
-        check_sources(selected_genres(settings), settings.data_dir)
 
     def prepare(self) -> None:
         s = self.settings
@@ -185,9 +199,6 @@ class Drift(Task):
         self.prefix = s.prefix
         self.records: dict[str, list[dict]] = {}
         self.traces: dict[tuple[str, str, float], object] = {}
-
-    def sources(self) -> dict[str, str | None]:
-        return {source: None for sources in self.genres.values() for source in sources}
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()

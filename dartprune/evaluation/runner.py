@@ -53,10 +53,9 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         task = cls(settings, model, tokenizer, meta["versions"])
         task.prepare()
         tasks.append(task)
-    for spec in specs:           # a calibrated method evaluated on its own calibration text would flatter it
-        if spec.config.calibration_file is not None:
-            for task in tasks:
-                check_sources_differ(spec.config.calibration_file, task.sources())
+    for file in {s.config.calibration_file for s in specs} - {None}:   # scored on its own text, it would flatter
+        for task in tasks:
+            check_sources_differ(file, task.sources())
     out.mkdir(parents=True, exist_ok=True)
     for task in progress(tasks, "tasks", leave=True):
         cls = type(task)
