@@ -617,6 +617,13 @@ def test_settings_of_the_wrong_type_are_config_errors(setting, message):
         DartConfig.from_dict(parse_settings([setting]))
 
 
+def test_a_method_that_prunes_nothing_has_no_sparsity():
+    assert DartConfig(method="dense", sparsity=0.5).sparsity == 0.0
+    assert DartConfig(method="static", sparsity=0.5).sparsity == 0.5
+    with pytest.raises(ConfigError, match="sparsity"):
+        DartConfig(method="dense", sparsity=1.5)
+
+
 def test_config_takes_numpy_numbers_as_python_ones():
     import numpy as np
     config = DartConfig(sparsity=np.float32(0.5), window=np.int64(4), prune_prefill=np.bool_(True),

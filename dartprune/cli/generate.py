@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     prompt = read_prompt(args)
-    sparsity = 0.0 if args.method == "dense" else args.sparsity      # dense has none, whatever --sparsity says
-    config = DartConfig.from_dict({"method": args.method, "sparsity": sparsity, "seed": args.seed,
+    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
                                    "calibration_file": args.calibration_file, **parse_settings(args.set)})
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     ids = encode_prompt(tokenizer, prompt, args.chat)[0]
@@ -100,14 +99,13 @@ def run(args: argparse.Namespace) -> int:
     def show(text: str) -> None:
         print(text, end="", flush=True)
 
-    compare = args.compare_dense
     with Generator(model, tokenizer, config, loop=args.loop) as generator:
         generator.check_length(ids.numel(), args.max_new_tokens)
         result = generator.generate(ids, params, None if args.no_stream else show)
         print(result.text if args.no_stream else "")
         tokens = max(2, len(result.tokens))
         paired = None
-        if compare and generator.native is not None:
+        if args.compare_dense and generator.native is not None:
             from dartprune.benchmarks.speed import paired_speedup
             paired = paired_speedup(generator.native, ids, tokens)
     stats = result.stats
@@ -116,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if paired is not None:
         line += f" | speedup over dense {paired:.2f}x per output token (greedy, {tokens} tokens each, a dense loop " \
                 "decoding in turn with the pruned one as in `dartprune bench`)"
-    elif compare:
+    elif args.compare_dense:
         with Generator(model, tokenizer, None, loop=args.loop) as dense:
             reference = dense.generate(ids, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
         line += f" | speedup over dense {speedup(reference, result):.2f}x per output token ({len(reference.tokens)} " \

@@ -120,6 +120,9 @@ class DartConfig:
         if isinstance(self.prune_prefill, np.bool_):
             self.prune_prefill = bool(self.prune_prefill)
         self.validate()
+        from dartprune.methods import METHODS
+        if not METHODS[self.method].prunes:
+            self.sparsity = 0.0                # a method that prunes nothing has no sparsity, whatever was asked
 
     def validate(self) -> None:
         from dartprune.methods import METHODS
@@ -197,9 +200,9 @@ def parse_settings(settings: list[str]) -> dict[str, object]:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"a setting must look like KEY=VALUE, got {item!r}")
-        words = {"true": True, "false": False}
-        if raw.strip().lower() in words:
-            values[key.strip()] = words[raw.strip().lower()]
+        word = raw.strip().lower()
+        if word in ("true", "false"):
+            values[key.strip()] = word == "true"
             continue
         try:
             values[key.strip()] = ast.literal_eval(raw)

@@ -84,24 +84,24 @@ class PrefixFFN:
         p = self.parts
         return [t for t in (p.gate, p.up, p.up_bias) if t is not None]
 
-    def _row_tensors(self) -> list[torch.Tensor] | None:
-        """Every weight as rows per neuron (gate, up, up bias, neuron-major down) where all are contiguous CPU
-        rows that the compiled swap can exchange in place, else None."""
+    def _compiled_rows(self) -> list[torch.Tensor] | None:
+        """Every weight as rows per neuron (gate, up, up bias, neuron-major down) where the compiled swap builds,
+        is switched on, and all are contiguous CPU rows that it can exchange in place; else None."""
         rows = self._rows() + [self.parts.down.t()]
-        if self.parts.up.device.type != "cpu" or not all(t.is_contiguous() for t in rows):
+        if swap_library() is None or self.parts.up.device.type != "cpu" or not all(t.is_contiguous() for t in rows):
             return None
         return rows
 
     def uses_compiled_swap(self) -> bool:
-        """Whether this layer's swaps run through the compiled routine (it builds and is switched on, and every
-        weight is contiguous CPU rows that it can exchange in place)."""
-        return swap_library() is not None and self._row_tensors() is not None
+        """Whether this layer's swaps run through the compiled routine."""
+        return self._compiled_rows() is not None
 
     @torch.no_grad()
     def _swap(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Exchange the neurons at positions a and b (same-length index vectors, disjoint)."""
-        if self.uses_compiled_swap():
-            lib, rows = swap_library(), self._row_tensors()
+        rows = self._compiled_rows()
+        if rows is not None:
+            lib = swap_library()
             a64, b64 = a.to(torch.int64).contiguous(), b.to(torch.int64).contiguous()
             for t in rows:   # each row read once and written once, in place (a and b: disjoint, in range)
                 lib.dart_swap_rows(t.data_ptr(), t.stride(0) * t.element_size(), a64.data_ptr(), b64.data_ptr(),

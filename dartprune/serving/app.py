@@ -135,8 +135,6 @@ class ModelServer:
         if "calibration_file" in overrides:         # a client must not make the server open paths of its choice
             raise APIError(400, "dartprune settings: calibration_file is set when the server starts "
                                 "(serve --set calibration_file=FILE), not per request", param="dartprune")
-        if overrides.get("method", self.config.method) == "dense":
-            overrides["sparsity"] = 0.0                   # dense has none, whatever the server's default says
         try:
             return DartConfig.from_dict({**dataclasses.asdict(self.config), **overrides})
         except (ConfigError, TypeError) as err:
