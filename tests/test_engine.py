@@ -11,8 +11,8 @@ from dartprune.decode.model import NativeModel
 from dartprune.engine import Engine
 from dartprune.engine.phase import Phase
 from dartprune.engine.drift import PaperDetector
-from dartprune.engine.weights import PrefixFFN, masked_ffn
-from dartprune.engine.scoring import top_neurons
+from dartprune.engine.weights import PrefixFFN, activations, masked_ffn
+from dartprune.engine.scoring import same_length_groups, top_neurons, top_neurons_rows
 from tests.helpers import HAIR_TRIGGER, assert_untouched, layout, teacher_forced_logits
 from tests.tiny_models import FAMILIES, INTERMEDIATE, LAYERS, random_ids, tiny_model
 
@@ -204,6 +204,23 @@ def test_top_neurons_equals_a_stable_sort_with_many_ties():
         assert torch.equal(top_neurons(scores, k), expected)
 
 
+def test_top_neurons_of_many_rows_at_once_equal_one_row_at_a_time():
+    """One stable sort of every layer's scores selects what `top_neurons` selects per layer, ties included."""
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 6, (5, 64), generator=generator).float()
+    ks = [0, 1, 20, 63, 64]
+    got = top_neurons_rows(scores, ks)
+    assert [g.tolist() for g in got] == [top_neurons(s, k).tolist() for s, k in zip(scores, ks)]
+
+
+def test_same_length_groups_stack_rows_of_each_length_in_key_order():
+    rows = {0: torch.zeros(3), 1: torch.ones(5), 2: torch.full((3,), 2.0), 5: torch.full((5,), 3.0)}
+    groups = same_length_groups(rows)
+    assert [keys for keys, _ in groups] == [[0, 2], [1, 5]]
+    for keys, stacked in groups:
+        assert torch.equal(stacked, torch.stack([rows[k] for k in keys]))
+
+
 def test_masks_are_deterministic_and_layer_budgets_follow_the_prompt():
     model = tiny_model("qwen2")
     ids = random_ids(1, 30, seed=3)
@@ -252,6 +269,10 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
     mask.zero_()
     mask[new] = 1
     torch.testing.assert_close(prefix.forward(x), masked_ffn(unpermuted, x, mask), rtol=1e-5, atol=1e-5)
+    for tokens in (1, 5, 16):                       # a re-trace's activations of every neuron, by position
+        ring = torch.randn(tokens, parts.up.shape[1])
+        torch.testing.assert_close(prefix.to_ids(prefix.activations(ring)), activations(unpermuted, ring),
+                                   rtol=1e-5, atol=1e-5)
     assert [getattr(parts, n).data_ptr() for n in names] == pointers   # the model's own storage, no copy
     assert not all(torch.equal(getattr(parts, n), before[n]) for n in names)
     prefix.restore()

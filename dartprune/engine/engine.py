@@ -33,7 +33,7 @@ from dartprune.engine.config import ConfigError, DartConfig, monitored_layer_ind
 from dartprune.engine.drift import Detector, make_detector
 from dartprune.engine.phase import Event, Phase, next_phase
 from dartprune.engine.ring import Ring
-from dartprune.engine.scoring import neuron_prior, squared_activations, top_neurons
+from dartprune.engine.scoring import neuron_prior, same_length_groups, squared_activations, top_neurons_rows
 from dartprune.engine.stats import RetraceRecord, SequenceStats
 from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_ffn, offloaded, own_pages,
                                      swap_library, to_neuron_major, to_row_major)
@@ -96,7 +96,8 @@ class _Row:
 
 
 def _unit(scores: torch.Tensor) -> torch.Tensor:
-    return scores / scores.norm().clamp_min(1e-12)
+    """Each row (the last dimension) scaled to unit length."""
+    return scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class Engine:
@@ -376,7 +377,7 @@ class Engine:
         if not state.built or not self.prunes or layer in state.unmoved:
             return torch.arange(self.sizes[layer])
         if self._compact:
-            return self.prefix[layer].kept() if not self._ended else self._kept_ids(state, layer).sort().values
+            return self.prefix[layer].kept() if not self._ended else self._kept_sets(state, [layer])[layer]
         return state.kept[layer]
 
     def scores(self, row: int, layer: int) -> torch.Tensor:
@@ -404,8 +405,7 @@ class Engine:
         self._ended = False
         if self._compact and self.rows and self.rows[0].built:
             self.rows[0].unmoved = []
-            for i in range(len(self.layers)):
-                self._apply(0, i)
+            self._apply_layers(0, list(range(len(self.layers))))
 
     def reset(self) -> None:
         """Forget the sequence (its statistics too); the next `start` begins a new one."""
@@ -478,13 +478,14 @@ class Engine:
             row.flops["tracing"] += costs.tracing_flops(trace.tokens, self.sizes, self.hidden)
         else:
             weight = self.config.turn_blend if row.reason is Event.TURN else self.config.retrace_blend
-            row.scores = [self._blend(old, new, weight) for old, new in zip(row.scores, fresh)]
+            self._blend_into(row, dict(enumerate(fresh)), weight)
         if first and self.config.build_spread > 1 and not self.per_token:
             row.unmoved = list(range(len(self.layers)))       # moved by the forwards that follow (`_move`)
             changed = []
         else:
             row.unmoved = []
-            changed = [self._apply(b, i) for i in range(len(self.layers))]
+            entered = self._apply_layers(b, list(range(len(self.layers))))
+            changed = [entered[i] for i in range(len(self.layers))]
         if self.monitored:
             baseline = torch.cat(trace.signal, dim=1) if trace.signal else None
             if baseline is not None:
@@ -503,21 +504,35 @@ class Engine:
             scores = scores * self._prior(layer)
         return scores
 
-    def _blend(self, old: torch.Tensor, new: torch.Tensor, weight: float | None = None) -> torch.Tensor:
-        """A re-trace's scores: the fresh ones, with a share of the old blended in (both unit length first: the
-        old summed over the prompt, the fresh over a few tokens)."""
-        blend = self.config.retrace_blend if weight is None else weight
-        return (1 - blend) * _unit(new) + blend * _unit(old) if blend else new
+    @staticmethod
+    def _blend_into(row: _Row, fresh: dict[int, torch.Tensor], blend: float) -> None:
+        """A re-trace's scores for the layers in `fresh`: the fresh ones, with a share `blend` of the old blended
+        in (each layer's both unit length first: the old summed over the prompt, the fresh over a few tokens)."""
+        if not blend:
+            for i, new in fresh.items():
+                row.scores[i] = new
+            return
+        for layers, new in same_length_groups(fresh):
+            old = torch.stack([row.scores[i] for i in layers])
+            for i, scores in zip(layers, (1 - blend) * _unit(new) + blend * _unit(old)):
+                row.scores[i] = scores
 
     @staticmethod
-    def _kept_ids(row: _Row, layer: int) -> torch.Tensor:
-        """The neuron ids a row's scores and budget keep in `layer`."""
-        return top_neurons(row.scores[layer], row.keep[layer])
+    def _kept_sets(row: _Row, layers: list[int]) -> dict[int, torch.Tensor]:
+        """The neuron ids a row's scores and budgets keep in each of `layers` (ascending)."""
+        kept: dict[int, torch.Tensor] = {}
+        for group, scores in same_length_groups({i: row.scores[i] for i in layers}):
+            kept.update(zip(group, top_neurons_rows(scores, [row.keep[i] for i in group])))
+        return kept
 
-    def _apply(self, b: int, layer: int) -> int:
-        """Row b's kept set of `layer` from its scores, into the execution; returns the neurons that entered."""
+    def _apply_layers(self, b: int, layers: list[int]) -> dict[int, int]:
+        """Row b's kept sets of `layers` from its scores, into the execution; returns the neurons that entered
+        each."""
+        return {i: self._apply(b, i, kept) for i, kept in self._kept_sets(self.rows[b], layers).items()}
+
+    def _apply(self, b: int, layer: int, kept: torch.Tensor) -> int:
+        """Row b's kept set of `layer` (ids, ascending), into the execution; returns the neurons that entered."""
         row = self.rows[b]
-        kept = self._kept_ids(row, layer)
         if self._compact:
             return self.prefix[layer].keep(kept)
         previous, row.kept[layer] = row.kept[layer], kept
@@ -537,8 +552,7 @@ class Engine:
         """Up to `count` of row b's unmoved layers take their first kept set (until then they run dense)."""
         row = self.rows[b]
         layers, row.unmoved = row.unmoved[:count], row.unmoved[count:]
-        for i in layers:
-            self._apply(b, i)
+        self._apply_layers(b, layers)
 
     def _prior(self, layer: int) -> torch.Tensor:
         """The prior of `layer`, by neuron id: computed at its first use, once per down projection and kind, and
@@ -565,13 +579,15 @@ class Engine:
         kind = self.method.trace_kind()
         valid = torch.ones(1, tokens, dtype=torch.bool)
         layers, row.pending = row.pending[:count], row.pending[count:]
+        fresh = {}
         for i in layers:
             x = self.ring.x[i, b].index_select(0, order.to(self.ring.x.device))
             x = x.to(self.parts[i].up.device) if i not in self._offloaded else x
             sumsq = squared_activations(self.prefix[i].activations(x)[None].cpu(), valid, kind,
                                         self.config.ema_decay)[0]
-            row.scores[i] = self._blend(row.scores[i], self._trace_scores(i, sumsq))
-            row.retrace_changed[i] = self._apply(b, i)
+            fresh[i] = self._trace_scores(i, sumsq)
+        self._blend_into(row, fresh, self.config.retrace_blend)
+        row.retrace_changed.update(self._apply_layers(b, layers))
         row.flops["retrace"] += costs.retrace_flops(tokens, [self.sizes[i] for i in layers], self.hidden, self.gated)
         row.retrace_seconds += time.perf_counter() - start
         if not row.pending:

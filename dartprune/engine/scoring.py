@@ -38,6 +38,22 @@ def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
+def top_neurons_rows(scores: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
+    """`top_neurons` of each row of `scores` ([rows, I]) with its own k, from one stable sort of all the rows: a
+    re-trace selects in every layer at once, where one selection per layer would cost a dozen small ops each."""
+    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return [ranked[r, :k].sort().values for r, k in enumerate(ks)]
+
+
+def same_length_groups(rows: dict[int, torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """The keys of `rows` (1-D tensors) grouped by length, each group with its rows stacked: per-layer vectors (one
+    per FFN) go through elementwise ops once per model instead of once per layer."""
+    groups: dict[int, list[int]] = {}
+    for key, row in rows.items():
+        groups.setdefault(row.numel(), []).append(key)
+    return [(keys, torch.stack([rows[key] for key in keys])) for keys in groups.values()]
+
+
 @torch.no_grad()
 def neuron_prior(down: torch.Tensor, output_embeddings: torch.Tensor, kind: str, chunk: int = 4096) -> torch.Tensor:
     """A static weight per neuron i multiplied into its score: the max ("vocab-max") or mean ("vocab-mean") over the
