@@ -9,17 +9,14 @@ engine's neuron swaps) faults. `--source` runs another checkout's dartprune (e.g
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dartprune.benchmarks import publish  # noqa: E402
+from dartprune.benchmarks import publish, revision, run_in_checkout  # noqa: E402
 
 THREADS, PROMPT_TOKENS, NEW_TOKENS, TEXT = 2, 256, 16, "gutenberg:austen-emma"
 
@@ -46,15 +43,7 @@ print(json.dumps({{"build_s": built, "ttft_s": out.ttft_s, "tpot_s": sum(out.ste
 def _run(source: Path, model: str, sparsity: float) -> dict:
     code = CHILD.format(threads=THREADS, model=model, prompt=PROMPT_TOKENS, text=TEXT, sparsity=sparsity,
                         new=NEW_TOKENS)
-    env = {**os.environ, "PYTHONPATH": str(source)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _revision(source: Path) -> str:
-    """The checkout's commit (short), or its folder's name outside git."""
-    done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or source.name
+    return run_in_checkout(source, code)
 
 
 def main() -> None:
@@ -81,7 +70,7 @@ def main() -> None:
     for source, sparsity in configs:
         rows, dense = runs[(source, sparsity)], runs[(source, 0.0)]
         ratio = med(r["ttft_s"] / d["ttft_s"] for r, d in zip(rows, dense))
-        name = _revision(source)
+        name = revision(source)
         lines.append(f"| {name} | {sparsity:g} | {med(r['build_s'] for r in rows) * 1e3:.0f} | "
                      f"{med(r['ttft_s'] for r in rows) * 1e3:.0f} | {ratio:.3f} | "
                      f"{med(r['tpot_s'] for r in rows) * 1e3:.1f} |")

@@ -252,3 +252,14 @@ def test_gpu_speed_script_runs_tiny_on_the_cpu(tmp_path):
     assert [r["sparsity"] for r in saved["whole_model"]["rows"]] == [0.5, 0.7]
     assert saved["whole_model"]["handle_on_device"].startswith("ok")
     assert result["state_bytes"]["total"] > 0
+
+
+def test_run_in_checkout_runs_that_checkouts_dartprune_and_refuses_another(tmp_path):
+    """The scripts that compare commits run each in its own process on that checkout's code: a folder without
+    dartprune would silently run the installed one, so it is refused."""
+    from dartprune.benchmarks import run_in_checkout
+    root = Path(__file__).resolve().parents[1]
+    code = "import json, dartprune\nprint(json.dumps({'package': dartprune.__file__}))"
+    assert Path(run_in_checkout(root, code)["package"]).resolve() == root / "dartprune" / "__init__.py"
+    with pytest.raises(SystemExit, match="imported the dartprune of"):
+        run_in_checkout(tmp_path, code)

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +32,27 @@ def timing_setup(model_name: str, threads: int, prompt_tokens: int, text: str):
     torch.set_num_threads(threads)
     model, tokenizer = load_model(model_name)
     return model, tokenizer, make_prompt(tokenizer, prompt_tokens, load_text(text).text)[0]
+
+
+def run_in_checkout(source: Path, code: str) -> dict:
+    """Run `code` (which prints a JSON object as its last line) in a fresh process on the dartprune of checkout
+    `source` (another commit's worktree, to compare with this one), and return that object. The process starts in
+    `source`, since `python -c` puts its working folder first on the path; that it imported `source`'s dartprune is
+    checked."""
+    code = f"import dartprune as _checked\nprint(_checked.__file__)\n{code}"
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                          cwd=source)
+    lines = done.stdout.strip().splitlines()
+    if not Path(lines[0]).resolve().is_relative_to(Path(source).resolve()):
+        raise SystemExit(f"the process for {source} imported the dartprune of {lines[0]}")
+    return json.loads(lines[-1])
+
+
+def revision(source: Path) -> str:
+    """A checkout's commit (short), or its folder's name outside git."""
+    done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or Path(source).name
 
 
 def drift_parser(description: str, threads: int = 1) -> argparse.ArgumentParser:
