@@ -8,7 +8,6 @@ engine's neuron swaps) faults. `--source` runs another checkout's dartprune (e.g
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dartprune.benchmarks import publish, revision, run_in_checkout  # noqa: E402
+from dartprune.benchmarks import checkouts_parser, publish, revision, run_in_checkout  # noqa: E402
 
 THREADS, PROMPT_TOKENS, NEW_TOKENS, TEXT = 2, 256, 16, "gutenberg:austen-emma"
 
@@ -47,13 +46,7 @@ def _run(source: Path, model: str, sparsity: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--source", type=Path, action="append",
-                        help="checkout(s) whose dartprune to run (default: this one); give several to compare")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = checkouts_parser(__doc__.splitlines()[0], repeats=5).parse_args()
     sources = args.source or [ROOT]
     configs = [(source, sparsity) for source in sources for sparsity in (0.0, 0.5, 0.7)]
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}

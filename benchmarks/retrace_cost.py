@@ -8,7 +8,6 @@ them).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dartprune.benchmarks import publish, revision, run_in_checkout  # noqa: E402
+from dartprune.benchmarks import checkouts_parser, publish, revision, run_in_checkout  # noqa: E402
 
 THREADS, PROMPT_TOKENS, TEXT, RETRACES, EVERY = 2, 256, "wikitext2", 8, 6
 
@@ -50,25 +49,15 @@ print(json.dumps(out))
 """
 
 
-def _run(source: Path, model: str) -> dict:
-    code = CHILD.format(model=model, threads=THREADS, prompt=PROMPT_TOKENS, text=TEXT, retraces=RETRACES,
-                        every=EVERY)
-    return run_in_checkout(source, code)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--source", type=Path, action="append",
-                        help="checkout(s) whose dartprune to run (default: this one); give several to compare")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = checkouts_parser(__doc__.splitlines()[0], repeats=4).parse_args()
     sources = args.source or [ROOT]
+    code = CHILD.format(model=args.model, threads=THREADS, prompt=PROMPT_TOKENS, text=TEXT, retraces=RETRACES,
+                        every=EVERY)
     runs: dict[Path, list[dict]] = {source: [] for source in sources}
     for _ in range(args.repeats):
         for source in sources:
-            runs[source].append(_run(source, args.model))
+            runs[source].append(run_in_checkout(source, code))
     lines = ["# What one re-trace costs", "",
              f"`{' '.join(sys.argv)}`; {args.model}, float32, {THREADS} threads, prompt {PROMPT_TOKENS} tokens of "
              f"{TEXT}, greedy; a re-trace forced every {EVERY} decoded tokens, {RETRACES} per process (the first "

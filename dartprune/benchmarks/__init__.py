@@ -49,6 +49,17 @@ def run_in_checkout(source: Path, code: str) -> dict:
     return json.loads(lines[-1])
 
 
+def checkouts_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the scripts that compare checkouts, one fresh process each (`run_in_checkout`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--source", type=Path, action="append",
+                        help="checkout(s) whose dartprune to run (default: this one); give several to compare")
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
 def revision(source: Path) -> str:
     """A checkout's commit (short), or its folder's name outside git."""
     done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
