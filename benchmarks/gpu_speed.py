@@ -134,8 +134,8 @@ def ffn_benchmark(shapes: Shapes, layers: int, sparsities: list[float], dtype: t
 
         def retrace():
             changed = 0
-            for i, (p, prefix) in enumerate(zip(parts, prefixes)):
-                sumsq = squared_activations(activations(p, ring_x[i])[None], valid, "l2")[0]
+            for i, prefix in enumerate(prefixes):
+                sumsq = squared_activations(prefix.activations(ring_x[i])[None], valid, "l2")[0]
                 changed += prefix.keep(top_neurons(prefix.to_ids(sumsq.sqrt().cpu()), keep))
             return changed
 
