@@ -263,3 +263,7 @@ def test_run_in_checkout_runs_that_checkouts_dartprune_and_refuses_another(tmp_p
     assert Path(run_in_checkout(root, code)["package"]).resolve() == root / "dartprune" / "__init__.py"
     with pytest.raises(SystemExit, match="imported the dartprune of"):
         run_in_checkout(tmp_path, code)
+    with pytest.raises(SystemExit, match="imported the dartprune of"):     # a folder above a checkout
+        run_in_checkout(root.parent, code)
+    with pytest.raises(SystemExit, match="ZeroDivisionError"):             # a failing process says why
+        run_in_checkout(root, "1 / 0")

@@ -204,13 +204,23 @@ def test_top_neurons_equals_a_stable_sort_with_many_ties():
         assert torch.equal(top_neurons(scores, k), expected)
 
 
-def test_top_neurons_of_many_rows_at_once_equal_one_row_at_a_time():
-    """One stable sort of every layer's scores selects what `top_neurons` selects per layer, ties included."""
+def test_top_neurons_of_many_rows_at_once_equal_a_stable_sort_of_each_row():
+    """One sort of every layer's scores selects, per row and with its own k, what a stable sort of that row would
+    (ties to the lower index)."""
     generator = torch.Generator().manual_seed(1)
     scores = torch.randint(0, 6, (5, 64), generator=generator).float()
     ks = [0, 1, 20, 63, 64]
     got = top_neurons_rows(scores, ks)
-    assert [g.tolist() for g in got] == [top_neurons(s, k).tolist() for s, k in zip(scores, ks)]
+    expected = [torch.sort(s, descending=True, stable=True).indices[:k].sort().values for s, k in zip(scores, ks)]
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+
+
+def test_top_neurons_keeps_exactly_k_and_ranks_nan_scores_last():
+    """A NaN score (activations that overflowed) is never kept while a finite one is left, and the budget holds."""
+    scores = torch.tensor([1.0, float("nan"), 3.0, float("inf"), 2.0, float("nan")])
+    assert top_neurons(scores, 3).tolist() == [2, 3, 4]
+    assert top_neurons(scores, 4).tolist() == [0, 2, 3, 4]
+    assert top_neurons(scores, 5).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_same_length_groups_stack_rows_of_each_length_in_key_order():

@@ -37,14 +37,15 @@ def timing_setup(model_name: str, threads: int, prompt_tokens: int, text: str):
 def run_in_checkout(source: Path, code: str) -> dict:
     """Run `code` (which prints a JSON object as its last line) in a fresh process on the dartprune of checkout
     `source` (another commit's worktree, to compare with this one), and return that object. The process starts in
-    `source`, since `python -c` puts its working folder first on the path; that it imported `source`'s dartprune is
+    `source`, since `python -c` puts its working folder first on the path; that it imported `source/dartprune` is
     checked."""
     code = f"import dartprune as _checked\nprint(_checked.__file__)\n{code}"
     env = {**os.environ, "PYTHONPATH": str(source)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                          cwd=source)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=source)
+    if done.returncode:
+        raise SystemExit(f"the process for {source} failed:\n{done.stderr[-3000:]}")
     lines = done.stdout.strip().splitlines()
-    if not Path(lines[0]).resolve().is_relative_to(Path(source).resolve()):
+    if Path(lines[0]).resolve() != (Path(source) / "dartprune" / "__init__.py").resolve():
         raise SystemExit(f"the process for {source} imported the dartprune of {lines[0]}")
     return json.loads(lines[-1])
 
@@ -63,7 +64,7 @@ def checkouts_parser(description: str, repeats: int) -> argparse.ArgumentParser:
 def revision(source: Path) -> str:
     """A checkout's commit (short), or its folder's name outside git."""
     done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or Path(source).name
+    return done.stdout.strip() or Path(source).resolve().name
 
 
 def drift_parser(description: str, threads: int = 1) -> argparse.ArgumentParser:

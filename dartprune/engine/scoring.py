@@ -1,6 +1,8 @@
 """Neuron scores (docs/algorithm.md §1 and the baselines' variants), accumulated in float32 whatever the model dtype."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 _EPS = 1e-12
@@ -24,24 +26,17 @@ def squared_activations(u: torch.Tensor, valid: torch.Tensor, kind: str, ema_dec
 
 
 def top_neurons(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, ties broken by the lower index (as a stable sort would), in ascending
-    order. topk finds the k-th value; everything above it is kept, and of the scores equal to it the lowest
-    indices fill the rest: the same set as a stable sort, at half the time (this runs per layer on a re-trace)."""
-    if k >= scores.numel():
-        return torch.arange(scores.numel())
-    if k == 0:
-        return torch.zeros(0, dtype=torch.long)
-    kth = torch.topk(scores, k, sorted=False).values.min()
-    keep = scores > kth
-    ties = (scores == kth).nonzero().flatten()
-    keep[ties[: k - int(keep.sum())]] = True
-    return keep.nonzero().flatten()
+    """Indices of the k highest of `scores` ([I]), ascending: `top_neurons_rows` for one row."""
+    return top_neurons_rows(scores[None], [k])[0]
 
 
 def top_neurons_rows(scores: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
-    """`top_neurons` of each row of `scores` ([rows, I]) with its own k, from one stable sort of all the rows: a
-    re-trace selects in every layer at once, where one selection per layer would cost a dozen small ops each."""
-    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    """For each row of `scores` ([rows, I]), the indices of its k highest scores (its own k), ascending; ties go to
+    the lower index (a stable sort), and a NaN score counts as -inf, so a row keeps exactly k neurons and a NaN one
+    only when no finite score is left. One sort of all the rows: a re-trace selects in every layer at once, where
+    one selection per layer cost a dozen small ops each."""
+    ranked = torch.sort(scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf), dim=-1,
+                        descending=True, stable=True).indices
     return [ranked[r, :k].sort().values for r, k in enumerate(ks)]
 
 
