@@ -640,7 +640,8 @@ def test_config_rejects_bad_values(bad):
     ("delta=abc", "delta must be a number, got 'abc'"), ("retrace_blend=None", "retrace_blend must be a number"),
     ("sparsity=nan", "sparsity must be a number"), ("window=True", "window must be an integer"),
     ("seed=1.5", "seed must be an integer"), ("prune_prefill=1", "prune_prefill must be true or false"),
-    ("cooldown=2.0", "cooldown must be an integer"),
+    ("cooldown=2.0", "cooldown must be an integer"), ("seed=-1", "seed must be in"),
+    ("ring_size=100000000000", "ring_size must be <= 4096"),
 ])
 def test_settings_of_the_wrong_type_are_config_errors(setting, message):
     """What `--set` and a server request give: a clear ConfigError, never a TypeError or a value taken as truthy."""
@@ -648,9 +649,10 @@ def test_settings_of_the_wrong_type_are_config_errors(setting, message):
         DartConfig.from_dict(parse_settings([setting]))
 
 
-def test_a_method_that_prunes_nothing_has_no_sparsity():
-    assert DartConfig(method="dense", sparsity=0.5).sparsity == 0.0
-    assert DartConfig(method="static", sparsity=0.5).sparsity == 0.5
+def test_a_method_that_prunes_nothing_has_no_sparsity_but_keeps_the_one_asked_for():
+    assert DartConfig(method="dense", sparsity=0.5).pruned_sparsity == 0.0
+    assert DartConfig(method="static", sparsity=0.5).pruned_sparsity == 0.5
+    assert DartConfig(method="dense", sparsity=0.5).replace(method="dart").pruned_sparsity == 0.5
     with pytest.raises(ConfigError, match="sparsity"):
         DartConfig(method="dense", sparsity=1.5)
 

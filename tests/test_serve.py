@@ -134,6 +134,23 @@ def test_chat_loop_commands_and_interrupt():
         assert reply.finish_reason == "interrupted" and len(reply.tokens) == 3
 
 
+class _CtrlCAtSecondPrompt(io.StringIO):
+    def readline(self, *args) -> str:
+        line = super().readline(*args)
+        if line.startswith("/interrupt"):
+            raise KeyboardInterrupt
+        return line
+
+
+def test_ctrl_c_at_the_chat_prompt_ends_the_chat_quietly():
+    model, tokenizer = tiny_model("llama"), chat_tokenizer()
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+        chat = Conversation(generator)
+        chat_loop(chat, SamplingParams(max_new_tokens=3, ignore_eos=True),
+                  _CtrlCAtSecondPrompt("the harbour\n/interrupt\nnever read\n"), io.StringIO(), True)
+        assert len(chat.turns) == 1
+
+
 def test_conversation_needs_the_native_loop_and_a_template():
     with pytest.raises(ValueError, match="native loop"):
         Conversation(Generator(tiny_model("gpt2"), chat_tokenizer()))
@@ -248,6 +265,9 @@ def test_openai_client_streams_the_same_text(client):
      "does not support logprobs"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
      "does not support frequency_penalty"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 64}, 400, "seed must be in"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"ring_size": 10 ** 11}}, 400,
+     "ring_size must be <= 4096"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, needle):
     good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -307,6 +327,19 @@ def test_dense_per_request_reports_no_sparsity(server):
     body = {"model": "tiny", "prompt": "the harbour", "max_tokens": 2, "dartprune": {"method": "dense"}}
     code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
     assert code == 200 and answer["dartprune"]["sparsity"] == 0.0 and answer["dartprune"]["method"] == "dense"
+
+
+def test_a_server_started_dense_prunes_a_request_that_asks_for_a_method_at_its_sparsity():
+    """`serve --method dense --sparsity 0.5`: a request for DART runs DART at 0.5, not unpruned."""
+    pytest.importorskip("fastapi")
+    from dartprune.serving.app import ModelServer
+    dense_server = ModelServer(tiny_model("llama"), chat_tokenizer(), "tiny", DartConfig(method="dense", sparsity=0.5))
+    try:
+        config = dense_server.settings({"method": "dart"})
+        assert config.method == "dart" and config.pruned_sparsity == 0.5
+        assert dense_server.settings(None).pruned_sparsity == 0.0
+    finally:
+        dense_server.close()
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -75,7 +75,11 @@ def chat_loop(conversation: Conversation, params: SamplingParams, read: TextIO, 
         if interactive:
             write.write("> ")
             write.flush()
-        line = read.readline()
+        try:
+            line = read.readline()
+        except KeyboardInterrupt:             # Ctrl-C at the prompt ends the chat, as end of input does
+            write.write("\n")
+            break
         if not line:
             break
         text = line.strip()

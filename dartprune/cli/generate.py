@@ -78,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 1")
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.compare_dense and args.method == "dense":
-        raise ValueError("--compare-dense times a pruned method against dense; --method dense is dense already")
     if args.calibration_file and METHODS[args.method].calibration is None:
         raise ValueError(f"--calibration-file is for the calibrated methods; --method {args.method} takes none")
     if args.trace_plot and not METHODS[args.method].follows_drift:
@@ -93,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
                                    "calibration_file": args.calibration_file, **parse_settings(args.set)})
+    if args.compare_dense and not METHODS[config.method].prunes:
+        raise ValueError(f"--compare-dense times a pruned method against dense; {config.method} prunes nothing")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     ids = encode_prompt(tokenizer, prompt, args.chat)[0]
 

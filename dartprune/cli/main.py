@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         args.passthrough_args = extra
     try:
         return args.run(args) or 0
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, OSError) as err:      # OSError: a path that is missing, a folder, ...
         print(f"dartprune {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from dartprune.models import load_model
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     server = ModelServer(model, tokenizer, args.name or args.model, config, loop=args.loop)
-    print(f"[serving {server.name} ({config.method} at sparsity {config.sparsity:g}) on "
+    print(f"[serving {server.name} ({config.method} at sparsity {config.pruned_sparsity:g}) on "
           f"http://{args.host}:{args.port}/v1]", file=sys.stderr)
     try:
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

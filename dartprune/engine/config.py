@@ -26,6 +26,8 @@ class ConfigError(ValueError):
     """A DartConfig value or key is not valid."""
 
 
+MAX_RING_SIZE = 4096
+
 @dataclass
 class DartConfig:
     """How to prune. Defaults and why: docs/algorithm.md; `method` selects DART or a baseline run by the same engine.
@@ -120,9 +122,6 @@ class DartConfig:
         if isinstance(self.prune_prefill, np.bool_):
             self.prune_prefill = bool(self.prune_prefill)
         self.validate()
-        from dartprune.methods import METHODS
-        if not METHODS[self.method].prunes:
-            self.sparsity = 0.0                # a method that prunes nothing has no sparsity, whatever was asked
 
     def validate(self) -> None:
         from dartprune.methods import METHODS
@@ -143,6 +142,8 @@ class DartConfig:
             raise ConfigError(f"prune_prefill must be true or false, got {self.prune_prefill!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}")
         if self.calibration_file is not None and not isinstance(self.calibration_file, (str, os.PathLike)):
             raise ConfigError(f"calibration_file must be a path, got {self.calibration_file!r}")
         if not 0.0 <= self.sparsity < 1.0:
@@ -162,6 +163,8 @@ class DartConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.ring_size > MAX_RING_SIZE:        # the ring holds every layer's FFN inputs of that many tokens
+            raise ConfigError(f"ring_size must be <= {MAX_RING_SIZE}, got {self.ring_size}")
         if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, numbers.Integral) or self.cooldown < 0:
             raise ConfigError(f"cooldown must be an integer >= 0, got {self.cooldown!r}")
         if self.delta < 0 or self.floor < 0 or self.shift_k < 0 or self.shift_floor < 0:
@@ -189,6 +192,13 @@ class DartConfig:
 
     def replace(self, **changes: Any) -> DartConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def pruned_sparsity(self) -> float:
+        """The sparsity the method prunes at: 0 for a method that prunes nothing. `sparsity` itself keeps what was
+        asked, so that a config derived from a dense one (a server's per-request method) prunes at it."""
+        from dartprune.methods import METHODS
+        return self.sparsity if METHODS[self.method].prunes else 0.0
 
 
 def parse_settings(settings: list[str]) -> dict[str, object]:

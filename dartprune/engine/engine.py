@@ -623,7 +623,7 @@ class Engine:
         state = costs.state_bytes(self.sizes, self.hidden, self.config.ring_size, len(self.monitored),
                                   self.config.window, self.parts[0].up.element_size(), self.ring is not None)
         return SequenceStats(
-            method=self.config.method, sparsity=self.config.sparsity, tokens=row.position,
+            method=self.config.method, sparsity=self.config.pruned_sparsity, tokens=row.position,
             prompt_tokens=row.prompt_tokens, keep_counts=list(keep), intermediate_sizes=list(self.sizes),
             retraces=list(row.retraces), windows=list(row.drift.records),
             executed_sparsity=1 - row.neurons_executed / row.neurons_total if row.neurons_total else 0.0,

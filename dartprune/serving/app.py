@@ -185,7 +185,7 @@ def _finish(reason: str) -> str:
 
 def _figures(result: Generation, config: DartConfig) -> dict[str, Any]:
     stats = result.stats
-    return {"method": config.method, "sparsity": config.sparsity, "loop": result.loop,
+    return {"method": config.method, "sparsity": config.pruned_sparsity, "loop": result.loop,
             "executed_sparsity": round(stats.executed_sparsity, 4), "retraces": stats.retrace_count,
             "state_bytes": stats.state_bytes, "tokens_per_s": round(result.tokens_per_s, 2)}
 
