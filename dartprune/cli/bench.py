@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from dartprune.engine.config import ConfigError, DartConfig, parse_settings
+from dartprune.engine.config import DartConfig, check_no_method_or_sparsity, parse_settings
 from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL
 
@@ -90,9 +90,7 @@ def _check(args: argparse.Namespace) -> None:
     if bad_loops:
         raise ValueError(f"--loops: unknown loop(s) {bad_loops}; choose from native, hf")
     settings = parse_settings(args.set)
-    for key in ("method", "sparsity"):
-        if key in settings:
-            raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
+    check_no_method_or_sparsity(settings)
     DartConfig.from_dict({**settings, "method": "dart", "sparsity": 0.5})     # a bad value fails before loading
 
 

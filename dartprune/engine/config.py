@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 MAX_RING_SIZE = 4096
 
+
 @dataclass
 class DartConfig:
     """How to prune. Defaults and why: docs/algorithm.md; `method` selects DART or a baseline run by the same engine.
@@ -219,6 +220,14 @@ def parse_settings(settings: list[str]) -> dict[str, object]:
         except (ValueError, SyntaxError):
             values[key.strip()] = raw
     return values
+
+
+def check_no_method_or_sparsity(settings: dict[str, object]) -> None:
+    """Settings given beside --methods and --sparsity (eval, bench) must not name either: those options say which,
+    and a value in --set would silently lose to them."""
+    for key in ("method", "sparsity"):
+        if key in settings:
+            raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
 
 
 def monitored_layer_indices(layers: tuple[int | float, ...], count: int) -> list[int]:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.engine import DartConfig, SequenceStats
-from dartprune.engine.config import ConfigError, parse_settings
+from dartprune.engine.config import ConfigError, check_no_method_or_sparsity, parse_settings
 from dartprune.models import alias_for, load_model
 from dartprune.methods import METHODS
 
@@ -97,9 +97,7 @@ def method_specs(methods: list[str], sparsities: list[float], extra: dict[str, A
     calibration: method -> calibration file, for the calibrated baselines (wanda-static, threshold)."""
     extra = dict(extra or {})
     calibration = calibration or {}
-    for key in ("method", "sparsity"):
-        if key in extra:
-            raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
+    check_no_method_or_sparsity(extra)
     parsed = [parse_method(m) for m in methods]
     unknown = [m for m, _, _ in parsed if m not in METHODS]
     if unknown:
