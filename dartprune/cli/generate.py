@@ -78,21 +78,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 1")
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.calibration_file and METHODS[args.method].calibration is None:
-        raise ValueError(f"--calibration-file is for the calibrated methods; --method {args.method} takes none")
-    if args.trace_plot and not METHODS[args.method].follows_drift:
-        raise ValueError(f"--trace-plot draws the drift monitor, which --method {args.method} does not run "
+    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
+                                   "calibration_file": args.calibration_file, **parse_settings(args.set)})
+    method = METHODS[config.method]               # --method, or method= in --set
+    if config.calibration_file and method.calibration is None:
+        raise ValueError(f"--calibration-file is for the calibrated methods; --method {config.method} takes none")
+    if args.trace_plot and not method.follows_drift:
+        raise ValueError(f"--trace-plot draws the drift monitor, which --method {config.method} does not run "
                          "(dart does)")
+    if args.compare_dense and not method.prunes:
+        raise ValueError(f"--compare-dense times a pruned method against dense; {config.method} prunes nothing")
     if args.trace_plot:
         from dartprune.plots import check_image_path
         check_image_path(args.trace_plot)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     prompt = read_prompt(args)
-    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
-                                   "calibration_file": args.calibration_file, **parse_settings(args.set)})
-    if args.compare_dense and not METHODS[config.method].prunes:
-        raise ValueError(f"--compare-dense times a pruned method against dense; {config.method} prunes nothing")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     ids = encode_prompt(tokenizer, prompt, args.chat)[0]
 
