@@ -53,9 +53,9 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         task = cls(settings, model, tokenizer, meta["versions"])
         task.prepare()
         tasks.append(task)
+    sources = {name: sha for task in tasks for name, sha in task.sources().items()}
     for file in {s.config.calibration_file for s in specs} - {None}:   # scored on its own text, it would flatter
-        for task in tasks:
-            check_sources_differ(file, task.sources())
+        check_sources_differ(file, sources)
     out.mkdir(parents=True, exist_ok=True)
     for task in progress(tasks, "tasks", leave=True):
         cls = type(task)

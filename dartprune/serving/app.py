@@ -226,8 +226,8 @@ def create_app(server: ModelServer) -> FastAPI:
             raise APIError(400, "messages must not be empty", param="messages")
         if not has_chat_template(server.tokenizer):
             raise APIError(400, f"{server.name} has no chat template; use /v1/completions", param="messages")
-        return torch.tensor(render_chat(server.tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages]),
-                            dtype=torch.long)
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        return torch.tensor(render_chat(server.tokenizer, messages), dtype=torch.long)
 
     def encode_prompt(request: CompletionRequest) -> torch.Tensor:
         if not request.prompt:
