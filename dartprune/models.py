@@ -275,6 +275,32 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def context_limit(model: torch.nn.Module) -> int | None:
+    """The most positions the model was trained for (None when its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if value:
+            return int(value)
+    return None
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch.device this torch can use: a CPU-only build or a machine without a GPU is told so here,
+    before a model loads, instead of failing inside torch."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be e.g. cpu, cuda or cuda:1, got {device!r}") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"device {device!r}: no CUDA GPU is usable here (this torch {torch.__version__} is "
+                             f"{build}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return parsed
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -286,6 +312,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
 
     Padding defaults to the left, which batched generation needs."""
     torch_dtype = parse_dtype(dtype)
+    device = parse_device(device)
     source = resolve_model(name_or_path)
     local_only = _hub_offline()
     if Path(source).is_dir():
@@ -298,6 +325,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
         local_only = local_only or _in_hub_cache(source)
         if not local_only:
             _probe_hub(source)
+    if os.environ.get("DARTPRUNE_NO_PROGRESS"):           # also transformers' "Loading weights" bar
+        transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)

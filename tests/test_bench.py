@@ -136,6 +136,13 @@ def test_bench_skips_the_native_loop_for_other_families():
     assert {r["loop"] for r in result["rows"]} == {"hf"} and any("native loop skipped" in m for m in messages)
 
 
+def test_bench_refuses_a_run_longer_than_the_context():
+    model = tiny_model("llama")
+    settings = BenchSettings(methods=["dense"], sparsities=[0.0], new_tokens=8, repeats=1, warmup=0, threads=1)
+    with pytest.raises(ValueError, match="a prompt of 4090 tokens and 8 new tokens exceed the model's context of 4096"):
+        run_speed_benchmark(model, random_ids(1, 4090), settings)
+
+
 def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, capsys):
     folder = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)
@@ -164,6 +171,8 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     (["bench", "--loops", "lean"], "unknown loop"),
     (["bench", "--set", "sparsity=0.3"], "with --sparsity, not --set"),
     (["bench", "--set", "window=abc"], "window must be an integer"),
+    (["bench", "--out", __file__], "is a file"),
+    (["bench", "--device", "cuda:99"], "cuda:99"),
 ])
 def test_bench_cli_rejects_bad_arguments_before_loading(capsys, argv, message):
     assert main(argv) == 2

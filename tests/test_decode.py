@@ -199,7 +199,8 @@ def test_sampling_is_seeded_and_filters_follow_their_definitions():
     wide = SamplingParams(temperature=1.0, top_p=0.9)
     assert len({sample(logits, wide, torch.Generator().manual_seed(s)) for s in range(60)}) >= 2
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_new_tokens=0), dict(stop=("",)),
-                dict(seed=-1), dict(seed=2 ** 64)):
+                dict(seed=-1), dict(seed=2 ** 64), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                dict(top_p=float("nan"))):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

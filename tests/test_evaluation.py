@@ -513,6 +513,10 @@ def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, c
             (["--tasks", "mc", "--mc-sets", "copa,nope", "--data-dir", str(MINI)], "unknown multiple-choice set"),
             (["--tasks", "drift", "--drift-sources", "story=gutenberg:nope;code=python:argparse", "--data-dir", str(MINI)],
              "the drift benchmark reads"),
+            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "bogus=x.safetensors"],
+             "'bogus' is not a calibrated method among --methods"),
+            (["--tasks", "ppl", "--methods", "dart", "--calibration-file", "x.safetensors"],
+             "none of --methods needs a calibration file"),
     ):
         argv = ["eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), *argv]
         try:

@@ -158,6 +158,19 @@ def test_conversation_needs_the_native_loop_and_a_template():
         Conversation(Generator(tiny_model("llama"), tiny_tokenizer()))
 
 
+def test_chat_cli_refuses_what_the_native_loop_does_not_run(tmp_path, capsys):
+    from dartprune.cli.main import main
+    with pytest.raises(SystemExit):
+        main(["chat", "--method", "threshold"])
+    assert "invalid choice: 'threshold'" in capsys.readouterr().err
+    assert main(["chat", "--set", "method=threshold"]) == 2
+    assert "does not run method 'threshold'" in capsys.readouterr().err
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    chat_tokenizer().save_pretrained(tmp_path)
+    assert main(["chat", "--model", str(tmp_path)]) == 2
+    assert "(gpt2) is not one. `dartprune generate --loop hf` runs it" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- the server
 def _http(url: str, body: bytes | None = None) -> tuple[int, dict]:
     """(status, JSON body) of a GET, or of a POST of `body`, with the standard library only."""

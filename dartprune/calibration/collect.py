@@ -16,6 +16,7 @@ from dartprune.calibration.file import (
 from dartprune.data import Text
 from dartprune.engine.budgets import layer_importance
 from dartprune.engine.taps import FFNTaps
+from dartprune.models import context_limit
 
 
 def text_windows(tokenizer, text: Text, samples: int, seq_len: int) -> torch.Tensor:
@@ -135,7 +136,7 @@ def calibrate(model: nn.Module, tokenizer, method: str, text: Text, out: str | P
     if Path(out).is_dir():
         raise ValueError(f"{out} is a folder; `out` names the calibration file to write")
     length = seq_len if windows is None else windows.shape[1]
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_limit(model)
     if context is not None and length > context:
         raise ValueError(f"windows of {length} tokens exceed the model's context of {context} tokens")
     if windows is None:

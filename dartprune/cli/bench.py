@@ -89,9 +89,13 @@ def _check(args: argparse.Namespace) -> None:
     bad_loops = [loop for loop in args.loops if loop not in ("native", "hf")]
     if bad_loops:
         raise ValueError(f"--loops: unknown loop(s) {bad_loops}; choose from native, hf")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; it names the folder the results go to")
     settings = parse_settings(args.set)
     check_no_method_or_sparsity(settings)
     DartConfig.from_dict({**settings, "method": "dart", "sparsity": 0.5})     # a bad value fails before loading
+    from dartprune.models import parse_device
+    parse_device(args.device)
 
 
 def _stem(model: str, dtype: str) -> str:

@@ -11,11 +11,13 @@ from typing import TextIO
 from dartprune.engine.config import parse_settings
 from dartprune.decode.chat import Conversation
 from dartprune.decode.generate import Generator, SamplingParams
+from dartprune.decode.model import native_supported
 from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
 from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL, load_model
 
+NATIVE_METHODS = sorted(name for name, spec in METHODS.items() if spec.execution == "kept-set")
 HELP = "commands: /reset (start over), /stats (this chat's figures), /quit; Ctrl-C stops a reply"
 
 
@@ -23,7 +25,8 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p = add_parser("chat", help="chat in the terminal, dense or pruned (each turn re-traced)",
                               description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
-    p.add_argument("--method", default="dart", choices=sorted(METHODS))
+    p.add_argument("--method", default="dart", choices=NATIVE_METHODS,
+                   help="chat runs on the native loop, which runs these methods")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of FFN neurons removed, in [0, 1)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -113,9 +116,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
-                                   **parse_settings(args.set)})
+    settings = {"method": args.method, "sparsity": args.sparsity, "seed": args.seed, **parse_settings(args.set)}
+    if settings["method"] not in NATIVE_METHODS:               # method= in --set
+        raise ConfigError(f"chat runs on the native loop, which does not run method {settings['method']!r}; "
+                          f"choose one of {', '.join(NATIVE_METHODS)}")
+    config = DartConfig.from_dict(settings)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if not native_supported(model):
+        raise ValueError(f"chat runs on dartprune's native loop, which runs Llama- and Gemma-family models held in "
+                         f"memory; {args.model} ({model.config.model_type}) is not one. "
+                         f"`dartprune generate --loop hf` runs it")
     with Generator(model, tokenizer, config, loop="native") as generator:
         conversation = Conversation(generator, system=args.system)
         chat_loop(conversation, params, sys.stdin, sys.stdout, sys.stdin.isatty())

@@ -131,14 +131,18 @@ def run(args: argparse.Namespace) -> int:
     from dartprune.methods import METHODS
     from dartprune.evaluation.runner import run_evaluation
     extra = parse_settings(args.set)
+    calibrated = sorted({parse_method(m)[0] for m in args.methods} & {m for m, spec in METHODS.items()
+                                                                      if spec.calibration is not None})
     calibration: dict[str, str] = {}
     for item in args.calibration_file:
         method, sep, path = item.partition("=")
-        if sep:
-            calibration[method] = path
-        else:
-            named = {parse_method(m)[0] for m in args.methods}
-            calibration.update({m: item for m in named if m in METHODS and METHODS[m].calibration is not None})
+        if not calibrated:
+            raise ValueError(f"--calibration-file {item}: none of --methods needs a calibration file "
+                             f"(wanda-static and threshold do)")
+        if sep and method not in calibrated:
+            raise ValueError(f"--calibration-file {item}: {method!r} is not a calibrated method among --methods; "
+                             f"use METHOD=FILE with METHOD one of {', '.join(calibrated)}, or a bare FILE")
+        calibration.update({method: path} if sep else dict.fromkeys(calibrated, item))
     for name, value in (("--prefix", args.prefix), ("--ppl-window", args.ppl_window),
                         ("--ppl-windows", args.ppl_windows), ("--drift-segment", args.drift_segment),
                         ("--topic-tokens", args.topic_tokens),

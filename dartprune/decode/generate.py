@@ -5,6 +5,7 @@ and Gemma families, else Hugging Face `generate` with the engine attached. Both 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -15,6 +16,7 @@ from torch import nn
 from dartprune.decode.model import NativeModel, native_supported
 from dartprune.engine import DartConfig, Engine, SequenceStats, attach
 from dartprune.methods import METHODS
+from dartprune.models import context_limit
 
 LOOPS = ("auto", "native", "hf")
 
@@ -35,8 +37,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -155,7 +157,7 @@ class Generator:
         self.loop = "native" if loop == "native" or (loop == "auto" and native) else "hf"
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos = eos_ids(model, tokenizer)
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.context = context_limit(model)
         self.closed = False
         if self.loop == "native":
             self.engine = Engine(model, config)

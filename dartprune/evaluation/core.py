@@ -46,14 +46,6 @@ def needs_bos_every_window(model, name: str | None = None) -> bool:
     return str(getattr(model.config, "model_type", "")).startswith("gemma")
 
 
-def context_limit(model) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model.config, key, None)
-        if value:
-            return int(value)
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class MethodSpec:

@@ -6,7 +6,8 @@ import time
 import torch
 
 from dartprune.decode.chat import has_chat_template, render_chat
-from dartprune.evaluation.core import MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats
+from dartprune.evaluation.core import MethodSpec, needs_bos_every_window, progress, summarise_stats
+from dartprune.models import context_limit
 from dartprune.data import SUMMARY_SETS, TOPIC_PROMPTS, load_summaries
 from dartprune.evaluation.intervals import bootstrap
 from dartprune.evaluation.registry import Task, register_task

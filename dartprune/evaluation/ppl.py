@@ -6,8 +6,9 @@ import math
 import time
 
 from dartprune.evaluation.core import (
-    PROTOCOL_TEACHER_FORCED, MethodSpec, context_limit, needs_bos_every_window, progress, summarise_stats,
+    PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress, summarise_stats,
 )
+from dartprune.models import context_limit
 from dartprune.data import Text, load_text
 from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task

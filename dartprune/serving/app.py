@@ -32,6 +32,7 @@ from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
+from dartprune.models import context_limit
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -237,7 +238,7 @@ def create_app(server: ModelServer) -> FastAPI:
     def prepare(request: _Common, ids: torch.Tensor, max_tokens: int) -> tuple[SamplingParams, DartConfig]:
         params = _params(request, max_tokens)
         config = server.settings(request.dartprune)
-        context = getattr(server.model.config, "max_position_embeddings", None)
+        context = context_limit(server.model)
         if context is not None and ids.numel() + params.max_new_tokens > context:
             raise APIError(400, f"this request has {ids.numel()} prompt tokens and asks for "
                                 f"{params.max_new_tokens} more, over the model's context of {context} tokens",
