@@ -641,6 +641,7 @@ def test_config_rejects_bad_values(bad):
     ("sparsity=nan", "sparsity must be a number"), ("window=True", "window must be an integer"),
     ("seed=1.5", "seed must be an integer"), ("prune_prefill=1", "prune_prefill must be true or false"),
     ("cooldown=2.0", "cooldown must be an integer"), ("seed=-1", "seed must be in"),
+    ("seed=9223372036854775808", r"seed must be in \[0, 2\^63\)"),
     ("ring_size=100000000000", "ring_size must be <= 4096"),
 ])
 def test_settings_of_the_wrong_type_are_config_errors(setting, message):

@@ -204,6 +204,8 @@ def test_random_is_seeded_reproducible_and_prompt_independent():
     assert all(not torch.equal(a, b) for a, b in zip(first, other))
     assert len(set(keep)) == 1
     assert all(not torch.equal(first[0], k) for k in first[1:])  # each layer draws its own neurons
+    largest, _ = kept(2 ** 63 - 1)                               # the largest seed a --seed takes draws too
+    assert all(not torch.equal(a, b) for a, b in zip(first, largest))
 
 
 # ------------------------------------------------------------------------------------------- wanda-static

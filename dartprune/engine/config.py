@@ -143,8 +143,8 @@ class DartConfig:
             raise ConfigError(f"prune_prefill must be true or false, got {self.prune_prefill!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}")
+        if not 0 <= self.seed < 2 ** 63:            # the bound SamplingParams has, so one --seed fits both
+            raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
         if self.calibration_file is not None and not isinstance(self.calibration_file, (str, os.PathLike)):
             raise ConfigError(f"calibration_file must be a path, got {self.calibration_file!r}")
         if not 0.0 <= self.sparsity < 1.0:

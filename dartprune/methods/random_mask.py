@@ -12,5 +12,5 @@ class RandomMask(Method):
     allocation = "uniform"
 
     def neuron_scores(self, layer: int, traced: torch.Tensor | None, size: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + layer)
+        generator = torch.Generator().manual_seed((self.config.seed * 100_003 + layer) % 2 ** 64)
         return torch.rand(size, generator=generator)
