@@ -152,6 +152,7 @@ def test_drift_sequences_pair_every_genre_and_never_reuse_text(tiny):
     assert {(q.genre_a, q.genre_b) for q in switches} == {(a, b) for a in MINI_GENRES for b in MINI_GENRES if a != b}
     assert all(len(q.ids) == 16 + 24 and q.switch == 28 and q.ids[0] == 1 for q in sequences)
     assert [q.split for q in switches[:4]] == ["tune", "test", "tune", "test"]
+    assert len({q.name for q in sequences}) == len(sequences)      # names key the traces and the details
     # segments of one source are consecutive and never handed out twice
     pieces = [tuple(q.ids[1:28]) for q in sequences if q.genre_a == "recipe"]
     assert len(set(pieces)) == len(pieces)

@@ -131,10 +131,10 @@ def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list
                 ids = head + segments.take(src_a, prefix + segment - len(head)) + segments.take(src_b, segment)
                 sequences.append(DriftSequence(f"{src_a}>{src_b}", "switch", "", a, b, ids, prefix + segment))
         for genre in names:
-            for _ in range(CONTROLS_PER_GENRE):
+            for number in range(1, CONTROLS_PER_GENRE + 1):
                 src = source(genre)
                 ids = head + segments.take(src, prefix + 2 * segment - len(head))
-                sequences.append(DriftSequence(f"{src} (control)", "control", "", genre, genre, ids,
+                sequences.append(DriftSequence(f"{src} (control {number})", "control", "", genre, genre, ids,
                                                prefix + segment))
     except DataNotFoundError as err:
         raise missing_source(err) from err
