@@ -116,14 +116,13 @@ def main() -> None:
         started = time.perf_counter()
         recordings = record(model, sequences, args.prefix, sparsity, layers, 16)
         lines += [f"## Sparsity {sparsity:g} (signals recorded in {time.perf_counter() - started:.0f} s)", "",
-                  "| detector | settings | false per 1k tokens | detected within 64 | median delay |",
+                  f"| detector | settings | {Triggers.HEADER}",
                   "|---|---|---|---|---|"]
         for settings, want in zip(CANDIDATES, wanted):
             config = DartConfig(sparsity=sparsity, **settings)
             result = simulate(recordings, config, [layers.index(w) for w in want], args.prefix)
             shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "detector")
-            lines.append(f"| {settings['detector']} | {shown} | {result['false_per_1k']:.2f} | "
-                         f"{result['detected_64']:.2f} | {result['median_delay']:g} |")
+            lines.append(f"| {settings['detector']} | {shown} | {Triggers.cells(result)}")
             print(lines[-1], flush=True)
         lines.append("")
     publish(lines, args.out)

@@ -119,15 +119,14 @@ def main() -> None:
         started = time.perf_counter()
         recordings = record(model, sequences, args.prefix, sparsity, 16)
         lines += [f"## Sparsity {sparsity:g} (signals recorded in {time.perf_counter() - started:.0f} s)", "",
-                  "| signal | detector | settings | false per 1k tokens | detected within 64 | median delay |",
+                  f"| signal | detector | settings | {Triggers.HEADER}",
                   "|---|---|---|---|---|---|"]
         for signal in SIGNALS:
             for rule, grid in GRID.items():
                 for params in grid:
                     result = simulate(recordings, signal, rule, params, args.prefix, args.refit)
                     shown = ", ".join(f"{k}={v:g}" for k, v in params.items())
-                    lines.append(f"| {signal} | {rule} | {shown} | {result['false_per_1k']:.2f} | "
-                                 f"{result['detected_64']:.2f} | {result['median_delay']:g} |")
+                    lines.append(f"| {signal} | {rule} | {shown} | {Triggers.cells(result)}")
                     print(lines[-1], flush=True)
         lines.append("")
     publish(lines, args.out)

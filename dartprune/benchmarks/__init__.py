@@ -133,3 +133,10 @@ class Triggers:
                 "detected_64": sum(d is not None and d <= DETECTION_WINDOW for d in self.delays) / len(self.delays)
                 if self.delays else math.nan,
                 "median_delay": statistics.median(delays) if delays else math.nan}
+
+    HEADER = "false per 1k tokens | detected within 64 | median delay |"
+
+    @staticmethod
+    def cells(result: dict) -> str:
+        """`result`'s figures as the last cells of a markdown row under HEADER."""
+        return f"{result['false_per_1k']:.2f} | {result['detected_64']:.2f} | {result['median_delay']:g} |"
