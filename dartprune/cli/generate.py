@@ -110,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
             from dartprune.benchmarks.speed import paired_speedup
             paired = paired_speedup(generator.native, ids, tokens)
     stats = result.stats
-    line = (f"[{len(result.tokens)} token{'s' if len(result.tokens) != 1 else ''} in {result.ttft_s + result.decode_s:.2f} s, {result.tokens_per_s:.1f} "
-            f"tokens/s, {generator.loop} loop | {stats.summary()}")
+    count = len(result.tokens)
+    line = (f"[{count} token{'s' if count != 1 else ''} in {result.ttft_s + result.decode_s:.2f} s, "
+            f"{result.tokens_per_s:.1f} tokens/s, {generator.loop} loop | {stats.summary()}")
     if paired is not None:
         line += f" | speedup over dense {paired:.2f}x per output token (greedy, {tokens} tokens each, a dense loop " \
                 "decoding in turn with the pruned one as in `dartprune bench`)"
