@@ -40,7 +40,8 @@ def main() -> None:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             runs = records.setdefault((r["method"], r["sparsity"]), {})
-            # a text can stand twice (two controls cut from one source): the n-th of a name pairs with the n-th
+            # details files made before controls were numbered name two controls of one source alike: the n-th of
+            # a name pairs with the n-th
             runs[(r["name"], sum(name == r["name"] for name, _ in runs))] = r
     lines = [f"# {args.method} against {args.against}, paired", "",
              f"`{' '.join(sys.argv)}`", "", "Ratio of geometric-mean perplexities (below 1: "

@@ -284,6 +284,18 @@ def context_limit(model: torch.nn.Module) -> int | None:
     return None
 
 
+class ContextError(ValueError):
+    """A sequence longer than the model's context."""
+
+
+def check_context(model: torch.nn.Module, positions: int, what: str) -> None:
+    """Raise ContextError when `positions` exceed the model's context; `what` names what takes them (e.g. "a prompt
+    of 9 tokens and 4 new tokens")."""
+    limit = context_limit(model)
+    if limit is not None and positions > limit:
+        raise ContextError(f"{what} take {positions} positions; the model's context is {limit} tokens")
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """A torch.device this torch can use: a CPU-only build or a machine without a GPU is told so here,
     before a model loads, instead of failing inside torch."""
@@ -291,6 +303,8 @@ def parse_device(device: str | torch.device) -> torch.device:
         parsed = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"device must be e.g. cpu, cuda or cuda:1, got {device!r}") from err
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: dartprune runs on cpu or cuda (e.g. cuda:1), not {parsed.type}")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
@@ -301,8 +315,18 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return _env_flag("HF_HUB_OFFLINE")
+
+
+def progress_off() -> bool:
+    """DARTPRUNE_NO_PROGRESS=1 (or true, yes, on) turns every progress bar off, ours and transformers', e.g. in
+    logs."""
+    return _env_flag("DARTPRUNE_NO_PROGRESS")
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
@@ -313,6 +337,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
     Padding defaults to the left, which batched generation needs."""
     torch_dtype = parse_dtype(dtype)
     device = parse_device(device)
+    if progress_off():          # transformers' bars too: converting an alias, loading the weights
+        transformers.utils.logging.disable_progress_bar()
     source = resolve_model(name_or_path)
     local_only = _hub_offline()
     if Path(source).is_dir():
@@ -325,8 +351,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
         local_only = local_only or _in_hub_cache(source)
         if not local_only:
             _probe_hub(source)
-    if os.environ.get("DARTPRUNE_NO_PROGRESS"):           # also transformers' "Loading weights" bar
-        transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)

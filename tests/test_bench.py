@@ -139,7 +139,7 @@ def test_bench_skips_the_native_loop_for_other_families():
 def test_bench_refuses_a_run_longer_than_the_context():
     model = tiny_model("llama")
     settings = BenchSettings(methods=["dense"], sparsities=[0.0], new_tokens=8, repeats=1, warmup=0, threads=1)
-    with pytest.raises(ValueError, match="a prompt of 4090 tokens and 8 new tokens exceed the model's context of 4096"):
+    with pytest.raises(ValueError, match="a prompt of 4090 tokens and 8 new tokens take 4098 positions; the model's context is 4096 tokens"):
         run_speed_benchmark(model, random_ids(1, 4090), settings)
 
 
@@ -173,6 +173,8 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     (["bench", "--set", "window=abc"], "window must be an integer"),
     (["bench", "--out", __file__], "is a file"),
     (["bench", "--device", "cuda:99"], "cuda:99"),
+    (["bench", "--device", "meta"], "runs on cpu or cuda"),
+    (["bench", "--device", "mps"], "runs on cpu or cuda"),
 ])
 def test_bench_cli_rejects_bad_arguments_before_loading(capsys, argv, message):
     assert main(argv) == 2

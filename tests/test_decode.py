@@ -261,7 +261,7 @@ def test_generation_stops_at_eos_and_at_stop_strings():
 def test_generation_refuses_what_does_not_fit_the_context():
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama")
-    with Generator(model, tokenizer) as generator, pytest.raises(ValueError, match="context of 4096"):
+    with Generator(model, tokenizer) as generator, pytest.raises(ValueError, match="the model.s context is 4096 tokens"):
         generator.generate(torch.ones(4090, dtype=torch.long), SamplingParams(max_new_tokens=10))
 
 

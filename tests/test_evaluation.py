@@ -293,6 +293,21 @@ def test_conversation_task_compares_per_turn_retrace_with_the_first_turns_mask(t
     assert {c["part"] for c in saved["comparisons"]} == {"turns 2-3", "turn 1"}
 
 
+@pytest.mark.parametrize("task, message", [
+    ("drift", r"drift sequences \(--prefix \+ 2 x --drift-segment\) take 80 positions; the model's context is 48"),
+    ("conversation", r"conversations take \d+ positions; the model's context is 48"),
+])
+def test_sequence_tasks_refuse_what_exceeds_the_context(tmp_path, task, message):
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 48
+    settings = EvalSettings(model="tiny", methods=["dart"], sparsities=[0.5], tasks=[task], out=str(tmp_path),
+                            data_dir=str(MINI), drift_profile="full" if task == "drift" else "quick", prefix=16,
+                            drift_segment=32, drift_sources=MINI_THREE, limit=1)
+    with pytest.raises(ValueError, match=message):
+        run_evaluation(settings, model, chat_tokenizer(), command="test", echo=False)
+    assert not any(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------------------------- multiple choice
 def test_mc_sets_follow_the_data_readme(data_root):
     """The real sets, mapped as docs/data.md says."""
@@ -413,7 +428,7 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
     assert data["meta"]["model"] == str(folder) and data["meta"]["versions"]["torch"] == torch.__version__
     for r in results:
         check_recorded(r)
-        assert r["seed"] == 3 and r["dtype"] == "float32"
+        assert r["seed"] == r["config"]["seed"] == 3 and r["dtype"] == "float32"    # the seed reaches the methods
     labels = {(r["method"], r["sparsity"]) for r in results}
     assert labels == {("dense", 0.0), ("dart", 0.5), ("dart", 0.7), ("static", 0.5), ("static", 0.7)}
     by = {(r["task"], r["subtask"], r["method"], r["sparsity"]): r for r in results}
@@ -514,8 +529,11 @@ def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, c
             (["--tasks", "mc", "--mc-sets", "copa,nope", "--data-dir", str(MINI)], "unknown multiple-choice set"),
             (["--tasks", "drift", "--drift-sources", "story=gutenberg:nope;code=python:argparse", "--data-dir", str(MINI)],
              "the drift benchmark reads"),
-            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "bogus=x.safetensors"],
-             "'bogus' is not a calibrated method among --methods"),
+            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "dart=x.safetensors"],
+             "'dart' is not a calibrated method among --methods"),
+            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "run=3.safetensors"],
+             "calibration file run=3.safetensors not found"),      # a bare file with '=' in its name, not misread
+            (["--tasks", "ppl", "--seed", str(2 ** 64)], "seed must be in [0, 2^63)"),
             (["--tasks", "ppl", "--methods", "dart", "--calibration-file", "x.safetensors"],
              "none of --methods needs a calibration file"),
     ):

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -206,6 +207,7 @@ def test_random_is_seeded_reproducible_and_prompt_independent():
     assert all(not torch.equal(first[0], k) for k in first[1:])  # each layer draws its own neurons
     largest, _ = kept(2 ** 63 - 1)                               # the largest seed a --seed takes draws too
     assert all(not torch.equal(a, b) for a, b in zip(first, largest))
+    assert same_masks(kept(np.int64(2 ** 63 - 1))[0], largest)  # a numpy integer is the same seed
 
 
 # ------------------------------------------------------------------------------------------- wanda-static
@@ -401,13 +403,14 @@ def test_calibration_file_records_model_text_and_sizes(llama_files):
     assert (header["samples"], header["seq_len"], header["tokens"]) == (SAMPLES, SEQ_LEN, SAMPLES * SEQ_LEN)
     assert header["sparsities"] == list(GRID)
     assert Path(llama_files["threshold"]).stat().st_size < 20_000
-    assert load_calibration(llama_files["wanda-static"]).text_sha256 == CAL_TEXT.sha256
-    check_sources_differ(llama_files["wanda-static"], {EVAL_TEXT.name: EVAL_TEXT.sha256, "wikitext2": None,
-                                                       CAL_TEXT.name: EVAL_TEXT.sha256})   # same name, not text
+    wanda = load_calibration(llama_files["wanda-static"])
+    assert wanda.text_sha256 == CAL_TEXT.sha256
+    check_sources_differ(wanda, {EVAL_TEXT.name: EVAL_TEXT.sha256, "wikitext2": None,
+                                 CAL_TEXT.name: EVAL_TEXT.sha256})   # same name, not text
     with pytest.raises(CalibrationError, match="is the calibration text"):
-        check_sources_differ(llama_files["wanda-static"], {"renamed.txt": CAL_TEXT.sha256})
+        check_sources_differ(wanda, {"renamed.txt": CAL_TEXT.sha256})
     with pytest.raises(CalibrationError, match="is the calibration text"):
-        check_sources_differ(llama_files["wanda-static"], {CAL_TEXT.name: None})
+        check_sources_differ(wanda, {CAL_TEXT.name: None})
 
 
 def test_text_windows_are_evenly_spread_and_do_not_overlap(windows):
@@ -448,9 +451,14 @@ def test_calibrate_command(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="is a folder"):
         folder.run(folder)
     too_long = parser.parse_args(common + ["--seq-len", "5000", "--out", str(tmp_path / "long.safetensors")])
-    with pytest.raises(ValueError, match="exceed the model's context of 4096"):
+    with pytest.raises(ValueError, match="the model's context is 4096"):
         too_long.run(too_long)
     assert not (tmp_path / "long.safetensors").exists()
+    shown = parser.parse_args(common[:-1] + ["--samples", "2", "--seq-len", "16", "--out", str(out)])
+    for value, bar in (("1", False), ("0", True)):        # DARTPRUNE_NO_PROGRESS=1 turns the bar off, 0 does not
+        monkeypatch.setenv("DARTPRUNE_NO_PROGRESS", value)
+        assert shown.run(shown) == 0
+        assert ("calibrating threshold" in capsys.readouterr().err) == bar
 
 
 # ------------------------------------------------------------------------------------------- real SmolLM2

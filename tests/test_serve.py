@@ -106,6 +106,20 @@ def test_static_keeps_the_first_turns_mask():
     assert reply.stats.retrace_count == 0           # a kept mask is not reported as a re-trace
 
 
+def test_a_turn_over_the_context_is_refused_and_changes_nothing():
+    model, tokenizer = tiny_model("llama"), chat_tokenizer()
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+        chat = Conversation(generator)
+        chat.say("the harbour at night", params)
+        length, tokens = generator.native.cache.length, list(chat.tokens)
+        with pytest.raises(ValueError, match="the model's context is 4096 tokens"):
+            chat.say("and then?", SamplingParams(max_new_tokens=5000))
+        assert generator.native.cache.length == length and chat.tokens == tokens and len(chat.turns) == 1
+        chat.say("and then?", params)
+    assert chat.turns[1].rewound >= 0
+
+
 def test_conversation_equals_one_sequence_for_dense():
     """Dense, the turn-by-turn cache gives the same reply as rendering the whole conversation at once."""
     model, tokenizer = tiny_model("qwen2"), chat_tokenizer()
@@ -169,6 +183,14 @@ def test_chat_cli_refuses_what_the_native_loop_does_not_run(tmp_path, capsys):
     chat_tokenizer().save_pretrained(tmp_path)
     assert main(["chat", "--model", str(tmp_path)]) == 2
     assert "(gpt2) is not one. `dartprune generate --loop hf` runs it" in capsys.readouterr().err
+    assert main(["chat", "--calibration-file", "x.safetensors"]) == 2
+    assert "--calibration-file is for the calibrated methods; --method dart takes none" in capsys.readouterr().err
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    chat_tokenizer().save_pretrained(tmp_path / "llama")
+    missing = tmp_path / "none.safetensors"           # the option reaches the method
+    assert main(["chat", "--model", str(tmp_path / "llama"), "--method", "wanda-static", "--calibration-file",
+                 str(missing)]) == 2
+    assert f"calibration file {missing} not found" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- the server
@@ -266,7 +288,7 @@ def test_openai_client_streams_the_same_text(client):
      "sparsity"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"windw": 3}}, 400, "windw"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400,
-     "over the model's context"),
+     "the model's context is"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "messages": [{"role": "pirate", "content": "hi"}]}, 400, "role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1"),

@@ -37,7 +37,7 @@ from dartprune.engine import DartConfig, Engine, attach
 from dartprune.engine.phase import Phase
 from dartprune.engine.weights import swap_library
 from dartprune.evaluation.intervals import bootstrap, geometric_mean_ratio
-from dartprune.models import context_limit
+from dartprune.models import check_context
 from dartprune.provenance import command_line
 
 LOOPS = ("native", "hf")
@@ -239,10 +239,8 @@ def run_speed_benchmark(model: nn.Module, prompt_ids: torch.Tensor, settings: Be
                         label: str = "", progress: Callable[[str], None] | None = None) -> dict:
     """Measure every configuration and loop on an already loaded model; returns a JSON-able dict."""
     say = progress or (lambda message: None)
-    context = context_limit(model)
-    if context is not None and prompt_ids.shape[-1] + settings.new_tokens > context:
-        raise ValueError(f"a prompt of {prompt_ids.shape[-1]} tokens and {settings.new_tokens} new tokens exceed the "
-                         f"model's context of {context} tokens")
+    check_context(model, prompt_ids.shape[-1] + settings.new_tokens,
+                  f"a prompt of {prompt_ids.shape[-1]} tokens and {settings.new_tokens} new tokens")
     torch.set_num_threads(settings.threads)
     sync = _sync_for(settings.device)
     ids = prompt_ids.to(settings.device)

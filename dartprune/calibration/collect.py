@@ -16,7 +16,7 @@ from dartprune.calibration.file import (
 from dartprune.data import Text
 from dartprune.engine.budgets import layer_importance
 from dartprune.engine.taps import FFNTaps
-from dartprune.models import context_limit
+from dartprune.models import check_context
 
 
 def text_windows(tokenizer, text: Text, samples: int, seq_len: int) -> torch.Tensor:
@@ -136,9 +136,7 @@ def calibrate(model: nn.Module, tokenizer, method: str, text: Text, out: str | P
     if Path(out).is_dir():
         raise ValueError(f"{out} is a folder; `out` names the calibration file to write")
     length = seq_len if windows is None else windows.shape[1]
-    context = context_limit(model)
-    if context is not None and length > context:
-        raise ValueError(f"windows of {length} tokens exceed the model's context of {context} tokens")
+    check_context(model, length, "calibration windows")
     if windows is None:
         windows = text_windows(tokenizer, text, samples, seq_len)
     samples, seq_len = windows.shape

@@ -53,14 +53,14 @@ class CalibrationError(ValueError):
     """A calibration file is missing, malformed, or made for another model, method or sparsity."""
 
 
-def check_sources_differ(calibration_file: str | Path, sources: dict[str, str | None]) -> None:
-    """Raise CalibrationError if the calibration file was made from one of `sources` (text name -> sha256 where
+def check_sources_differ(calibration: Calibration, sources: dict[str, str | None]) -> None:
+    """Raise CalibrationError if the calibration was made from one of `sources` (text name -> sha256 where
     known): calibration and evaluation texts must differ. A source with a sha256 is matched by its content (two
     files may share a name), one without by its name (`gutenberg:NAME`, `wikitext2`, ...)."""
-    made_from = load_calibration(calibration_file).meta["text"]
+    made_from = calibration.meta["text"]
     for name, sha256 in sources.items():
         if sha256 == made_from["sha256"] if sha256 is not None else name == made_from["name"]:
-            raise CalibrationError(f"{name} is the calibration text of {calibration_file}; evaluate on another "
+            raise CalibrationError(f"{name} is the calibration text of {calibration.path}; evaluate on another "
                                    "text or calibrate on one that no evaluation reads")
 
 

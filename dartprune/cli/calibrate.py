@@ -58,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
     sparsities = parse_sparsities(args.sparsities)
     from dartprune.data import load_text
     text = load_text(args.text, args.data_dir)
-    from dartprune.models import DEFAULT_MODEL, load_model
+    from dartprune.models import DEFAULT_MODEL, load_model, progress_off
     start = time.perf_counter()
     model, tokenizer = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     calibration = calibrate(model, tokenizer, args.method, text, args.out, samples=args.samples,
                             seq_len=args.seq_len, batch_size=args.batch_size, sparsities=sparsities,
-                            progress=not args.no_progress)
+                            progress=not (args.no_progress or progress_off()))
     seconds = time.perf_counter() - start
     meta = calibration.meta
     print(f"{args.out}: {args.method} calibration of {meta['model']['model_type']} "

@@ -8,11 +8,11 @@ import signal
 import sys
 from typing import TextIO
 
+from dartprune.cli.generate import config_from
 from dartprune.engine.config import parse_settings
 from dartprune.decode.chat import Conversation
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.decode.model import native_supported
-from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
 from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL, load_model
@@ -33,6 +33,7 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration-file", help="for wanda-static (see `dartprune calibrate`)")
     p.add_argument("--system", help="a system message")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other DartConfig field")
@@ -112,15 +113,13 @@ def chat_loop(conversation: Conversation, params: SamplingParams, read: TextIO, 
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.sparsity < 1.0:
-        raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    settings = {"method": args.method, "sparsity": args.sparsity, "seed": args.seed, **parse_settings(args.set)}
-    if settings["method"] not in NATIVE_METHODS:               # method= in --set
-        raise ConfigError(f"chat runs on the native loop, which does not run method {settings['method']!r}; "
+    method = parse_settings(args.set).get("method", args.method)      # method= in --set
+    if method not in NATIVE_METHODS:
+        raise ConfigError(f"chat runs on the native loop, which does not run method {method!r}; "
                           f"choose one of {', '.join(NATIVE_METHODS)}")
-    config = DartConfig.from_dict(settings)
+    config = config_from(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     if not native_supported(model):
         raise ValueError(f"chat runs on dartprune's native loop, which runs Llama- and Gemma-family models held in "

@@ -136,13 +136,14 @@ def run(args: argparse.Namespace) -> int:
     calibration: dict[str, str] = {}
     for item in args.calibration_file:
         method, sep, path = item.partition("=")
+        keyed = bool(sep) and method in METHODS       # else a bare FILE, which may itself hold a '='
         if not calibrated:
             raise ValueError(f"--calibration-file {item}: none of --methods needs a calibration file "
                              f"(wanda-static and threshold do)")
-        if sep and method not in calibrated:
+        if keyed and method not in calibrated:
             raise ValueError(f"--calibration-file {item}: {method!r} is not a calibrated method among --methods; "
                              f"use METHOD=FILE with METHOD one of {', '.join(calibrated)}, or a bare FILE")
-        calibration.update({method: path} if sep else dict.fromkeys(calibrated, item))
+        calibration.update({method: path} if keyed else dict.fromkeys(calibrated, item))
     for name, value in (("--prefix", args.prefix), ("--ppl-window", args.ppl_window),
                         ("--ppl-windows", args.ppl_windows), ("--drift-segment", args.drift_segment),
                         ("--topic-tokens", args.topic_tokens),

@@ -73,16 +73,23 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     return ids
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
+def config_from(args: argparse.Namespace) -> DartConfig:
+    """The DartConfig that generate's and chat's options name (--method, --sparsity, --seed, --calibration-file,
+    --set)."""
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
                                    "calibration_file": args.calibration_file, **parse_settings(args.set)})
-    method = METHODS[config.method]               # --method, or method= in --set
-    if config.calibration_file and method.calibration is None:
+    if config.calibration_file and METHODS[config.method].calibration is None:   # --method, or method= in --set
         raise ValueError(f"--calibration-file is for the calibrated methods; --method {config.method} takes none")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    config = config_from(args)
+    method = METHODS[config.method]
     if args.trace_plot and not method.follows_drift:
         raise ValueError(f"--trace-plot draws the drift monitor, which --method {config.method} does not run "
                          "(dart does)")
@@ -101,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
         print(text, end="", flush=True)
 
     with Generator(model, tokenizer, config, loop=args.loop) as generator:
-        generator.check_length(ids.numel(), args.max_new_tokens)
         result = generator.generate(ids, params, None if args.no_stream else show)
         print(result.text if args.no_stream else "")
         tokens = max(2, len(result.tokens))

@@ -81,6 +81,7 @@ class Conversation:
             raise ValueError("the message is empty")
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.render(messages)
+        self.generator.check_length(len(ids), params.max_new_tokens)    # before the cache is touched
         shared = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
@@ -91,7 +92,6 @@ class Conversation:
         rewound = native.cache.length - shared
         native.cache.length = shared
         new = ids[shared:]
-        self.generator.check_length(len(ids), params.max_new_tokens)
         reply = self.generator.continue_(torch.tensor(new), params, on_text, new_turn=shared > 0,
                                          should_stop=should_stop)
         self.tokens = ids + reply.tokens[:native.cache.length - len(ids)]

@@ -16,7 +16,7 @@ from torch import nn
 from dartprune.decode.model import NativeModel, native_supported
 from dartprune.engine import DartConfig, Engine, SequenceStats, attach
 from dartprune.methods import METHODS
-from dartprune.models import context_limit
+from dartprune.models import check_context
 
 LOOPS = ("auto", "native", "hf")
 
@@ -157,7 +157,6 @@ class Generator:
         self.loop = "native" if loop == "native" or (loop == "auto" and native) else "hf"
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos = eos_ids(model, tokenizer)
-        self.context = context_limit(model)
         self.closed = False
         if self.loop == "native":
             self.engine = Engine(model, config)
@@ -185,9 +184,8 @@ class Generator:
         self.close()
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if self.context is not None and prompt_tokens + max_new_tokens > self.context:
-            raise ValueError(f"the prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens that exceeds "
-                             f"the model's context of {self.context} tokens")
+        check_context(self.model, prompt_tokens + max_new_tokens,
+                      f"a prompt of {prompt_tokens} tokens and {max_new_tokens} new tokens")
 
     def generate(self, ids: torch.Tensor | list[int], params: SamplingParams = SamplingParams(),
                  on_text: Callable[[str], None] | None = None,

@@ -122,6 +122,8 @@ class DartConfig:
                                       else v for v in layers)
         if isinstance(self.prune_prefill, np.bool_):
             self.prune_prefill = bool(self.prune_prefill)
+        if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
+            self.seed = int(self.seed)
         self.validate()
 
     def validate(self) -> None:

@@ -24,6 +24,7 @@ from dartprune.evaluation.core import MethodSpec, needs_bos_every_window, progre
 from dartprune.evaluation.drift import ReadsGenres, TextSegments, mean, selected_genres
 from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
+from dartprune.models import check_context
 
 TURNS = 3
 SIZES = {"full": (96, 64), "quick": (16, 12)}          # profile -> (passage tokens per turn, reply tokens)
@@ -114,6 +115,7 @@ class ConversationTask(ReadsGenres, Task):
         if s.drift_split != "all":
             items = [d for d in items if d.split == s.drift_split]
         self.items = items[:s.limit_for("conversation")]
+        check_context(self.model, max((sum(len(t) for t, _ in d.parts) for d in self.items), default=0), "conversations")
         self.genres = genres
         self.records: dict[str, list[dict]] = {}
 

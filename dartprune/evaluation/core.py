@@ -3,7 +3,6 @@ where the model has one, else Hugging Face with the engine attached), the teache
 (docs/algorithm.md §7), and progress bars."""
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -14,7 +13,7 @@ from tqdm.auto import tqdm
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.engine import DartConfig, SequenceStats
 from dartprune.engine.config import ConfigError, check_no_method_or_sparsity, parse_settings
-from dartprune.models import alias_for, load_model
+from dartprune.models import alias_for, load_model, progress_off
 from dartprune.methods import METHODS
 
 
@@ -22,7 +21,7 @@ from dartprune.methods import METHODS
 def progress(iterable: Iterable, desc: str, total: int | None = None, leave: bool = False,
              disable: bool | None = None, **kwargs: Any):
     """A tqdm bar on stderr, also when stderr is a log file; DARTPRUNE_NO_PROGRESS=1 turns them off."""
-    if os.environ.get("DARTPRUNE_NO_PROGRESS"):
+    if progress_off():
         disable = True
     elif disable is None:
         disable = False

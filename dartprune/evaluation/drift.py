@@ -24,6 +24,7 @@ from dartprune.data import DataNotFoundError, load_summaries, load_text
 from dartprune.evaluation.core import PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress
 from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
+from dartprune.models import check_context
 
 GENRES: dict[str, list[str]] = {
     "novel": ["gutenberg:austen-emma", "gutenberg:melville-moby_dick", "gutenberg:chesterton-thursday",
@@ -189,6 +190,8 @@ class Drift(ReadsGenres, Task):
         segment = PROFILES[s.drift_profile]["segment"] or s.drift_segment
         bos = self.tokenizer.bos_token_id if needs_bos_every_window(self.model, s.model) else None
         sequences = drift_sequences(self.tokenizer, s.prefix, segment, genres, s.data_dir, bos, s.drift_split)
+        check_context(self.model, max((len(q.ids) for q in sequences), default=0),
+                      "drift sequences (--prefix + 2 x --drift-segment)")
         limit = s.limit_for("drift")
         if limit is not None:          # a limit keeps the same share of switches and controls
             switches = [q for q in sequences if q.kind == "switch"][:limit]

@@ -7,7 +7,7 @@ import torch
 
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.evaluation.core import MethodSpec, needs_bos_every_window, progress, summarise_stats
-from dartprune.models import context_limit
+from dartprune.models import check_context
 from dartprune.data import SUMMARY_SETS, TOPIC_PROMPTS, load_summaries
 from dartprune.evaluation.intervals import bootstrap
 from dartprune.evaluation.registry import Task, register_task
@@ -88,7 +88,6 @@ class _Summaries(_GenerationTask):
         load_summaries(cls.name, 1, settings.data_dir, settings.summary_files.get(cls.name))
 
     def prepare(self) -> None:
-        limit = context_limit(self.model)
         bos = needs_bos_every_window(self.model, self.settings.model)
         self.items = []
         for doc in load_summaries(self.name, self.settings.limit_for(self.name), self.settings.data_dir,
@@ -96,8 +95,8 @@ class _Summaries(_GenerationTask):
             ids = self.tokenizer(doc["article"], return_tensors="pt").input_ids
             if bos and ids[0, 0] != self.tokenizer.bos_token_id:
                 ids = torch.cat([torch.tensor([[self.tokenizer.bos_token_id]]), ids], dim=1)
-            if limit is not None and ids.shape[1] + doc["max_tokens"] > limit:
-                raise ValueError(f"a {self.name} prompt of {ids.shape[1]} tokens does not fit the context of {limit}")
+            check_context(self.model, ids.shape[1] + doc["max_tokens"],
+                          f"a {self.name} prompt of {ids.shape[1]} tokens and {doc['max_tokens']} new tokens")
             self.items.append((ids, doc["max_tokens"], doc["summary_gt"]))
         self.extra_fields = {"data": SUMMARY_SETS[self.name].local, "stop": self.stop}
 

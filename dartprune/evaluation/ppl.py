@@ -8,7 +8,7 @@ import time
 from dartprune.evaluation.core import (
     PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress, summarise_stats,
 )
-from dartprune.models import context_limit
+from dartprune.models import check_context
 from dartprune.data import Text, load_text
 from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
@@ -55,9 +55,7 @@ class Perplexity(Task):
         if s.prefix < 1 or s.ppl_window < s.prefix + 2:
             raise ValueError(f"--prefix ({s.prefix}) must be >= 1 and leave >= 2 tokens in the window "
                              f"({s.ppl_window})")
-        limit = context_limit(self.model)
-        if limit is not None and s.ppl_window > limit:
-            raise ValueError(f"ppl window {s.ppl_window} exceeds the model's context {limit}")
+        check_context(self.model, s.ppl_window, "ppl windows (--ppl-window)")
         text = load_text(s.text, s.data_dir)
         self.bos = needs_bos_every_window(self.model, s.model)
         body = s.ppl_window - (1 if self.bos else 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dartprune.evaluation import conversation, drift, generation, mc, ppl  # noqa: F401  (registers the tasks)
-from dartprune.calibration.file import check_sources_differ
+from dartprune.calibration.file import check_sources_differ, load_calibration
 from dartprune.data import data_dir
 from dartprune.evaluation.core import Session, load_for_eval, method_specs, progress
 from dartprune.provenance import command_line, git_state, versions
@@ -19,7 +19,8 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
                    echo: bool = True) -> tuple[list[Result], Path]:
     """Evaluate; returns the results and the output folder (results.json, results.md, details.jsonl, *.png)."""
     task_classes = [get_task(name) for name in settings.tasks]  # fail fast on unknown names
-    specs = method_specs(settings.methods, settings.sparsities, settings.extra, calibration=settings.calibration)
+    specs = method_specs(settings.methods, settings.sparsities, {"seed": settings.seed, **settings.extra},
+                         calibration=settings.calibration)     # the seed the results report (random's draw)
     limits = settings.limit.values() if isinstance(settings.limit, dict) else [settings.limit]
     if any(n is not None and n < 1 for n in limits):
         raise ValueError("--limit must be >= 1")
@@ -32,6 +33,7 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     local = data_dir(settings.data_dir)   # a named folder that does not exist fails here, before the model loads
     for cls in task_classes:              # and so does data that cannot be had
         cls.check_data(settings)
+    calibrations = [load_calibration(f) for f in sorted({s.config.calibration_file for s in specs} - {None})]
     if model is None:
         model, tokenizer = load_for_eval(settings.model, settings.dtype)
     if settings.threads is not None:
@@ -54,8 +56,8 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         task.prepare()
         tasks.append(task)
     sources = {name: sha for task in tasks for name, sha in task.sources().items()}
-    for file in {s.config.calibration_file for s in specs} - {None}:   # scored on its own text, it would flatter
-        check_sources_differ(file, sources)
+    for calibration in calibrations:   # scored on its own text, it would flatter
+        check_sources_differ(calibration, sources)
     out.mkdir(parents=True, exist_ok=True)
     for task in progress(tasks, "tasks", leave=True):
         cls = type(task)

@@ -32,7 +32,7 @@ from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
-from dartprune.models import context_limit
+from dartprune.models import ContextError, check_context, context_limit
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -238,11 +238,13 @@ def create_app(server: ModelServer) -> FastAPI:
     def prepare(request: _Common, ids: torch.Tensor, max_tokens: int) -> tuple[SamplingParams, DartConfig]:
         params = _params(request, max_tokens)
         config = server.settings(request.dartprune)
-        context = context_limit(server.model)
-        if context is not None and ids.numel() + params.max_new_tokens > context:
-            raise APIError(400, f"this request has {ids.numel()} prompt tokens and asks for "
-                                f"{params.max_new_tokens} more, over the model's context of {context} tokens",
-                           param="max_tokens" if ids.numel() < context else None, code="context_length_exceeded")
+        try:
+            check_context(server.model, ids.numel() + params.max_new_tokens,
+                          f"this request's {ids.numel()} prompt tokens and {params.max_new_tokens} new tokens")
+        except ContextError as err:
+            too_long = ids.numel() >= context_limit(server.model)      # the prompt alone, whatever max_tokens says
+            raise APIError(400, str(err), param=None if too_long else "max_tokens",
+                           code="context_length_exceeded") from err
         return params, config
 
     async def watch(http: Request, stop: threading.Event) -> None:
