@@ -92,14 +92,16 @@ def drift_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, list]:
 
 
 @torch.no_grad()
-def teacher_force(native, ids: list[int], prefix: int, chunk: int) -> None:
+def teacher_force(native, ids: list[int], prefix: int, chunk: int) -> torch.Tensor:
     """One drift sequence through a `NativeModel`: ids[:prefix] as a new prompt, then the rest but the last token
-    through the cache, `chunk` tokens at a time (what the scripts record their signals from)."""
+    through the cache, `chunk` tokens at a time (what the scripts record their signals from). Returns the logits
+    [len(ids) - 1, vocab]: row i predicts ids[i + 1]."""
     tokens = torch.tensor(ids)
     native.reset()
-    native.forward(tokens[:prefix])
+    pieces = [native.forward(tokens[:prefix])]
     for start in range(prefix, len(ids) - 1, chunk):
-        native.forward(tokens[start:min(start + chunk, len(ids) - 1)])
+        pieces.append(native.forward(tokens[start:min(start + chunk, len(ids) - 1)]))
+    return torch.cat(pieces)
 
 
 class Triggers:
