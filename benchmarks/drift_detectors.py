@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import Triggers, drift_parser, drift_setup, publish, teacher_force  # noqa: E402
+from dartprune.benchmarks import (  # noqa: E402
+    AttentionRecorder, Triggers, drift_parser, drift_setup, publish, teacher_force)
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.config import monitored_layer_indices  # noqa: E402
@@ -43,20 +44,12 @@ def record(model, sequences, prefix: int, sparsity: float, layers: list[int], ch
     """Signals of `layers` for every sequence under DART's prompt mask (the monitor never fires)."""
     engine = Engine(model, DartConfig(sparsity=sparsity, detector="none", monitored_layers=tuple(layers)))
     native = NativeModel(model, engine)
-    captured: dict[int, list[torch.Tensor]] = {}
-    observe = engine.observe_attention
-
-    def keep(j, a):
-        captured.setdefault(j, []).append(a.reshape(-1, a.shape[-1]).float().clone())
-        observe(j, a)
-
-    engine.observe_attention = keep
+    recorder = AttentionRecorder(engine)
     out = []
     try:
         for seq in sequences:
-            captured.clear()
             teacher_force(native, seq.ids, prefix, chunk)
-            signal = torch.stack([torch.cat(captured[j]) for j in range(len(layers))])
+            signal = torch.stack(recorder.take())
             out.append(Recording(seq.name, seq.kind, seq.switch, signal[:, :prefix], signal[:, prefix:]))
     finally:
         engine.close()

@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import Triggers, drift_parser, drift_setup, publish, teacher_force  # noqa: E402
+from dartprune.benchmarks import (  # noqa: E402
+    AttentionRecorder, Triggers, drift_parser, drift_setup, publish, teacher_force)
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
 from dartprune.engine.config import monitored_layer_indices  # noqa: E402
@@ -69,22 +70,15 @@ def record(model, sequences, prefix: int, sparsity: float, chunk: int) -> list[R
     watched = sorted(set(layers.values()))
     engine = Engine(model, DartConfig(sparsity=sparsity, detector="none", monitored_layers=tuple(watched)))
     native = NativeModel(model, engine)
-    captured: dict[int, list[torch.Tensor]] = {}
-    observe = engine.observe_attention
-
-    def keep(j, a):
-        captured.setdefault(j, []).append(a.reshape(-1, a.shape[-1]).float().clone())
-        observe(j, a)
-
-    engine.observe_attention = keep
+    recorder = AttentionRecorder(engine)
     out = []
     try:
         for seq in sequences:
-            captured.clear()
             logp = torch.log_softmax(teacher_force(native, seq.ids, prefix, chunk).float(), dim=-1)
             surprisal = -logp.gather(1, torch.tensor(seq.ids[1:])[:, None]).squeeze(1)
             entropy = -(logp.exp() * logp).sum(-1)
-            attention = {name: torch.cat(captured[watched.index(layer)]) for name, layer in layers.items()}
+            signals = recorder.take()
+            attention = {name: signals[watched.index(layer)] for name, layer in layers.items()}
             out.append(Recording(seq.kind, seq.switch, {"surprisal": surprisal, "entropy": entropy}, attention))
     finally:
         engine.close()

@@ -162,6 +162,27 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
         assert (out / f"speed_tiny-llama_{dtype}.md").read_text().startswith("### ")
 
 
+def test_bench_cli_runs_a_calibrated_method_from_its_file(tmp_path, capsys):
+    from dartprune.calibration.collect import calibrate
+    from dartprune.data import load_text
+    folder = tmp_path / "tiny-llama"
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = calibrate(model, tokenizer, "wanda-static", load_text(MINI / "gutenberg" / "kitchen.txt"),
+                     tmp_path / "w.safetensors", samples=2, seq_len=32).path
+    common = ["bench", "--model", str(folder), "--methods", "dense,wanda-static", "--sparsity", "0.5",
+              "--prompt-len", "16", "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--threads", "1",
+              "--ttft-pairs", "0", "--text", str(MINI / "gutenberg" / "harbour.txt"), "--offset", "0"]
+    assert main([*common, "--calibration-file", str(path), "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "speed_tiny-llama_float32.json").read_text())["rows"]
+    assert [(r["method"], r["sparsity"]) for r in rows] == [("dense", 0.0), ("wanda-static", 0.5)]
+    capsys.readouterr()
+    common[common.index("dense,wanda-static")] = "dense,threshold"
+    assert main([*common, "--calibration-file", str(path)]) == 2         # a wanda-static file, before loading
+    assert "was made for method 'wanda-static', not 'threshold'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--methods", "dart,static"], "must include dense"),
     (["bench", "--methods", "dense,nope"], "unknown method"),
@@ -174,6 +195,11 @@ def test_bench_cli_on_a_saved_tiny_model_writes_json_and_markdown(tmp_path, caps
     (["bench", "--out", __file__], "is a file"),
     (["bench", "--device", "cuda:99"], "cuda:99"),
     (["bench", "--device", "meta"], "runs on cpu or cuda"),
+    (["bench", "--offset", "-5"], "--offset must be >= 0"),
+    (["bench", "--methods", "dense,threshold"], "threshold need(s) --calibration-file"),
+    (["bench", "--calibration-file", "x.safetensors"], "none of --methods needs one"),
+    (["bench", "--methods", "dense,wanda-static", "--calibration-file", "x.safetensors"],
+     "calibration file x.safetensors not found"),
     (["bench", "--device", "mps"], "runs on cpu or cuda"),
 ])
 def test_bench_cli_rejects_bad_arguments_before_loading(capsys, argv, message):
@@ -278,3 +304,33 @@ def test_run_in_checkout_runs_that_checkouts_dartprune_and_refuses_another(tmp_p
         run_in_checkout(root.parent, code)
     with pytest.raises(SystemExit, match="ZeroDivisionError"):             # a failing process says why
         run_in_checkout(root, "1 / 0")
+
+
+def test_attention_recorder_keeps_what_the_drift_monitor_is_shown():
+    """The drift scripts study detectors on this record: every token's attention output of each monitored layer
+    (the prompt's, which runs dense, equal to Hugging Face's), while the engine's monitor still sees it."""
+    from dartprune.benchmarks import AttentionRecorder, teacher_force
+    from dartprune.decode.model import NativeModel
+    from dartprune.engine import Engine
+    model = tiny_model("llama")
+    ids = random_ids(1, 40)[0].tolist()
+    outputs = {}
+    hooks = [model.model.layers[layer].self_attn.register_forward_hook(
+        lambda module, args, output, layer=layer: outputs.__setitem__(layer, output[0].reshape(-1, 32)))
+        for layer in (1, 3)]
+    with torch.no_grad():
+        model(torch.tensor([ids[:16]]))
+    for hook in hooks:
+        hook.remove()
+    engine = Engine(model, DartConfig(sparsity=0.5, detector="paper", window=4, monitored_layers=(1, 3)))
+    recorder = AttentionRecorder(engine)
+    try:
+        logits = teacher_force(NativeModel(model, engine), ids, 16, 5)
+        signals = recorder.take()
+        assert engine.stats()[0].windows        # the monitor was fed too
+    finally:
+        engine.close()
+    assert logits.shape == (39, 160) and [s.shape for s in signals] == [(39, 32), (39, 32)]
+    for signal, layer in zip(signals, (1, 3)):
+        torch.testing.assert_close(signal[:16], outputs[layer], rtol=1e-4, atol=1e-5)
+    assert recorder.take() == []                # taken once

@@ -50,7 +50,9 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
     (["generate", "hi", "--set", "window"], "KEY=VALUE"),
     (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
     (["generate", "hi", "--method", "dense", "--compare-dense"], "dense prunes nothing"),
-    (["generate", "hi", "--set", "method=dense", "--compare-dense"], "dense prunes nothing"),
+    (["generate", "hi", "--compare-dense", "--max-new-tokens", "1"], "it needs --max-new-tokens >= 2"),
+    (["generate", "hi", "--set", "method=dense"], "set method with --method, not --set"),
+    (["generate", "hi", "--sparsity", "0.7", "--set", "sparsity=0.3"], "set sparsity with --sparsity, not --set"),
     (["generate", "--prompt-file", "tests"], "Is a directory"),
     (["generate", "hi", "--seed", str(2 ** 70)], "seed must be in"),
     (["generate", "hi", "--set", "ring_size=100000000000"], "ring_size must be <= 4096"),
@@ -58,7 +60,7 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
     (["generate", "hi", "--trace-plot", "trace.xyz"], "cannot write a plot to trace.xyz"),
     (["generate", "hi", "--prompt-file", "README.md"], "not both"),
     (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
-    (["generate", "hi", "--set", "method=static", "--trace-plot", "x.png"], "does not run (dart does)"),
+    (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
     (["generate", "hi", "--set", "calibration_file=x.safetensors"], "takes none"),
 ])
 def test_generate_rejects_bad_input_before_loading(capsys, argv, message):
@@ -84,6 +86,10 @@ def test_generate_compare_dense_prints_the_speedup(capsys, loop, how):
                             "--compare-dense", "--no-stream", "--loop", loop], capsys)
     assert code == 0
     assert re.search(r"\| speedup over dense \d+\.\d\dx per output token " + how + r"\]", err), err
+    code, _, err = run_cli(["generate", "The capital of France is", "--max-new-tokens", "6", "--stop", "Paris",
+                            "--compare-dense", "--no-stream", "--loop", loop], capsys)   # the first token stops it
+    assert code == 0 and "[1 token in" in err
+    assert err.rstrip().endswith("| speedup over dense not measured: the reply has one token, no decode step]")
 
 
 def test_generate_sampling_flags_reach_the_sampler(capsys, smollm2):

@@ -15,7 +15,7 @@ from dartprune.decode.generate import Generator, SamplingParams, TextStream, sam
 from dartprune.decode.model import NativeModel, native_supported
 from dartprune.engine import Engine
 from tests.helpers import HAIR_TRIGGER, teacher_forced_logits
-from tests.tiny_models import CONFIGS, FAMILIES, random_ids, tiny_model, tiny_tokenizer
+from tests.tiny_models import CONFIGS, FAMILIES, VOCAB, random_ids, tiny_model, tiny_tokenizer
 
 NATIVE = ["gemma", "gemma2", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"]
 
@@ -256,6 +256,15 @@ def test_generation_stops_at_eos_and_at_stop_strings():
     assert stopped.finish_reason == "stop" and stopped.text == text[:text.find(stop)]
     assert ended.finish_reason == "eos" and ended.tokens == free.tokens[:first_new]
     assert free.finish_reason == "length" and len(free.tokens) == 40
+
+
+@pytest.mark.parametrize("loop", ["native", "hf"])
+def test_generation_refuses_token_ids_outside_the_vocabulary(loop):
+    with Generator(tiny_model("llama"), tiny_tokenizer(), loop=loop) as generator:
+        for bad in (VOCAB, -1):
+            with pytest.raises(ValueError, match=f"token id {bad} is outside the model's vocabulary of {VOCAB} ids"):
+                generator.generate([3, bad, 4], SamplingParams(max_new_tokens=2))
+        assert len(generator.generate([3, 4], SamplingParams(max_new_tokens=2, ignore_eos=True)).tokens) == 2
 
 
 def test_generation_refuses_what_does_not_fit_the_context():

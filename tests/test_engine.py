@@ -99,6 +99,19 @@ def test_attached_generate_ends_its_sequence_and_a_continued_generate_resumes_it
     assert "generate" not in vars(model)
 
 
+def test_attached_generate_without_the_cache_is_refused():
+    """Without a KV cache every step would be a new, dense prompt: a silently unpruned answer."""
+    from transformers import GenerationConfig
+    model = tiny_model("llama")
+    with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
+        for options in ({"use_cache": False}, {"generation_config": GenerationConfig(use_cache=False)}):
+            with pytest.raises(ValueError, match="without it \\(use_cache=False\\) every step is a new prompt"):
+                model.generate(random_ids(1, 8), max_new_tokens=3, do_sample=False, **options)
+        assert not handle.stats()
+        model.generate(random_ids(1, 8), max_new_tokens=3, do_sample=False)
+        assert handle.stats()[0].executed_sparsity > 0
+
+
 def test_attach_keeps_a_generate_of_the_users_and_wraps_nothing_where_nothing_prunes():
     model = tiny_model("llama")
     calls = []

@@ -3,6 +3,7 @@ tiny BPE tokenizer trained here, on the synthetic data folder tests/data/mini; t
 checked when the real data is present."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -299,6 +300,7 @@ def test_conversation_task_compares_per_turn_retrace_with_the_first_turns_mask(t
 ])
 def test_sequence_tasks_refuse_what_exceeds_the_context(tmp_path, task, message):
     model = tiny_model("llama")
+    model.config = copy.deepcopy(model.config)       # tiny models share their family's config object
     model.config.max_position_embeddings = 48
     settings = EvalSettings(model="tiny", methods=["dart"], sparsities=[0.5], tasks=[task], out=str(tmp_path),
                             data_dir=str(MINI), drift_profile="full" if task == "drift" else "quick", prefix=16,
@@ -518,6 +520,28 @@ def test_a_calibrated_method_is_not_evaluated_on_its_calibration_text(tiny, tmp_
                  "--ppl-window", "64", "--prefix", "16", "--out", str(tmp_path / "cli")]) == 0
 
 
+def test_a_calibration_file_that_does_not_fit_fails_before_any_output(tiny, tmp_path, capsys):
+    """Its method and sparsity before the model loads (the model named does not exist), its model after."""
+    from dartprune.calibration.collect import calibrate
+    model, tokenizer, folder = tiny
+    text = load_text(MINI / "gutenberg" / "harbour.txt")
+    wanda = calibrate(model, tokenizer, "wanda-static", text, tmp_path / "w.safetensors", samples=2, seq_len=32).path
+    threshold = calibrate(model, tokenizer, "threshold", text, tmp_path / "t.safetensors", samples=2, seq_len=32,
+                          sparsities=(0.5,)).path
+    other = tmp_path / "other_model"
+    tiny_model("llama", seed=5).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    for name, method, file, sparsity, message in (
+            ("no-such-model", "threshold", wanda, "0.5", "was made for method 'wanda-static', not 'threshold'"),
+            ("no-such-model", "threshold", threshold, "0.6", "has no thresholds for sparsity 0.6"),
+            (str(other), "wanda-static", wanda, "0.5", "was made for another model")):
+        out = tmp_path / "out"
+        assert cli_main(["eval", "--model", name, "--methods", method, "--calibration-file", file, "--sparsity",
+                         sparsity, "--tasks", "ppl", "--text", str(MINI / "gutenberg" / "kitchen.txt"),
+                         "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, capsys):
     """The model named does not exist: each run must stop on its own error, before loading it."""
     (tmp_path / "a_file").write_text("x")
@@ -551,6 +575,29 @@ def test_per_task_limits(tiny, tmp_path):
                             limit={"topics": 1, "mc": 5}, topic_tokens=4)
     results, _ = run_evaluation(settings, model, tokenizer, command="test", echo=False)
     assert [r.items for r in results] == [1, 1]
+
+
+def test_a_run_that_fails_leaves_an_earlier_runs_results_whole(tiny, tmp_path, monkeypatch):
+    from dartprune.evaluation.generation import Topics
+    model, tokenizer, _ = tiny
+    settings = EvalSettings(model="tiny", methods=["static"], sparsities=[0.5], tasks=["topics"], out=str(tmp_path),
+                            limit=1, topic_tokens=4)
+    run_evaluation(settings, model, tokenizer, command="test", echo=False)
+    complete = (tmp_path / "results.json").read_text()
+    assert not (tmp_path / "results.partial.json").exists()
+    evaluate = Topics.evaluate
+
+    def fail_for_static(self, spec, session):
+        if spec.method == "static":
+            raise RuntimeError("stopped")
+        return evaluate(self, spec, session)
+
+    monkeypatch.setattr(Topics, "evaluate", fail_for_static)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_evaluation(settings, model, tokenizer, command="test", echo=False)
+    assert (tmp_path / "results.json").read_text() == complete
+    partial = json.loads((tmp_path / "results.partial.json").read_text())
+    assert [r["method"] for r in partial["results"]] == ["dense"]
 
 
 # ----------------------------------------------------------------------------------------------- lm-eval backend

@@ -178,7 +178,7 @@ def test_chat_cli_refuses_what_the_native_loop_does_not_run(tmp_path, capsys):
         main(["chat", "--method", "threshold"])
     assert "invalid choice: 'threshold'" in capsys.readouterr().err
     assert main(["chat", "--set", "method=threshold"]) == 2
-    assert "does not run method 'threshold'" in capsys.readouterr().err
+    assert "set method with --method, not --set" in capsys.readouterr().err
     tiny_model("gpt2").save_pretrained(tmp_path)
     chat_tokenizer().save_pretrained(tmp_path)
     assert main(["chat", "--model", str(tmp_path)]) == 2
@@ -191,6 +191,8 @@ def test_chat_cli_refuses_what_the_native_loop_does_not_run(tmp_path, capsys):
     assert main(["chat", "--model", str(tmp_path / "llama"), "--method", "wanda-static", "--calibration-file",
                  str(missing)]) == 2
     assert f"calibration file {missing} not found" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tmp_path / "llama"), "--max-new-tokens", "9000"]) == 2
+    assert "--max-new-tokens 9000 after a one-token turn take 9001 positions" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- the server
@@ -290,6 +292,11 @@ def test_openai_client_streams_the_same_text(client):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400,
      "the model's context is"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, 400,
+     "finite number"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_k": -5}, 400, "top_k"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "min_p": 0.1}, 400,
+     "does not know the option min_p"),
     ({"model": "tiny", "messages": [{"role": "pirate", "content": "hi"}]}, 400, "role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"monitored_layers": [50]}},
@@ -336,6 +343,19 @@ def test_completion_options_it_would_ignore_are_refused_and_neutral_values_pass(
         assert code == 400 and answer["error"]["param"] == name, answer
     neutral = {"echo": False, "logprobs": None, "best_of": 1, "presence_penalty": 0, "user": "someone"}
     assert _http(server + "/v1/completions", json.dumps({**base, **neutral}).encode())[0] == 200
+    code, answer = _http(server + "/v1/completions", json.dumps({**base, "max_completion_tokens": 4}).encode())
+    assert code == 400 and answer["error"]["param"] == "max_completion_tokens"     # a chat option, not this route's
+
+
+def test_top_k_one_is_greedy(server):
+    base = {"model": "tiny", "prompt": "the harbour", "max_tokens": 6}
+    greedy = _http(server + "/v1/completions", json.dumps({**base, "temperature": 0}).encode())[1]
+    for seed in (1, 2):
+        code, answer = _http(server + "/v1/completions", json.dumps({**base, "top_k": 1, "temperature": 1.5,
+                                                                     "seed": seed}).encode())
+        assert code == 200 and answer["choices"][0]["text"] == greedy["choices"][0]["text"]
+    code, answer = _http(server + "/v1/completions", json.dumps({**base, "top_k": -1, "seed": 3}).encode())
+    assert code == 200                                                             # -1: no top-k filter
 
 
 def test_unknown_routes_answer_in_the_openai_error_shape(server):
@@ -362,6 +382,19 @@ def test_dense_per_request_reports_no_sparsity(server):
     body = {"model": "tiny", "prompt": "the harbour", "max_tokens": 2, "dartprune": {"method": "dense"}}
     code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
     assert code == 200 and answer["dartprune"]["sparsity"] == 0.0 and answer["dartprune"]["method"] == "dense"
+
+
+def test_serve_refuses_default_settings_it_cannot_run_before_serving(tmp_path, capsys):
+    from dartprune.cli.main import main
+    tiny_model("llama").save_pretrained(tmp_path)
+    chat_tokenizer().save_pretrained(tmp_path)
+    common = ["serve", "--model", str(tmp_path), "--port", str(_free_port())]
+    assert main([*common, "--loop", "native", "--method", "threshold", "--set", "calibration_file=x"]) == 2
+    assert "the native loop does not run 'llama' models with method 'threshold'" in capsys.readouterr().err
+    assert main([*common, "--set", "monitored_layers=(50,)"]) == 2
+    assert "monitored layer 50 is out of range" in capsys.readouterr().err
+    assert main([*common, "--sparsity", "0.7", "--set", "sparsity=0.3"]) == 2
+    assert "set sparsity with --sparsity, not --set" in capsys.readouterr().err
 
 
 def test_a_server_started_dense_prunes_a_request_that_asks_for_a_method_at_its_sparsity():

@@ -104,6 +104,27 @@ def teacher_force(native, ids: list[int], prefix: int, chunk: int) -> torch.Tens
     return torch.cat(pieces)
 
 
+class AttentionRecorder:
+    """Keeps what an engine's drift monitor is shown (the attention output of each monitored layer, by its index
+    in `engine.monitored`), for the drift scripts to study detectors offline."""
+
+    def __init__(self, engine) -> None:
+        self.captured: dict[int, list[torch.Tensor]] = {}
+        observe = engine.observe_attention
+
+        def keep(j: int, output: torch.Tensor) -> None:
+            self.captured.setdefault(j, []).append(output.reshape(-1, output.shape[-1]).float().clone())
+            observe(j, output)
+
+        engine.observe_attention = keep
+
+    def take(self) -> list[torch.Tensor]:
+        """Per monitored layer, every token's output since the last call ([tokens, hidden])."""
+        out = [torch.cat(self.captured[j]) for j in sorted(self.captured)]
+        self.captured.clear()
+        return out
+
+
 class Triggers:
     """A simulated detector's triggers counted as the drift benchmark counts them: one before the switch or anywhere
     in a control is false (a rate per 1,000 of those tokens); a switch is caught when the first trigger after it

@@ -143,11 +143,18 @@ class Calibration:
     def num_layers(self) -> int:
         return self.meta["model"]["num_layers"]
 
-    def check(self, model: nn.Module, method: str, parts: list[FFNParts] | None = None) -> None:
-        """Refuse (CalibrationError) a file made for another method or another model."""
+    def check_use(self, method: str, sparsity: float | None = None) -> None:
+        """Refuse (CalibrationError) a file made for another method, or one without thresholds for `sparsity`
+        (threshold): what can be told before a model loads."""
         if self.method != method:
             raise CalibrationError(f"calibration file {self.path} was made for method {self.method!r}, not "
                                    f"{method!r}; make one with `dartprune calibrate --method {method}`")
+        if sparsity is not None and "sparsities" in self.tensors:
+            self.thresholds(sparsity)
+
+    def check(self, model: nn.Module, method: str, parts: list[FFNParts] | None = None) -> None:
+        """Refuse (CalibrationError) a file made for another method or another model."""
+        self.check_use(method)
         structure, fingerprint = model_identity(model, parts)
         saved = self.meta["model"]
         for key in ("model_type", "num_layers", "hidden_size", "intermediate_sizes"):

@@ -54,6 +54,8 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--loops", type=_names, default=["native"],
                    help="comma-separated: native (dartprune's loop, paired with a dense native loop; Llama and "
                         "Gemma families) and/or hf (Hugging Face generate with the engine attached)")
+    p.add_argument("--calibration-file", help="for a calibrated method in --methods, wanda-static or threshold "
+                                              "(see `dartprune calibrate`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other DartConfig field for every pruned method, e.g. --set retrace_spread=4")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -78,6 +80,8 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("prompt_len", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.offset < 0:
+        raise ValueError("--offset must be >= 0")
     if args.ttft_pairs < 0:
         raise ValueError("--ttft-pairs must be >= 0")
     if args.new_tokens < 2:
@@ -91,11 +95,28 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--loops: unknown loop(s) {bad_loops}; choose from native, hf")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; it names the folder the results go to")
-    settings = parse_settings(args.set)
+    settings = _config(args)
     check_no_method_or_sparsity(settings)
     DartConfig.from_dict({**settings, "method": "dart", "sparsity": 0.5})     # a bad value fails before loading
+    calibrated = [m for m in args.methods if METHODS[m].calibration is not None]
+    if args.calibration_file and not calibrated:
+        raise ValueError("--calibration-file: none of --methods needs one (wanda-static and threshold do)")
+    if calibrated and "calibration_file" not in settings:
+        raise ValueError(f"{', '.join(calibrated)} need(s) --calibration-file (make one with `dartprune calibrate`)")
+    if calibrated:
+        from dartprune.calibration.file import load_calibration
+        calibration = load_calibration(settings["calibration_file"])
+        for method in calibrated:
+            for sparsity in args.sparsity:
+                calibration.check_use(METHODS[method].calibration, sparsity)
     from dartprune.models import parse_device
     parse_device(args.device)
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The DartConfig fields every pruned method gets: --set, and --calibration-file."""
+    settings = parse_settings(args.set)
+    return {**settings, "calibration_file": args.calibration_file} if args.calibration_file else settings
 
 
 def _stem(model: str, dtype: str) -> str:
@@ -121,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(methods=args.methods, sparsities=args.sparsity, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
                              ttft_pairs=args.ttft_pairs, threads=args.threads or cores, loops=args.loops, device=args.device,
-                             config=parse_settings(args.set))
+                             config=_config(args))
     text = load_text(args.text, args.data_dir).text
     for dtype in args.dtype:
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)

@@ -9,13 +9,11 @@ import sys
 from typing import TextIO
 
 from dartprune.cli.generate import config_from
-from dartprune.engine.config import parse_settings
 from dartprune.decode.chat import Conversation
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.decode.model import native_supported
-from dartprune.engine.config import ConfigError
 from dartprune.methods import METHODS
-from dartprune.models import DEFAULT_MODEL, load_model
+from dartprune.models import DEFAULT_MODEL, check_context, load_model
 
 NATIVE_METHODS = sorted(name for name, spec in METHODS.items() if spec.execution == "kept-set")
 HELP = "commands: /reset (start over), /stats (this chat's figures), /quit; Ctrl-C stops a reply"
@@ -115,12 +113,9 @@ def chat_loop(conversation: Conversation, params: SamplingParams, read: TextIO, 
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    method = parse_settings(args.set).get("method", args.method)      # method= in --set
-    if method not in NATIVE_METHODS:
-        raise ConfigError(f"chat runs on the native loop, which does not run method {method!r}; "
-                          f"choose one of {', '.join(NATIVE_METHODS)}")
     config = config_from(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    check_context(model, args.max_new_tokens + 1, f"--max-new-tokens {args.max_new_tokens} after a one-token turn")
     if not native_supported(model):
         raise ValueError(f"chat runs on dartprune's native loop, which runs Llama- and Gemma-family models held in "
                          f"memory; {args.model} ({model.config.model_type}) is not one. "

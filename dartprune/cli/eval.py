@@ -1,5 +1,6 @@
-"""`dartprune eval`: perplexity, drift, multiple choice, summarisation (XSum, CNN/DailyMail) and two-topic generation for dense and pruned
-methods at several sparsities; writes results.json, results.md (printed), details.jsonl and PNG plots."""
+"""`dartprune eval`: perplexity, drift, multi-turn conversations, multiple choice, summarisation (XSum,
+CNN/DailyMail) and two-topic generation for dense and pruned methods at several sparsities; writes results.json,
+results.md (printed), details.jsonl and PNG plots."""
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,8 @@ def _task_names() -> list[str]:
 def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     from dartprune.evaluation.registry import EvalSettings
     d = EvalSettings()
-    p = add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, mc, xsum, cnn_dailymail, topics)",
+    p = add_parser("eval", help="evaluate dense and pruned methods (ppl, drift, conversation, mc, xsum, "
+                                "cnn_dailymail, topics)",
                               description=__doc__)
     p.add_argument("--model", default=d.model, help="alias, local folder or Hugging Face id")
     p.add_argument("--methods", type=split_methods, default=d.methods,
@@ -87,7 +89,8 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--tasks", type=_csv(str), default=d.tasks, help="comma-separated: " + ",".join(sorted(_task_names())))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--limit", type=_limit, help="items per task: N for every task, or TASK=N,... (mc: per set; "
-                                                "ppl: windows; drift: switch sequences (and half as many controls); xsum, cnn_dailymail: "
+                                                "ppl: windows; drift: switch sequences (and half as many controls); conversation: dialogues; "
+                                                "xsum, cnn_dailymail: "
                                                 "articles; topics: prompts)")
     p.add_argument("--data-dir", help="local evaluation data folder (default: $DARTPRUNE_DATA, else the Hugging "
                                       "Face Hub by the usual dataset names; layout in docs/data.md)")

@@ -10,7 +10,7 @@ from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
 from dartprune.engine import DartConfig
 from dartprune.methods import METHODS
-from dartprune.engine.config import ConfigError, parse_settings
+from dartprune.engine.config import ConfigError, check_no_method_or_sparsity, parse_settings
 from dartprune.models import DEFAULT_MODEL, load_model
 
 
@@ -78,9 +78,11 @@ def config_from(args: argparse.Namespace) -> DartConfig:
     --set)."""
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    settings = parse_settings(args.set)
+    check_no_method_or_sparsity(settings, "--method")
     config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
-                                   "calibration_file": args.calibration_file, **parse_settings(args.set)})
-    if config.calibration_file and METHODS[config.method].calibration is None:   # --method, or method= in --set
+                                   "calibration_file": args.calibration_file, **settings})
+    if config.calibration_file and METHODS[config.method].calibration is None:
         raise ValueError(f"--calibration-file is for the calibrated methods; --method {config.method} takes none")
     return config
 
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
                          "(dart does)")
     if args.compare_dense and not method.prunes:
         raise ValueError(f"--compare-dense times a pruned method against dense; {config.method} prunes nothing")
+    if args.compare_dense and args.max_new_tokens < 2:
+        raise ValueError("--compare-dense times decode steps per output token: it needs --max-new-tokens >= 2")
     if args.trace_plot:
         from dartprune.plots import check_image_path
         check_image_path(args.trace_plot)
@@ -110,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
     with Generator(model, tokenizer, config, loop=args.loop) as generator:
         result = generator.generate(ids, params, None if args.no_stream else show)
         print(result.text if args.no_stream else "")
-        tokens = max(2, len(result.tokens))
+        tokens = len(result.tokens)
+        compare = args.compare_dense and tokens >= 2          # one token has no decode step to time
         paired = None
-        if args.compare_dense and generator.native is not None:
+        if compare and generator.native is not None:
             from dartprune.benchmarks.speed import paired_speedup
             paired = paired_speedup(generator.native, ids, tokens)
     stats = result.stats
@@ -122,11 +127,13 @@ def run(args: argparse.Namespace) -> int:
     if paired is not None:
         line += f" | speedup over dense {paired:.2f}x per output token (greedy, {tokens} tokens each, a dense loop " \
                 "decoding in turn with the pruned one as in `dartprune bench`)"
-    elif args.compare_dense:
+    elif compare:
         with Generator(model, tokenizer, None, loop=args.loop) as dense:
             reference = dense.generate(ids, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
         line += f" | speedup over dense {speedup(reference, result):.2f}x per output token ({len(reference.tokens)} " \
                 "dense tokens after the reply, same loop)"
+    if args.compare_dense and not compare:
+        line += " | speedup over dense not measured: the reply has one token, no decode step"
     print(line + "]", file=sys.stderr)
     if args.trace_plot:
         from dartprune.plots import plot_drift_trace

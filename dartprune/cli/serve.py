@@ -7,9 +7,8 @@ import socket
 from collections.abc import Callable
 import sys
 
-from dartprune.engine.config import parse_settings
 from dartprune.engine import DartConfig
-from dartprune.engine.config import ConfigError
+from dartprune.engine.config import ConfigError, check_no_method_or_sparsity, parse_settings
 from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL
 
@@ -39,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, **parse_settings(args.set)})
+    settings = parse_settings(args.set)
+    check_no_method_or_sparsity(settings, "--method")
+    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, **settings})
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:   # before loading
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from dartprune.models import load_model
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     server = ModelServer(model, tokenizer, args.name or args.model, config, loop=args.loop)
+    server.build(config)            # settings only the engine can check fail here, not in every request
     print(f"[serving {server.name} ({config.method} at sparsity {config.pruned_sparsity:g}) on "
           f"http://{args.host}:{args.port}/v1]", file=sys.stderr)
     try:

@@ -200,6 +200,10 @@ class Generator:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        outside = ids[(ids < 0) | (ids >= vocab)]
+        if outside.numel():
+            raise ValueError(f"token id {int(outside[0])} is outside the model's vocabulary of {vocab} ids")
         self.check_length(ids.numel(), params.max_new_tokens)
         try:
             if self.loop == "hf":

@@ -93,6 +93,13 @@ class DartHandle:
         first token."""
         @functools.wraps(generate)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                settings = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+                use_cache = getattr(settings, "use_cache", True)
+            if use_cache is False:
+                raise ValueError("dartprune prunes the steps that follow a prompt through the KV cache; without "
+                                 "it (use_cache=False) every step is a new prompt, which runs dense: keep the cache")
             try:
                 return generate(*args, **kwargs)
             finally:

@@ -224,12 +224,12 @@ def parse_settings(settings: list[str]) -> dict[str, object]:
     return values
 
 
-def check_no_method_or_sparsity(settings: dict[str, object]) -> None:
-    """Settings given beside --methods and --sparsity (eval, bench) must not name either: those options say which,
-    and a value in --set would silently lose to them."""
+def check_no_method_or_sparsity(settings: dict[str, object], method_option: str = "--methods") -> None:
+    """Settings given beside --methods (eval, bench; generate, chat and serve: --method) and --sparsity must not
+    name either: those options say which, and one of two values would silently lose."""
     for key in ("method", "sparsity"):
         if key in settings:
-            raise ConfigError(f"set {key} with --{'methods' if key == 'method' else 'sparsity'}, not --set")
+            raise ConfigError(f"set {key} with {method_option if key == 'method' else '--sparsity'}, not --set")
 
 
 def monitored_layer_indices(layers: tuple[int | float, ...], count: int) -> list[int]:

@@ -12,6 +12,7 @@ from dartprune.data import data_dir
 from dartprune.evaluation.core import Session, load_for_eval, method_specs, progress
 from dartprune.provenance import command_line, git_state, versions
 from dartprune.evaluation.registry import TASK_REGISTRY, EvalSettings, Result, get_task
+from dartprune.methods import METHODS
 from dartprune.evaluation.report import markdown, plot_quality, write_details, write_json
 
 
@@ -33,9 +34,14 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     local = data_dir(settings.data_dir)   # a named folder that does not exist fails here, before the model loads
     for cls in task_classes:              # and so does data that cannot be had
         cls.check_data(settings)
-    calibrations = [load_calibration(f) for f in sorted({s.config.calibration_file for s in specs} - {None})]
+    calibrated = [(s, METHODS[s.method].calibration) for s in specs if METHODS[s.method].calibration is not None]
+    calibrations = {f: load_calibration(f) for f in sorted({s.config.calibration_file for s, _ in calibrated})}
+    for spec, needs in calibrated:          # the method and sparsity before the model loads, the model after
+        calibrations[spec.config.calibration_file].check_use(needs, spec.sparsity)
     if model is None:
         model, tokenizer = load_for_eval(settings.model, settings.dtype)
+    for spec, needs in calibrated:
+        calibrations[spec.config.calibration_file].check(model, needs)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -56,7 +62,7 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         task.prepare()
         tasks.append(task)
     sources = {name: sha for task in tasks for name, sha in task.sources().items()}
-    for calibration in calibrations:   # scored on its own text, it would flatter
+    for calibration in calibrations.values():   # scored on its own text, it would flatter
         check_sources_differ(calibration, sources)
     out.mkdir(parents=True, exist_ok=True)
     for task in progress(tasks, "tasks", leave=True):
@@ -64,12 +70,14 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         for spec in progress(specs, f"{cls.name} methods", leave=True):
             with Session(model, tokenizer, spec.config, settings.loop) as session:
                 results += task.evaluate(spec, session)
-            write_json(out / "results.json", meta, results)  # partial results survive an interrupted run
+            # partial results survive an interrupted run, beside (not over) an earlier run's complete ones
+            write_json(out / "results.partial.json", meta, results)
         details += task.details
         comparisons += [{"task": cls.name, **row} for row in task.comparisons()]
         plots += task.plot_traces(out)
     meta["seconds"] = round(time.perf_counter() - started, 1)
     write_json(out / "results.json", meta, results, comparisons)
+    (out / "results.partial.json").unlink()
     write_details(out / "details.jsonl", details)
     plots += plot_quality(results, out)
     table = markdown(meta, results, comparisons)

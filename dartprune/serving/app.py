@@ -6,7 +6,8 @@ another. DART settings come from the command line and can be changed per request
 `"dartprune": {"method": ..., "sparsity": ..., ...}` (any DartConfig field); the response carries the usual usage
 counts and, under `"dartprune"`, the engine's figures for that request. Errors are OpenAI-style JSON with a 4xx
 status, and the server keeps serving. OpenAI options it does not implement (logprobs, echo, penalties, logit
-bias, tools, ...) are refused unless set to their neutral value; a client that disconnects stops its generation;
+bias, tools, ...) are refused unless set to their neutral value, and so is any option it does not know; `top_k`
+is taken as other local servers take it; a client that disconnects stops its generation;
 per-request settings cannot name server-side files (calibration_file).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams
@@ -72,15 +73,18 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")       # an option nobody reads would be silently ignored
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=-1)  # an extension other local servers take too; 0 or -1: off
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    user: str | None = None                         # names the end user; changes nothing in the answer
     dartprune: dict[str, Any] | None = None
     # OpenAI options this server does not implement: accepted at their neutral value, refused otherwise
     presence_penalty: float = 0.0
@@ -175,7 +179,7 @@ def _params(request: _Common, max_tokens: int | None) -> SamplingParams:
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                              seed=request.seed, stop=tuple(stop))
+                              top_k=max(request.top_k or 0, 0), seed=request.seed, stop=tuple(stop))
     except ValueError as err:
         raise APIError(400, str(err)) from err
 
@@ -210,6 +214,8 @@ def create_app(server: ModelServer) -> FastAPI:
         kind = first.get("type", "")
         if kind == "json_invalid":
             return APIError(400, "the body is not valid JSON").response()
+        if kind == "extra_forbidden":
+            return APIError(400, f"this server does not know the option {where}", param=where).response()
         return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
 
     @app.exception_handler(StarletteHTTPException)
