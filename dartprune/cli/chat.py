@@ -11,11 +11,11 @@ from typing import TextIO
 from dartprune.cli.generate import config_from
 from dartprune.decode.chat import Conversation
 from dartprune.decode.generate import Generator, SamplingParams
-from dartprune.decode.model import native_supported
+from dartprune.decode.model import native_runs, native_supported
 from dartprune.methods import METHODS
 from dartprune.models import DEFAULT_MODEL, check_context, load_model
 
-NATIVE_METHODS = sorted(name for name, spec in METHODS.items() if spec.execution == "kept-set")
+NATIVE_METHODS = sorted(name for name in METHODS if native_runs(name))
 HELP = "commands: /reset (start over), /stats (this chat's figures), /quit; Ctrl-C stops a reply"
 
 

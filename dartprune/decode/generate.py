@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from dartprune.decode.model import NativeModel, native_supported
+from dartprune.decode.model import NativeModel, native_runs, native_supported
 from dartprune.engine import DartConfig, Engine, SequenceStats, attach
-from dartprune.methods import METHODS
+from dartprune.engine.config import check_seed
 from dartprune.models import check_context
 
 LOOPS = ("auto", "native", "hf")
@@ -45,8 +45,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.seed is not None:
+            check_seed(self.seed)
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Generator:
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
         config = config or DartConfig(method="dense", sparsity=0.0)
-        native = native_supported(model) and METHODS[config.method].execution == "kept-set"
+        native = native_supported(model) and native_runs(config.method)
         if loop == "native" and not native:
             raise ValueError(f"the native loop does not run {model.config.model_type!r} models with method "
                              f"{config.method!r}; use --loop hf")

@@ -20,6 +20,7 @@ from torch import nn
 from dartprune.architectures import Decoder, DecoderLayer, FFNParts, get_adapter
 from dartprune.decode.kernel import KernelStep, kernel_applies, library
 from dartprune.engine import Engine
+from dartprune.methods import METHODS
 
 
 def native_supported(model: nn.Module) -> bool:
@@ -30,6 +31,12 @@ def native_supported(model: nn.Module) -> bool:
     except ValueError:
         return False
     return decoder is not None and all(p.device.type != "meta" for p in model.parameters())
+
+
+def native_runs(method: str) -> bool:
+    """Whether the native loop runs this method: it prunes with one kept set per layer (per-token methods run on
+    Hugging Face `generate`)."""
+    return METHODS[method].execution == "kept-set"
 
 
 class KVCache:

@@ -145,8 +145,7 @@ class DartConfig:
             raise ConfigError(f"prune_prefill must be true or false, got {self.prune_prefill!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if not 0 <= self.seed < 2 ** 63:            # the bound SamplingParams has, so one --seed fits both
-            raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
+        check_seed(self.seed, ConfigError)
         if self.calibration_file is not None and not isinstance(self.calibration_file, (str, os.PathLike)):
             raise ConfigError(f"calibration_file must be a path, got {self.calibration_file!r}")
         if not 0.0 <= self.sparsity < 1.0:
@@ -202,6 +201,12 @@ class DartConfig:
         asked, so that a config derived from a dense one (a server's per-request method) prunes at it."""
         from dartprune.methods import METHODS
         return self.sparsity if METHODS[self.method].prunes else 0.0
+
+
+def check_seed(seed: int, error: type[Exception] = ValueError) -> None:
+    """Seeds are in [0, 2^63), what torch's generators take, so that one --seed fits the method and the sampler."""
+    if not 0 <= seed < 2 ** 63:
+        raise error(f"seed must be in [0, 2^63), got {seed}")
 
 
 def parse_settings(settings: list[str]) -> dict[str, object]:
