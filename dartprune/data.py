@@ -93,6 +93,7 @@ class Text:
 
 
 GUTENBERG = "gutenberg/{name}.txt"
+BOOK_START = 2000  # characters the evaluation tasks skip at the start of a Gutenberg book (title page, contents)
 WIKITEXT2 = "wikitext2/raw_v1_hf_nonempty_rows/wiki.test.raw"
 
 

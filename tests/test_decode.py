@@ -267,6 +267,19 @@ def test_generation_refuses_token_ids_outside_the_vocabulary(loop):
         assert len(generator.generate([3, 4], SamplingParams(max_new_tokens=2, ignore_eos=True)).tokens) == 2
 
 
+def test_generation_refuses_a_batch_and_a_model_already_attached():
+    import dartprune
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+        with pytest.raises(ValueError, match=r"one prompt \(\[tokens\] or \[1, tokens\]\), got shape \(2, 5\)"):
+            generator.generate(random_ids(2, 5), SamplingParams(max_new_tokens=2))
+        assert len(generator.generate(random_ids(1, 5), SamplingParams(max_new_tokens=2, ignore_eos=True)).tokens) == 2
+    with dartprune.attach(model, DartConfig(sparsity=0.5)):
+        for loop in ("native", "hf"):
+            with pytest.raises(RuntimeError, match="already attached to this model; detach that handle first"):
+                Generator(model, tokenizer, DartConfig(sparsity=0.5), loop=loop)
+
+
 def test_generation_refuses_what_does_not_fit_the_context():
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama")

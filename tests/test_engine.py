@@ -99,6 +99,25 @@ def test_attached_generate_ends_its_sequence_and_a_continued_generate_resumes_it
     assert "generate" not in vars(model)
 
 
+def test_an_attached_model_saves_and_loads_as_the_model_it_is(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = tiny_model("llama")
+    keys = list(model.state_dict())
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        reference = model(ids).logits
+    with dartprune.attach(model, DartConfig(sparsity=0.5)):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert sorted(model.state_dict()) == sorted(keys)
+        model.save_pretrained(tmp_path)
+        other = tiny_model("llama", seed=7)
+        model.load_state_dict(other.state_dict())         # the original's keys load into the attached model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, reference)
+
+
 def test_attached_generate_without_the_cache_is_refused():
     """Without a KV cache every step would be a new, dense prompt: a silently unpruned answer."""
     from transformers import GenerationConfig

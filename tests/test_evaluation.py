@@ -303,7 +303,7 @@ def test_sequence_tasks_refuse_what_exceeds_the_context(tmp_path, task, message)
     model.config = copy.deepcopy(model.config)       # tiny models share their family's config object
     model.config.max_position_embeddings = 48
     settings = EvalSettings(model="tiny", methods=["dart"], sparsities=[0.5], tasks=[task], out=str(tmp_path),
-                            data_dir=str(MINI), drift_profile="full" if task == "drift" else "quick", prefix=16,
+                            data_dir=str(MINI), drift_profile="quick", prefix=16,
                             drift_segment=32, drift_sources=MINI_THREE, limit=1)
     with pytest.raises(ValueError, match=message):
         run_evaluation(settings, model, chat_tokenizer(), command="test", echo=False)
@@ -520,6 +520,27 @@ def test_a_calibrated_method_is_not_evaluated_on_its_calibration_text(tiny, tmp_
                  "--ppl-window", "64", "--prefix", "16", "--out", str(tmp_path / "cli")]) == 0
 
 
+def test_the_calibration_text_rule_looks_at_the_sequences_scored(tiny, tmp_path):
+    """A drift run limited to sequences that do not read the calibration text runs; one that reads it is refused."""
+    from dartprune.calibration.collect import calibrate
+    from dartprune.calibration.file import CalibrationError
+    model, tokenizer, _ = tiny
+    path = calibrate(model, tokenizer, "wanda-static", load_text("gutenberg:orbits", str(MINI)),
+                     tmp_path / "cal.safetensors", samples=2, seq_len=32).path
+
+    def run(limit: int, out: str):
+        settings = EvalSettings(model="tiny", methods=["wanda-static"], sparsities=[0.5], tasks=["drift"],
+                                out=str(tmp_path / out), data_dir=str(MINI), drift_profile="quick", prefix=16,
+                                drift_sources=MINI_GENRES, limit=limit, calibration={"wanda-static": path})
+        return run_evaluation(settings, model, tokenizer, command="test", echo=False)
+
+    results, _ = run(1, "first")                 # story > recipe and a story control: no orbits
+    assert {r.method for r in results} == {"dense", "wanda-static"}
+    with pytest.raises(CalibrationError, match="gutenberg:orbits is the calibration text"):
+        run(12, "all")
+    assert not (tmp_path / "all").exists()
+
+
 def test_a_calibration_file_that_does_not_fit_fails_before_any_output(tiny, tmp_path, capsys):
     """Its method and sparsity before the model loads (the model named does not exist), its model after."""
     from dartprune.calibration.collect import calibrate
@@ -555,7 +576,8 @@ def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, c
              "the drift benchmark reads"),
             (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "dart=x.safetensors"],
              "'dart' is not a calibrated method among --methods"),
-            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "run=3.safetensors"],
+            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "run=3.safetensors",
+              "--text", str(MINI / "gutenberg" / "kitchen.txt")],
              "calibration file run=3.safetensors not found"),      # a bare file with '=' in its name, not misread
             (["--tasks", "ppl", "--seed", str(2 ** 64)], "seed must be in [0, 2^63)"),
             (["--tasks", "ppl", "--methods", "dart", "--calibration-file", "x.safetensors"],
@@ -567,6 +589,26 @@ def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, c
         except SystemExit as exit_info:          # argparse's own refusal
             code = exit_info.code
         assert code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_result_files_are_strict_json(tmp_path):
+    """A figure that could not be measured (NaN) is written as null: strict JSON readers refuse NaN."""
+    from dartprune.evaluation.registry import Result
+    from dartprune.evaluation.report import write_details, write_json
+    result = Result(task="drift", subtask="all", model="tiny", dtype="float32", method="dart", sparsity=0.5,
+                    metrics={"median_delay": math.nan, "ppl": 3.5}, items=1, prefix_length=16, protocol="",
+                    versions={}, config={}, extra={"delays": [1.0, math.inf]})
+    write_json(tmp_path / "results.json", {"seconds": math.nan}, [result])
+    write_details(tmp_path / "details.jsonl", [{"delay": math.nan, "kept": (1, 2)}])
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in a result file")
+
+    data = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert data["meta"]["seconds"] is None and data["results"][0]["metrics"] == {"median_delay": None, "ppl": 3.5}
+    assert data["results"][0]["extra"]["delays"] == [1.0, None]
+    assert json.loads((tmp_path / "details.jsonl").read_text(), parse_constant=refuse) == {"delay": None,
+                                                                                         "kept": [1, 2]}
 
 
 def test_per_task_limits(tiny, tmp_path):

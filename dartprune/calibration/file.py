@@ -2,7 +2,8 @@
 its statistics are collected by `dartprune.calibration.collect`.
 
 DART itself needs no calibration; these baselines do, and their statistics come from the dense model run over a
-calibration text (by default 128 windows of 512 tokens of a Gutenberg book that no evaluation uses). The result is
+calibration text (by default 128 windows of 512 tokens of Moby Dick, which only the drift and conversation
+benchmarks read: eval refuses to score a calibrated method on the texts its file was made from). The result is
 one small safetensors file: per-layer tensors plus a JSON header (under the metadata key "dartprune") naming the
 method, the model's identity (family, sizes and a fingerprint of its weights), the calibration text's name and
 sha256, the number of windows and their length. The methods load the file in `setup()` and refuse one made for

@@ -102,7 +102,7 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--ppl-window", type=int, default=d.ppl_window, help="ppl: tokens per window, prefix included")
     p.add_argument("--ppl-windows", type=int, default=d.ppl_windows, help="ppl: windows (without --limit)")
     p.add_argument("--drift-segment", type=int, default=d.drift_segment,
-                   help="drift: tokens of A's continuation and of B")
+                   help="drift: tokens of A's continuation and of B (default: 256, or 24 with --drift-profile quick)")
     p.add_argument("--drift-profile", default=d.drift_profile, choices=["full", "quick"],
                    help="drift: full (7 genres, 42 switch sequences and 21 controls) or quick (3 genres, short)")
     p.add_argument("--drift-sources", type=_sources, default=None, metavar="GENRE=SOURCE[+SOURCE];...",
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                              f"use METHOD=FILE with METHOD one of {', '.join(calibrated)}, or a bare FILE")
         calibration.update({method: path} if keyed else dict.fromkeys(calibrated, item))
     for name, value in (("--prefix", args.prefix), ("--ppl-window", args.ppl_window),
-                        ("--ppl-windows", args.ppl_windows), ("--drift-segment", args.drift_segment),
+                        ("--ppl-windows", args.ppl_windows), ("--drift-segment", args.drift_segment or 1),
                         ("--topic-tokens", args.topic_tokens),
                         ("--threads", args.threads if args.threads is not None else 1)):
         if value < 1:

@@ -197,7 +197,11 @@ class Generator:
             raise RuntimeError("this Generator is closed (its model was restored); build a new one")
         if isinstance(ids, str):
             raise TypeError("generate takes token ids; encode the text with the tokenizer first")
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+            raise ValueError(f"generate takes one prompt ([tokens] or [1, tokens]), got shape {tuple(ids.shape)}; "
+                             "for a batch, attach the engine and call model.generate")
+        ids = ids.reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
         vocab = self.model.get_input_embeddings().num_embeddings

@@ -157,6 +157,4 @@ def attach(model: nn.Module, config: DartConfig | dict[str, Any] | None = None, 
     config = config or DartConfig()
     if overrides:
         config = config.replace(**overrides)
-    if getattr(model, "dartprune_handle", None) is not None:
-        raise RuntimeError("dartprune is already attached to this model; detach that handle first")
     return DartHandle(model, config)

@@ -104,6 +104,8 @@ class Engine:
     """DART over one model. Build it once per model and configuration; it keeps one sequence at a time."""
 
     def __init__(self, model: nn.Module, config: DartConfig):
+        if getattr(model, "dartprune_handle", None) is not None:       # its FFNs are taps now; its engine owns them
+            raise RuntimeError("dartprune is already attached to this model; detach that handle first")
         self.model = model
         self.config = config
         self.adapter = get_adapter(model)

@@ -19,13 +19,27 @@ Report = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torc
 
 
 class TappedFFN(nn.Module):
-    """Stands in for one layer's FFN module (the original stays its child and runs unchanged when dense)."""
+    """Stands in for one layer's FFN module (the original stays its child and runs unchanged when dense). Its state
+    dict keeps the original's keys, so that an attached model saves and loads as the model it is."""
 
     def __init__(self, index: int, original: nn.Module, taps: FFNTaps):
         super().__init__()
         self.index = index
         self.original = original
         self._taps = [taps]      # a list, so the taps are not registered as a submodule
+        self.register_state_dict_post_hook(self._own_keys)
+        self.register_load_state_dict_pre_hook(self._child_keys)
+
+    @staticmethod
+    def _own_keys(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        for key in [k for k in state if k.startswith(prefix + "original.")]:
+            state[prefix + key[len(prefix) + len("original."):]] = state.pop(key)
+
+    @staticmethod
+    def _child_keys(module: nn.Module, state: dict, prefix: str, *args) -> None:
+        names = {prefix + name for name in module.original.state_dict()}
+        for key in [k for k in state if k in names]:
+            state[prefix + "original." + key[len(prefix):]] = state.pop(key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         taps = self._taps[0]

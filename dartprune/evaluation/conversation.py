@@ -38,6 +38,7 @@ class Dialogue:
     split: str
     genres: tuple[str, ...]
     parts: list[tuple[list[int], bool]]     # (tokens, is_reply), alternating, starting with the first user turn
+    sources: tuple[str, ...]                # each turn's text source
 
 
 def _split_text(tokenizer, messages: list[dict[str, str]], bos: bool) -> list[str]:
@@ -88,7 +89,8 @@ def dialogues(tokenizer, passage: int, reply: int, genres: dict[str, list[str]],
                 messages.append({"role": "assistant", "content": tokenizer.decode(text[passage:]).strip()})
             texts = _split_text(tokenizer, messages, bos)
             parts = [(tokenizer(t, add_special_tokens=False).input_ids, k % 2 == 1) for k, t in enumerate(texts)]
-            out.append(Dialogue(" > ".join(sources), "tune" if i % 2 == 0 else "test", triple, parts))
+            out.append(Dialogue(" > ".join(sources), "tune" if i % 2 == 0 else "test", triple, parts,
+                                tuple(sources)))
     except DataNotFoundError as err:
         raise DataNotFoundError(f"the conversation task reads the drift benchmark's sources; one is missing: "
                                 f"{err}") from err
@@ -115,9 +117,13 @@ class ConversationTask(ReadsGenres, Task):
         if s.drift_split != "all":
             items = [d for d in items if d.split == s.drift_split]
         self.items = items[:s.limit_for("conversation")]
-        check_context(self.model, max((sum(len(t) for t, _ in d.parts) for d in self.items), default=0), "conversations")
-        self.genres = genres
+        longest = max((sum(len(t) for t, _ in d.parts) for d in self.items), default=0)
+        check_context(self.model, longest, "conversations")
         self.records: dict[str, list[dict]] = {}
+
+    def sources(self) -> dict[str, str | None]:
+        """The sources of the dialogues scored (a --limit scores fewer)."""
+        return {source: None for dialogue in self.items for source in dialogue.sources}
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()

@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from dartprune.data import DataNotFoundError, load_summaries, load_text
+from dartprune.data import BOOK_START, DataNotFoundError, load_summaries, load_text
 from dartprune.evaluation.core import PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress
 from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
@@ -44,7 +44,7 @@ DETECTION_WINDOW = 64
 # the parts a comparison is paired over: (name, per-sequence mean NLL, kind of sequence)
 PARTS = (("after switch", "nll_after", "switch"), ("before switch", "nll_before", "switch"),
          ("controls", "nll_all", "control"))
-PROFILES = {"full": {"segment": None, "genres": None},     # --drift-segment tokens, every genre
+PROFILES = {"full": {"segment": 256, "genres": None},      # segment: unless --drift-segment says otherwise
             "quick": {"segment": 24, "genres": ["novel", "code", "encyclopaedia"]}}
 
 
@@ -57,6 +57,7 @@ class DriftSequence:
     genre_b: str
     ids: list[int]
     switch: int               # index of the first token of B (for a control: where B would start)
+    sources: tuple[str, ...]  # the text sources it is cut from (A's, then B's)
 
 
 def source_text(source: str, root) -> str:
@@ -66,7 +67,7 @@ def source_text(source: str, root) -> str:
         bodies = [item["article"].rsplit("Article: ", 1)[-1].split("\n\nSummarize the above")[0] for item in items]
         return "\n\n".join(bodies)
     text = load_text(source, root).text
-    return text[2000:] if source.startswith("gutenberg:") else text
+    return text[BOOK_START:] if source.startswith("gutenberg:") else text
 
 
 def missing_source(err: DataNotFoundError) -> DataNotFoundError:
@@ -130,13 +131,14 @@ def drift_sequences(tokenizer, prefix: int, segment: int, genres: dict[str, list
                     continue
                 src_a, src_b = source(a), source(b)
                 ids = head + segments.take(src_a, prefix + segment - len(head)) + segments.take(src_b, segment)
-                sequences.append(DriftSequence(f"{src_a}>{src_b}", "switch", "", a, b, ids, prefix + segment))
+                sequences.append(DriftSequence(f"{src_a}>{src_b}", "switch", "", a, b, ids, prefix + segment,
+                                               (src_a, src_b)))
         for genre in names:
             for number in range(1, CONTROLS_PER_GENRE + 1):
                 src = source(genre)
                 ids = head + segments.take(src, prefix + 2 * segment - len(head))
                 sequences.append(DriftSequence(f"{src} (control {number})", "control", "", genre, genre, ids,
-                                               prefix + segment))
+                                               prefix + segment, (src,)))
     except DataNotFoundError as err:
         raise missing_source(err) from err
     for kind in ("switch", "control"):
@@ -161,16 +163,11 @@ def selected_genres(settings) -> dict[str, list[str]]:
 
 class ReadsGenres:
     """For the tasks built from the drift benchmark's genres (drift, conversation): their sources are checked before
-    the model loads and named for the calibration-text rule (`prepare` sets `self.genres`)."""
-
-    genres: dict[str, list[str]]
+    the model loads."""
 
     @classmethod
     def check_data(cls, settings) -> None:
         check_sources(selected_genres(settings), settings.data_dir)
-
-    def sources(self) -> dict[str, str | None]:
-        return {source: None for sources in self.genres.values() for source in sources}
 
 
 @register_task
@@ -187,7 +184,7 @@ class Drift(ReadsGenres, Task):
     def prepare(self) -> None:
         s = self.settings
         genres = selected_genres(s)
-        segment = PROFILES[s.drift_profile]["segment"] or s.drift_segment
+        segment = s.drift_segment or PROFILES[s.drift_profile]["segment"]
         bos = self.tokenizer.bos_token_id if needs_bos_every_window(self.model, s.model) else None
         sequences = drift_sequences(self.tokenizer, s.prefix, segment, genres, s.data_dir, bos, s.drift_split)
         check_context(self.model, max((len(q.ids) for q in sequences), default=0),
@@ -198,10 +195,13 @@ class Drift(ReadsGenres, Task):
             controls = [q for q in sequences if q.kind == "control"][:max(1, limit // 2)]
             sequences = switches + controls
         self.sequences = sequences
-        self.genres = genres
         self.prefix = s.prefix
         self.records: dict[str, list[dict]] = {}
         self.traces: dict[tuple[str, str, float], object] = {}
+
+    def sources(self) -> dict[str, str | None]:
+        """The sources of the sequences scored (a --limit scores fewer)."""
+        return {source: None for seq in self.sequences for source in seq.sources}
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()

@@ -9,11 +9,9 @@ from dartprune.evaluation.core import (
     PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress, summarise_stats,
 )
 from dartprune.models import check_context
-from dartprune.data import Text, load_text
+from dartprune.data import BOOK_START, Text, load_text
 from dartprune.evaluation.intervals import paired_perplexities
 from dartprune.evaluation.registry import Task, register_task
-
-BOOK_START = 2000  # characters skipped at the start of a Gutenberg book (title page, contents)
 
 
 def _ppl(nll_sum: float, count: int) -> float:
@@ -83,7 +81,7 @@ class Perplexity(Task):
         return [self.result(spec, self.source, {"ppl": _ppl(nll, count), "scored_tokens": count},
                             len(self.windows), self.settings.prefix, summarise_stats(stats),
                             time.perf_counter() - started, window_tokens=self.settings.ppl_window,
-                            bos_every_window=self.bos, text=self.source)]
+                            bos_every_window=self.bos, text=self.source, text_sha256=self.sha256)]
 
     def comparisons(self) -> list[dict]:
         """Paired over windows (each scores as many tokens)."""

@@ -41,8 +41,8 @@ class EvalSettings:
     prefix: int = 128  # ppl/drift: traced tokens before scoring starts
     ppl_window: int = 512  # ppl: tokens per window (prefix included)
     ppl_windows: int = 8  # ppl: number of windows (--limit overrides)
-    drift_segment: int = 256  # drift: tokens of A's continuation and of B
-    drift_profile: str = "full"  # drift: "full" (7 genres, --drift-segment) or "quick" (3 genres, 24 tokens)
+    drift_segment: int | None = None  # drift: tokens of A's continuation and of B (None: the profile's)
+    drift_profile: str = "full"  # drift: "full" (7 genres, 256-token segments) or "quick" (3 genres, 24)
     drift_split: str = "all"  # drift: "all", "tune" (to choose settings on) or "test" (to report them on)
     drift_sources: dict[str, list[str]] | None = None  # drift: genre -> text sources instead of the built-in ones
     mc_sets: list[str] = field(default_factory=lambda: [

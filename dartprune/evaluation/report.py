@@ -6,6 +6,7 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -33,15 +34,27 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every NaN or infinity as None: the JSON standard has no such numbers (strict readers refuse
+    them), and a figure that could not be measured (no switch detected: no median delay) is absent."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(path: Path, meta: dict, results: list[Result], comparisons: list[dict] | None = None) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results],
-                                "comparisons": comparisons or []}, indent=1, default=str) + "\n")
+    data = {"meta": meta, "results": [r.to_dict() for r in results], "comparisons": comparisons or []}
+    path.write_text(json.dumps(_strict(data), indent=1, default=str, allow_nan=False) + "\n")
 
 
 def write_details(path: Path, details: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in details:
-            f.write(json.dumps(row, default=str) + "\n")
+            f.write(json.dumps(_strict(row), default=str, allow_nan=False) + "\n")
 
 
 def _summary_columns(results: list[Result]) -> list[tuple[str, str, str]]:
