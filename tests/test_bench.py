@@ -198,6 +198,8 @@ def test_bench_cli_runs_a_calibrated_method_from_its_file(tmp_path, capsys):
     (["bench", "--offset", "-5"], "--offset must be >= 0"),
     (["bench", "--methods", "dense,threshold"], "threshold need(s) --calibration-file"),
     (["bench", "--calibration-file", "x.safetensors"], "none of --methods needs one"),
+    (["bench", "--methods", "dense,threshold", "--calibration-file", "x", "--set", "calibration_file=y"],
+     "give the calibration file once"),
     (["bench", "--methods", "dense,wanda-static", "--calibration-file", "x.safetensors"],
      "calibration file x.safetensors not found"),
     (["bench", "--device", "mps"], "runs on cpu or cuda"),

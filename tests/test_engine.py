@@ -112,6 +112,8 @@ def test_an_attached_model_saves_and_loads_as_the_model_it_is(tmp_path):
         model.save_pretrained(tmp_path)
         other = tiny_model("llama", seed=7)
         model.load_state_dict(other.state_dict())         # the original's keys load into the attached model
+        with pytest.raises(RuntimeError, match="assign=True"):
+            model.load_state_dict(other.state_dict(), assign=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
@@ -129,6 +131,9 @@ def test_attached_generate_without_the_cache_is_refused():
         assert not handle.stats()
         model.generate(random_ids(1, 8), max_new_tokens=3, do_sample=False)
         assert handle.stats()[0].executed_sparsity > 0
+    with dartprune.attach(model, DartConfig(sparsity=0.5, prune_prefill=True)) as handle:    # prompts pruned too
+        model.generate(random_ids(1, 8), max_new_tokens=3, do_sample=False, use_cache=False)
+        assert handle.stats()[0].executed_sparsity > 0.4
 
 
 def test_attach_keeps_a_generate_of_the_users_and_wraps_nothing_where_nothing_prunes():
@@ -749,3 +754,9 @@ def test_attach_works_on_a_model_dispatched_over_cpu_and_disk(tmp_path):
     dense = teacher_forced_logits(dispatched, ids, prefix=12)
     with torch.no_grad():
         assert (dense - model(ids).logits).abs().max() <= 1e-5
+    with dartprune.attach(dispatched, config):                   # saved attached, it reloads as the model it is
+        dispatched.generate(ids[:, :8], max_new_tokens=3, do_sample=False)
+        dispatched.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits - model(ids).logits
+                ).abs().max() <= 1e-5

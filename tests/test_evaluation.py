@@ -552,8 +552,10 @@ def test_a_calibration_file_that_does_not_fit_fails_before_any_output(tiny, tmp_
     other = tmp_path / "other_model"
     tiny_model("llama", seed=5).save_pretrained(other)
     tokenizer.save_pretrained(other)
+    named = tmp_path / "run=3.safetensors"        # a bare path holding '=' is a path
+    named.write_bytes(Path(wanda).read_bytes())
     for name, method, file, sparsity, message in (
-            ("no-such-model", "threshold", wanda, "0.5", "was made for method 'wanda-static', not 'threshold'"),
+            ("no-such-model", "threshold", str(named), "0.5", "was made for method 'wanda-static', not 'threshold'"),
             ("no-such-model", "threshold", threshold, "0.6", "has no thresholds for sparsity 0.6"),
             (str(other), "wanda-static", wanda, "0.5", "was made for another model")):
         out = tmp_path / "out"
@@ -576,9 +578,9 @@ def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, c
              "the drift benchmark reads"),
             (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "dart=x.safetensors"],
              "'dart' is not a calibrated method among --methods"),
-            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "run=3.safetensors",
-              "--text", str(MINI / "gutenberg" / "kitchen.txt")],
-             "calibration file run=3.safetensors not found"),      # a bare file with '=' in its name, not misread
+            (["--tasks", "ppl", "--methods", "wanda-static", "--calibration-file", "wanda=cal.safetensors"],
+             "'wanda' is not a method and wanda=cal.safetensors is not a file"),
+            (["--tasks", "drift", "--drift-segment", "0"], "--drift-segment must be >= 1"),
             (["--tasks", "ppl", "--seed", str(2 ** 64)], "seed must be in [0, 2^63)"),
             (["--tasks", "ppl", "--methods", "dart", "--calibration-file", "x.safetensors"],
              "none of --methods needs a calibration file"),

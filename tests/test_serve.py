@@ -347,6 +347,17 @@ def test_completion_options_it_would_ignore_are_refused_and_neutral_values_pass(
     assert code == 400 and answer["error"]["param"] == "max_completion_tokens"     # a chat option, not this route's
 
 
+def test_routine_openai_fields_pass_at_their_neutral_values(server):
+    """Fields clients send by habit change nothing here; a tool call asked for is refused."""
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    routine = {"tools": [], "tool_choice": "none", "parallel_tool_calls": False, "store": False, "metadata": {},
+               "service_tier": "auto", "functions": None, "function_call": "none", "user": "someone"}
+    code, answer = _http(server + "/v1/chat/completions", json.dumps({**base, **routine}).encode())
+    assert code == 200, answer
+    code, answer = _http(server + "/v1/chat/completions", json.dumps({**base, "tool_choice": "required"}).encode())
+    assert code == 400 and answer["error"]["param"] == "tool_choice"
+
+
 def test_top_k_one_is_greedy(server):
     base = {"model": "tiny", "prompt": "the harbour", "max_tokens": 6}
     greedy = _http(server + "/v1/completions", json.dumps({**base, "temperature": 0}).encode())[1]

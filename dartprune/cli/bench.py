@@ -116,6 +116,8 @@ def _check(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> dict:
     """The DartConfig fields every pruned method gets: --set, and --calibration-file."""
     settings = parse_settings(args.set)
+    if args.calibration_file and "calibration_file" in settings:
+        raise ValueError("give the calibration file once: --calibration-file, or calibration_file in --set")
     return {**settings, "calibration_file": args.calibration_file} if args.calibration_file else settings
 
 

@@ -4,6 +4,7 @@ results.md (printed), details.jsonl and PNG plots."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from collections.abc import Callable
 
 from dartprune.engine.config import parse_settings
@@ -140,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     for item in args.calibration_file:
         method, sep, path = item.partition("=")
         keyed = bool(sep) and method in METHODS       # else a bare FILE, which may itself hold a '='
+        if sep and not keyed and not Path(item).exists():
+            raise ValueError(f"--calibration-file {item}: {method!r} is not a method and {item} is not a file; use "
+                             f"METHOD=FILE with METHOD one of {', '.join(calibrated) or 'wanda-static, threshold'}, "
+                             "or a bare FILE")
         if not calibrated:
             raise ValueError(f"--calibration-file {item}: none of --methods needs a calibration file "
                              f"(wanda-static and threshold do)")
@@ -148,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                              f"use METHOD=FILE with METHOD one of {', '.join(calibrated)}, or a bare FILE")
         calibration.update({method: path} if keyed else dict.fromkeys(calibrated, item))
     for name, value in (("--prefix", args.prefix), ("--ppl-window", args.ppl_window),
-                        ("--ppl-windows", args.ppl_windows), ("--drift-segment", args.drift_segment or 1),
+                        ("--ppl-windows", args.ppl_windows), ("--drift-segment", 1 if args.drift_segment is None else args.drift_segment),
                         ("--topic-tokens", args.topic_tokens),
                         ("--threads", args.threads if args.threads is not None else 1)):
         if value < 1:

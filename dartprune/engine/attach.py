@@ -97,9 +97,10 @@ class DartHandle:
             if use_cache is None:
                 settings = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
                 use_cache = getattr(settings, "use_cache", True)
-            if use_cache is False:
+            if use_cache is False and not self.config.prune_prefill:
                 raise ValueError("dartprune prunes the steps that follow a prompt through the KV cache; without "
-                                 "it (use_cache=False) every step is a new prompt, which runs dense: keep the cache")
+                                 "it (use_cache=False) every step is a new prompt, which runs dense: keep the cache "
+                                 "(or set prune_prefill=True, which prunes prompts too)")
             try:
                 return generate(*args, **kwargs)
             finally:

@@ -20,7 +20,8 @@ Report = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torc
 
 class TappedFFN(nn.Module):
     """Stands in for one layer's FFN module (the original stays its child and runs unchanged when dense). Its state
-    dict keeps the original's keys, so that an attached model saves and loads as the model it is."""
+    dict keeps the original's keys, and the original's attributes are found through it (`mlp.gate_proj`), so that
+    an attached model saves and loads as the model it is (offloaded weights included)."""
 
     def __init__(self, index: int, original: nn.Module, taps: FFNTaps):
         super().__init__()
@@ -30,13 +31,24 @@ class TappedFFN(nn.Module):
         self.register_state_dict_post_hook(self._own_keys)
         self.register_load_state_dict_pre_hook(self._child_keys)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original":
+                raise
+            return getattr(self.original, name)
+
     @staticmethod
     def _own_keys(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
         for key in [k for k in state if k.startswith(prefix + "original.")]:
             state[prefix + key[len(prefix) + len("original."):]] = state.pop(key)
 
     @staticmethod
-    def _child_keys(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    def _child_keys(module: nn.Module, state: dict, prefix: str, local_metadata: dict, *args) -> None:
+        if local_metadata.get("assign_to_params_buffers"):
+            raise RuntimeError("load_state_dict(assign=True) would replace the weights that dartprune prunes in "
+                               "place; detach, load, and attach again")
         names = {prefix + name for name in module.original.state_dict()}
         for key in [k for k in state if k in names]:
             state[prefix + "original." + key[len(prefix):]] = state.pop(key)

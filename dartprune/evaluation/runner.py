@@ -65,6 +65,7 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     for calibration in calibrations.values():   # scored on its own text, it would flatter
         check_sources_differ(calibration, sources)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "results.partial.json").unlink(missing_ok=True)     # an earlier run's, stopped early
     for task in progress(tasks, "tasks", leave=True):
         cls = type(task)
         for spec in progress(specs, f"{cls.name} methods", leave=True):
@@ -77,7 +78,7 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         plots += task.plot_traces(out)
     meta["seconds"] = round(time.perf_counter() - started, 1)
     write_json(out / "results.json", meta, results, comparisons)
-    (out / "results.partial.json").unlink()
+    (out / "results.partial.json").unlink(missing_ok=True)
     write_details(out / "details.jsonl", details)
     plots += plot_quality(results, out)
     table = markdown(meta, results, comparisons)

@@ -84,13 +84,21 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = None                         # names the end user; changes nothing in the answer
     dartprune: dict[str, Any] | None = None
+    # OpenAI options that change nothing in the answer of a server that stores nothing and calls no tools
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
     # OpenAI options this server does not implement: accepted at their neutral value, refused otherwise
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
@@ -117,6 +125,7 @@ class CompletionRequest(_Common):
 # option -> its values that ask for nothing (anything else is refused: a silently ignored option is a wrong answer)
 UNSUPPORTED: dict[str, tuple] = {
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}), "logprobs": (None, False), "top_logprobs": (None, 0),
     "echo": (False,), "best_of": (None, 1), "suffix": (None, ""),
 }
