@@ -34,11 +34,14 @@ ASK = "Continue this text:\n\n"
 
 @dataclass
 class Dialogue:
-    name: str
     split: str
     genres: tuple[str, ...]
     parts: list[tuple[list[int], bool]]     # (tokens, is_reply), alternating, starting with the first user turn
     sources: tuple[str, ...]                # each turn's text source
+
+    @property
+    def name(self) -> str:
+        return " > ".join(self.sources)
 
 
 def _split_text(tokenizer, messages: list[dict[str, str]], bos: bool) -> list[str]:
@@ -89,8 +92,7 @@ def dialogues(tokenizer, passage: int, reply: int, genres: dict[str, list[str]],
                 messages.append({"role": "assistant", "content": tokenizer.decode(text[passage:]).strip()})
             texts = _split_text(tokenizer, messages, bos)
             parts = [(tokenizer(t, add_special_tokens=False).input_ids, k % 2 == 1) for k, t in enumerate(texts)]
-            out.append(Dialogue(" > ".join(sources), "tune" if i % 2 == 0 else "test", triple, parts,
-                                tuple(sources)))
+            out.append(Dialogue("tune" if i % 2 == 0 else "test", triple, parts, tuple(sources)))
     except DataNotFoundError as err:
         raise DataNotFoundError(f"the conversation task reads the drift benchmark's sources; one is missing: "
                                 f"{err}") from err

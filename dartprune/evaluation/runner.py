@@ -40,8 +40,8 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
         calibrations[spec.config.calibration_file].check_use(needs, spec.sparsity)
     if model is None:
         model, tokenizer = load_for_eval(settings.model, settings.dtype)
-    for spec, needs in calibrated:
-        calibrations[spec.config.calibration_file].check(model, needs)
+    for file, needs in sorted({(s.config.calibration_file, needs) for s, needs in calibrated}):
+        calibrations[file].check(model, needs)     # once per file: it fingerprints the model's weights
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
