@@ -136,6 +136,28 @@ def test_attached_generate_without_the_cache_is_refused():
         assert handle.stats()[0].executed_sparsity > 0.4
 
 
+def test_attached_generate_refuses_modes_that_reorder_rows_or_rewind_the_cache_where_masks_follow_drift():
+    """Beam search reorders rows and assisted decoding rewinds the cache; DART's per-row state follows neither (each
+    row would go on re-tracing from another beam's tokens), so they are refused. A static mask does not change while
+    generating, so beam search keeps it."""
+    from transformers import GenerationConfig
+    model = tiny_model("llama")
+    ids = random_ids(1, 24)
+    with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
+        for options, what in (({"num_beams": 3}, "beam search"),
+                              ({"generation_config": GenerationConfig(num_beams=2, max_new_tokens=4)}, "beam search"),
+                              ({"prompt_lookup_num_tokens": 3}, "prompt lookup"),
+                              ({"assistant_model": tiny_model("llama", seed=1)}, "assisted decoding")):
+            with pytest.raises(ValueError, match=f"{what} .* is not supported with method 'dart'"):
+                model.generate(ids, max_new_tokens=4, do_sample=False, **options)
+        assert not handle.stats()
+    with dartprune.attach(model, DartConfig(method="static", sparsity=0.5)) as handle:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
+        assert out.shape == (1, 30)
+        rows = handle.stats()
+        assert len(rows) == 3 and all(r.executed_sparsity > 0 for r in rows)
+
+
 def test_attach_keeps_a_generate_of_the_users_and_wraps_nothing_where_nothing_prunes():
     model = tiny_model("llama")
     calls = []

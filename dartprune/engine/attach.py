@@ -93,10 +93,26 @@ class DartHandle:
         first token."""
         @functools.wraps(generate)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            use_cache = kwargs.get("use_cache")
-            if use_cache is None:
-                settings = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-                use_cache = getattr(settings, "use_cache", True)
+            settings = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+
+            def setting(name: str, default: Any) -> Any:
+                value = kwargs.get(name)
+                return value if value is not None else getattr(settings, name, default)
+
+            if self.engine.follows_drift:
+                rewinds = [name for name, on in (
+                    ("beam search (num_beams > 1)", (setting("num_beams", 1) or 1) > 1),
+                    ("assisted decoding (assistant_model)", kwargs.get("assistant_model") is not None),
+                    ("prompt lookup decoding", bool(setting("prompt_lookup_num_tokens", None))),
+                    ("self-speculative decoding (assistant_early_exit)", bool(setting("assistant_early_exit", None))),
+                ) if on]
+                if rewinds:
+                    raise ValueError(
+                        f"{rewinds[0]} is not supported with method {self.config.method!r}: its per-row state (recent "
+                        "tokens, drift monitor, re-traced kept sets) follows one continuous sequence per row, and "
+                        "this mode reorders rows or rewinds the cache. Use greedy or sampling decoding, or a method "
+                        "whose kept sets do not change while generating (static, griffin)")
+            use_cache = setting("use_cache", True)
             if use_cache is False and not self.config.prune_prefill:
                 raise ValueError("dartprune prunes the steps that follow a prompt through the KV cache; without "
                                  "it (use_cache=False) every step is a new prompt, which runs dense: keep the cache "
