@@ -221,7 +221,8 @@ def _commonsenseqa(i: int, d: dict) -> MCItem:
 # Local layouts: each reader returns rows in the Hub's field names, so one item function serves both sources.
 def _read_piqa(folder: Path) -> list[dict]:
     docs, labels = _jsonl(folder / "piqa" / "valid.jsonl"), _labels(folder / "piqa" / "valid-labels.lst")
-    return [{**d, "label": label} for d, label in zip(docs, labels)]
+    return [{**d, "label": label} for d, label in _paired(docs, labels, folder / "piqa", "valid.jsonl",
+                                                         "valid-labels.lst")]
 
 
 def _read_openbookqa(folder: Path) -> list[dict]:
@@ -242,7 +243,7 @@ def _read_winogrande(folder: Path) -> list[dict]:
     docs = json.loads((folder / "winogrande" / "test.json").read_text(encoding="utf-8"))
     labels = _labels(folder / "winogrande" / "dev-labels.lst")
     rows = []
-    for i, (d, label) in enumerate(zip(docs, labels)):
+    for i, (d, label) in enumerate(_paired(docs, labels, folder / "winogrande", "test.json", "dev-labels.lst")):
         m = _WINO.search(d["instruction"])
         if m is None:
             raise ValueError(f"WinoGrande item {i} does not match the documented instruction pattern")
@@ -255,7 +256,15 @@ def _read_siqa(folder: Path) -> list[dict]:
     docs, labels = _jsonl(folder / "siqa" / "dev.jsonl"), _labels(folder / "siqa" / "dev-labels.lst")
     return [{"context": d["context"], "question": d["question"], "answerA": d["options"][0],
              "answerB": d["options"][1], "answerC": d["options"][2], "label": str(label)}
-            for d, label in zip(docs, labels)]
+            for d, label in _paired(docs, labels, folder / "siqa", "dev.jsonl", "dev-labels.lst")]
+
+
+def _paired(docs: list, labels: list, folder: Path, doc_file: str, label_file: str) -> list[tuple]:
+    """Items with their labels, one per line of each file; files of different lengths would shift every label."""
+    if len(docs) != len(labels):
+        raise ValueError(f"{folder}: {doc_file} holds {len(docs)} items but {label_file} {len(labels)} labels; "
+                         "each item needs its label on the same line number")
+    return list(zip(docs, labels))
 
 
 @dataclass(frozen=True)

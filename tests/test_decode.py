@@ -205,14 +205,18 @@ def test_sampling_is_seeded_and_filters_follow_their_definitions():
             SamplingParams(**bad)
 
 
-def test_seeded_sampling_repeats_and_differs_by_seed():
+@pytest.mark.parametrize("loop", ["native", "hf"])
+def test_seeded_sampling_repeats_and_differs_by_seed_and_leaves_the_global_generator_alone(loop):
     tokenizer = tiny_tokenizer()
     model = tiny_model("qwen2")
     ids = torch.tensor(tokenizer("the harbour").input_ids)
-    with Generator(model, tokenizer, DartConfig(sparsity=0.5)) as generator:
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    with Generator(model, tokenizer, DartConfig(sparsity=0.5), loop=loop) as generator:
         runs = [generator.generate(ids, SamplingParams(max_new_tokens=20, temperature=1.0, seed=s, ignore_eos=True))
                 for s in (1, 1, 2)]
     assert runs[0].tokens == runs[1].tokens != runs[2].tokens
+    assert torch.equal(torch.get_rng_state(), state)          # the caller's own draws are not reseeded
 
 
 class Tokens:

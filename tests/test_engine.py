@@ -120,6 +120,33 @@ def test_an_attached_model_saves_and_loads_as_the_model_it_is(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, reference)
 
 
+@pytest.mark.parametrize("where", ["attach", "generator"])
+def test_a_failure_after_the_engine_is_built_leaves_the_model_as_it_was(monkeypatch, where):
+    """attach and Generator build the engine (which lays the weights out anew and claims the model) and then more;
+    if that fails, the model is restored and free for the next engine."""
+    import importlib
+    from dartprune.decode.generate import Generator
+    from tests.tiny_models import tiny_tokenizer
+    attach_module = importlib.import_module("dartprune.engine.attach")     # the package exports `attach` itself
+    generate_module = importlib.import_module("dartprune.decode.generate")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    model = tiny_model("llama")
+    before = layout(model)
+    if where == "attach":
+        monkeypatch.setattr(attach_module, "FFNTaps", fail)
+        build = lambda: dartprune.attach(model, DartConfig(sparsity=0.5))   # noqa: E731
+    else:
+        monkeypatch.setattr(generate_module, "NativeModel", fail)
+        build = lambda: Generator(model, tiny_tokenizer(), DartConfig(sparsity=0.5), loop="native")   # noqa: E731
+    with pytest.raises(OSError, match="disk full"):
+        build()
+    assert_untouched(model, before)
+    Engine(model, DartConfig(sparsity=0.5)).close()
+
+
 def test_attached_generate_without_the_cache_is_refused():
     """Without a KV cache every step would be a new, dense prompt: a silently unpruned answer."""
     from transformers import GenerationConfig
@@ -574,6 +601,29 @@ def test_dense_steps_count_tokens_when_forwards_carry_several():
     assert stats.retrace_count >= 1
     for retrace in stats.retraces:
         assert retrace.position - config.dense_steps in triggers
+
+
+def test_a_forced_retrace_while_a_row_traces_dense_is_refused_and_changes_nothing():
+    """In a dense-steps re-trace the row traces dense and rebuilds its masks at the end: a forced re-trace then has
+    nothing to do (it had failed inside the phase table after moving the weights)."""
+    model = tiny_model("llama")
+    engine = Engine(model, DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=8, **HAIR_TRIGGER))
+    try:
+        native = NativeModel(model, engine)
+        native.forward(random_ids(1, 20, seed=2)[0])
+        for i in range(60):
+            if engine.phase(0) is Phase.TRACING:
+                break
+            native.forward(random_ids(1, 1, seed=100 + i)[0])
+        assert engine.phase(0) is Phase.TRACING
+        with pytest.raises(RuntimeError, match="row 0 is tracing dense"):
+            engine.retrace(0)
+        assert engine.phase(0) is Phase.TRACING
+        for i in range(8):
+            native.forward(random_ids(1, 1, seed=200 + i)[0])
+        assert engine.phase(0) is Phase.PRUNED and engine.stats()[0].retrace_count == 1
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("chunk, forwards", [(1, 4), (3, 2)])

@@ -294,6 +294,28 @@ def test_conversation_task_compares_per_turn_retrace_with_the_first_turns_mask(t
     assert {c["part"] for c in saved["comparisons"]} == {"turns 2-3", "turn 1"}
 
 
+def test_summaries_end_at_each_items_own_stop_strings(tiny, tmp_path):
+    """A summary file's per-item `stop` list is what cuts that item's output (it had always been '###')."""
+    model, tokenizer, _ = tiny
+    article = {"article": "###\nArticle: The rain fell on the town all day.\n\nSummarize the above article in 1 "
+                          "sentences.", "summary_gt": "It rained.", "max_tokens": 24}
+
+    def outputs(stops: list[list[str] | None]) -> list[str]:
+        path = tmp_path / f"summaries_{len(list(tmp_path.iterdir()))}.jsonl"
+        path.write_text("".join(json.dumps({**article, **({"stop": stop} if stop else {})}) + "\n" for stop in stops))
+        settings = EvalSettings(model="tiny", methods=["static"], sparsities=[0.5], tasks=["xsum"],
+                                summary_files={"xsum": str(path)}, out=str(tmp_path / path.stem))
+        _, out = run_evaluation(settings, model, tokenizer, command="test", echo=False)
+        details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
+        return [d["output"] for d in details if d["method"] == "dense"]
+
+    [free] = outputs([["###"]])
+    assert len(free) > 4
+    cut = free[len(free) // 2]                    # a character the uncut output holds past its start
+    stopped, default = outputs([[cut], None])
+    assert stopped == free[:free.index(cut)] and default == free
+
+
 @pytest.mark.parametrize("task, message", [
     ("drift", r"drift sequences \(--prefix \+ 2 x --drift-segment\) take 80 positions; the model's context is 48"),
     ("conversation", r"conversations take \d+ positions; the model's context is 48"),
@@ -311,6 +333,20 @@ def test_sequence_tasks_refuse_what_exceeds_the_context(tmp_path, task, message)
 
 
 # ----------------------------------------------------------------------------------------------- multiple choice
+@pytest.mark.parametrize("name, folder, labels", [("piqa", "piqa", "valid-labels.lst"),
+                                                   ("siqa", "siqa", "dev-labels.lst"),
+                                                   ("winogrande", "winogrande", "dev-labels.lst")])
+def test_a_labels_file_of_another_length_than_its_items_is_refused(tmp_path, name, folder, labels):
+    """Items and labels are paired by line: a file one line short would shift (or drop) labels silently."""
+    import shutil
+    shutil.copytree(MINI / folder, tmp_path / folder)
+    assert len(load_mc(name, None, tmp_path)) >= 2
+    path = tmp_path / folder / labels
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(ValueError, match=f"holds \\d+ items but {labels} \\d+ labels"):
+        load_mc(name, None, tmp_path)
+
+
 def test_mc_sets_follow_the_data_readme(data_root):
     """The real sets, mapped as docs/data.md says."""
     copa = load_mc("copa", 1, data_root)[0]

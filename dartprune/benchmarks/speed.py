@@ -551,7 +551,7 @@ def _cpu_name() -> str:
 def _meta(model, label: str, settings: BenchSettings, prompt_len: int) -> dict:
     import transformers
     return {
-        "model": label or getattr(model.config, "_name_or_path", type(model).__name__),
+        "model": label or getattr(model.config, "name_or_path", "") or type(model).__name__,
         "model_type": model.config.model_type, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": settings.device, "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(), "prompt_len": prompt_len, "new_tokens": settings.new_tokens,

@@ -6,8 +6,8 @@ calibration text (by default 128 windows of 512 tokens of Moby Dick, which only 
 benchmarks read: eval refuses to score a calibrated method on the texts its file was made from). The result is
 one small safetensors file: per-layer tensors plus a JSON header (under the metadata key "dartprune") naming the
 method, the model's identity (family, sizes and a fingerprint of its weights), the calibration text's name and
-sha256, the number of windows and their length. The methods load the file in `setup()` and refuse one made for
-another model or another method.
+sha256, the number of windows and their length. The methods load the file when they are built and refuse one made
+for another model or another method.
 
 Statistics, all accumulated in float32 over every calibration token (no padding: all windows are full):
 - wanda-static: `x_norm.{l}` [hidden]: ||X_j||, the L2 norm over tokens of FFN input channel j (the input of
@@ -87,7 +87,7 @@ def model_identity(model: nn.Module, parts: list[FFNParts] | None = None) -> tup
         # informative: a hash of the sampled weights rounded to bfloat16 (the check itself compares the values)
         "weights_sha256": hashlib.sha256(fingerprint.bfloat16().view(torch.int16).numpy().tobytes()).hexdigest(),
         # the model's name, never a machine path: a local folder is recorded by its last component
-        "name_or_path": _model_name(str(getattr(model.config, "_name_or_path", "") or "")),
+        "name_or_path": _model_name(str(getattr(model.config, "name_or_path", "") or "")),
     }
     return structure, fingerprint
 
@@ -139,10 +139,6 @@ class Calibration:
     @property
     def text_sha256(self) -> str:
         return self.meta["text"]["sha256"]
-
-    @property
-    def num_layers(self) -> int:
-        return self.meta["model"]["num_layers"]
 
     def check_use(self, method: str, sparsity: float | None = None) -> None:
         """Refuse (CalibrationError) a file made for another method, or one without thresholds for `sparsity`

@@ -24,6 +24,7 @@ LOOPS = ("auto", "native", "hf")
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each token. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+    seed: the same draws for the same seed within a loop (the native and the Hugging Face loop draw differently).
     ignore_eos: generate exactly max_new_tokens (benchmarks)."""
 
     max_new_tokens: int = 64
@@ -160,7 +161,11 @@ class Generator:
         self.closed = False
         if self.loop == "native":
             self.engine = Engine(model, config)
-            self.native = NativeModel(model, self.engine)
+            try:
+                self.native = NativeModel(model, self.engine)
+            except BaseException:
+                self.engine.close()            # the model as it was: its weights back in order, free for others
+                raise
             self.handle = None
         else:
             self.handle = attach(model, config)
@@ -291,17 +296,21 @@ class Generator:
                         ended.append(reason)
                 return torch.full((input_ids.shape[0],), bool(ended), dtype=torch.bool, device=input_ids.device)
 
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k or None) if params.temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         extra = {"eos_token_id": []} if params.ignore_eos else {}    # EOS sampled like any token, as natively
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        device = self.model.get_input_embeddings().weight.device
         start = time.perf_counter()
-        self.model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
-                            max_new_tokens=params.max_new_tokens, streamer=Clock(), pad_token_id=pad,
-                            stopping_criteria=StoppingCriteriaList([Ended()]), **sampling, **extra)
+        # transformers samples from the global generator: seeded in a fork, so the caller's draws are not touched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                   enabled=params.seed is not None):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            self.model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+                                max_new_tokens=params.max_new_tokens, streamer=Clock(), pad_token_id=pad,
+                                stopping_criteria=StoppingCriteriaList([Ended()]), **sampling, **extra)
         stream.finish()
         marks = times[1:]                                   # the first put is the prompt
         steps = [b - a for a, b in zip(marks, marks[1:])]

@@ -28,19 +28,26 @@ class DartHandle:
     def __init__(self, model: nn.Module, config: DartConfig):
         self.model = model
         self.config = config
-        self.engine = Engine(model, config)
-        self.taps = FFNTaps(model, self.engine.trace, pruned=self.engine.ffn) if self.engine.prunes else None
-        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                       model.register_forward_hook(self._after_forward, with_kwargs=True)]
-        adapter = self.engine.adapter
-        self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
-                        for j, layer in enumerate(self.engine.monitored)]
+        self._hooks: list = []
         self._step: Step | None = None
         self._generate: tuple[Callable, Callable | None] | None = None    # (our wrapper, the user's own attribute)
-        if self.engine.prunes and callable(getattr(model, "generate", None)):
-            wrapper = self._generate_then_end(model.generate)
-            self._generate = (wrapper, vars(model).get("generate"))
-            model.generate = wrapper
+        self.taps: FFNTaps | None = None
+        self.engine = Engine(model, config)
+        try:            # whatever fails from here leaves the model as it was (its weights back in order)
+            if self.engine.prunes:
+                self.taps = FFNTaps(model, self.engine.trace, pruned=self.engine.ffn)
+            self._hooks += [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                            model.register_forward_hook(self._after_forward, with_kwargs=True)]
+            adapter = self.engine.adapter
+            self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
+                            for j, layer in enumerate(self.engine.monitored)]
+            if self.engine.prunes and callable(getattr(model, "generate", None)):
+                wrapper = self._generate_then_end(model.generate)
+                self._generate = (wrapper, vars(model).get("generate"))
+                model.generate = wrapper
+        except BaseException:
+            self.detach()
+            raise
         model.dartprune_handle = self
 
     # ----------------------------------------------------------------- public

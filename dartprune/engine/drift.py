@@ -36,6 +36,11 @@ class Detector(ABC):
     name: ClassVar[str] = ""
     records: list[WindowRecord]
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: DartConfig) -> Detector:
+        """A fresh detector with the configuration's settings (`make_detector` builds each row's this way)."""
+
     @abstractmethod
     def fit(self, signal: torch.Tensor) -> None:
         """Start over from the signal of the tokens a mask was traced on."""
@@ -217,10 +222,6 @@ class ShiftDetector(Detector):
                                              int(trigger)))
         self._pending = [pending] if pending.shape[1] else []
         return trigger
-
-    def refit(self, signal: torch.Tensor) -> None:
-        """After a re-trace: the buffered tokens are the new reference; the level is learnt again."""
-        self.fit(signal)
 
 
 @register_detector

@@ -332,6 +332,9 @@ class Engine:
         if self.ring is None or not self.rows[row].built:
             raise RuntimeError("nothing to re-trace: the method does not follow drift, or the sequence has no masks")
         state = self.rows[row]
+        if state.phase is Phase.TRACING:
+            raise RuntimeError(f"row {row} is tracing dense (a new turn, or retrace='dense-steps'); its masks are "
+                               "rebuilt when that ends, so there is nothing to re-trace now")
         if state.phase is Phase.RETRACING:          # finish a spread re-trace first
             self._rescore(row, len(self.layers))
         self._begin_retrace(row)

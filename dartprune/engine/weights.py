@@ -216,9 +216,6 @@ class ModuleFFN:
             return (args[0] * self._mask.to(args[0].device, args[0].dtype),)
         return None
 
-    def position(self) -> torch.Tensor:
-        return torch.arange(self.size)
-
     def kept(self) -> torch.Tensor:
         return self._kept
 

@@ -1,5 +1,6 @@
 """Evaluation of dense and pruned models under the rules of docs/algorithm.md §7: perplexity, drift across a text switch,
-multiple choice, summarisation and two-topic generation; plus an lm-evaluation-harness backend (lm_eval_backend)."""
+multiple choice, summarisation, two-topic generation and conversations; plus an lm-evaluation-harness backend
+(lm_eval_backend)."""
 from dartprune.evaluation.core import MethodSpec, method_specs, teacher_forced_logprobs
 from dartprune.evaluation.registry import TASK_REGISTRY, EvalSettings, Result, Task, get_task, register_task
 from dartprune.evaluation.runner import run_evaluation

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -37,9 +38,20 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    """One prompt of a generation task: ids [1, tokens], how many tokens to generate, the reference text (None:
+    scored against dense only) and the strings that end the output."""
+
+    ids: torch.Tensor
+    max_new_tokens: int
+    reference: str | None
+    stop: tuple[str, ...] | None
+
+
 class _GenerationTask(Task):
     """Dense runs first; its outputs become the reference for ROUGE-L vs dense. Subclasses fill `self.items`
-    in `prepare` with (ids, max_new_tokens, reference or None) per prompt."""
+    in `prepare` with one `_Prompt` per prompt."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,8 +61,9 @@ class _GenerationTask(Task):
     def evaluate(self, spec: MethodSpec, session) -> list:
         started = time.perf_counter()
         outputs, stats, scores, new_tokens = [], [], [], 0
-        for i, (ids, max_new, reference) in enumerate(progress(self.items, f"{self.name} {spec.label}")):
-            text, count = session.generate(ids, max_new, self.stop)
+        for i, item in enumerate(progress(self.items, f"{self.name} {spec.label}")):
+            text, count = session.generate(item.ids, item.max_new_tokens, list(item.stop) if item.stop else None)
+            reference = item.reference
             new_tokens += count
             stats += session.stats()
             outputs.append(text)
@@ -72,16 +85,15 @@ class _GenerationTask(Task):
         metrics["new_tokens_mean"] = new_tokens / max(1, len(outputs))
         seconds = time.perf_counter() - started
         return [self.result(spec, self.subtask, metrics, len(outputs),
-                            round(_mean([float(ids.shape[1]) for ids, _, _ in self.items]), 1),
+                            round(_mean([float(item.ids.shape[1]) for item in self.items]), 1),
                             summarise_stats(stats), seconds, tokens_per_second=new_tokens / seconds if seconds else 0,
                             **self.extra_fields)]
 
 
 class _Summaries(_GenerationTask):
-    """A summarisation set: the prompt fed verbatim, greedy up to the item's max_tokens, cut at its stop string."""
+    """A summarisation set: the prompt fed verbatim, greedy up to the item's max_tokens, cut at its stop strings."""
 
     primary = ("rougeL", True)
-    stop = ["###"]
 
     @classmethod
     def check_data(cls, settings) -> None:
@@ -97,8 +109,9 @@ class _Summaries(_GenerationTask):
                 ids = torch.cat([torch.tensor([[self.tokenizer.bos_token_id]]), ids], dim=1)
             check_context(self.model, ids.shape[1] + doc["max_tokens"],
                           f"a {self.name} prompt of {ids.shape[1]} tokens and {doc['max_tokens']} new tokens")
-            self.items.append((ids, doc["max_tokens"], doc["summary_gt"]))
-        self.extra_fields = {"data": SUMMARY_SETS[self.name].local, "stop": self.stop}
+            self.items.append(_Prompt(ids, doc["max_tokens"], doc["summary_gt"], tuple(doc["stop"])))
+        self.extra_fields = {"data": SUMMARY_SETS[self.name].local,
+                             "stop": sorted({text for item in self.items for text in item.stop})}
 
     def comparisons(self) -> list[dict]:
         """Every pruned method against static at the same sparsity and against dense, paired over articles:
@@ -135,8 +148,8 @@ class XSum(_Summaries):
     name = "xsum"
     description = "XSum 1-shot summaries (HELM prompts), greedy, ROUGE-1/2/L vs reference and ROUGE-L vs dense"
     protocol = ("xsum: `article` fed verbatim (1-shot HELM prompt; prompt = traced prefix), greedy decoding of up "
-                "to the item's max_tokens (64), cut at '###'; ROUGE F1 (rouge-score, stemmer) vs summary_gt and "
-                "ROUGE-L vs the dense model's output for the same item")
+                "to the item's max_tokens (64), cut at the item's stop strings ('###' in the HELM files); ROUGE F1 "
+                "(rouge-score, stemmer) vs summary_gt and ROUGE-L vs the dense model's output for the same item")
     subtask = "xsum_1shot"
 
 
@@ -145,8 +158,9 @@ class CNNDailyMail(_Summaries):
     name = "cnn_dailymail"
     description = "CNN/DailyMail 0-shot 3-sentence summaries (HELM prompts), greedy up to 128 tokens, ROUGE"
     protocol = ("cnn_dailymail: `article` fed verbatim (0-shot HELM prompt asking for 3 sentences; prompt = traced "
-                "prefix), greedy decoding of up to the item's max_tokens (128), cut at '###'; ROUGE F1 (rouge-score, "
-                "stemmer) vs summary_gt and ROUGE-L vs the dense model's output for the same item")
+                "prefix), greedy decoding of up to the item's max_tokens (128), cut at the item's stop strings ('###' "
+                "in the HELM files); ROUGE F1 (rouge-score, stemmer) vs summary_gt and ROUGE-L vs the dense model's "
+                "output for the same item")
     subtask = "cnn_dailymail_0shot"
 
 
@@ -158,7 +172,6 @@ class Topics(_GenerationTask):
     protocol = ("topics: project-written two-topic prompts (dartprune.data.TOPIC_PROMPTS), in the "
                 "tokenizer's chat template when it has one (--chat auto), greedy decoding of --topic-tokens "
                 "tokens; ROUGE-L F1 vs the dense model's output")
-    stop = None
     subtask = "two_topic_prompts"
 
     def prepare(self) -> None:
@@ -176,5 +189,5 @@ class Topics(_GenerationTask):
                 ids = self.tokenizer(prompt, return_tensors="pt").input_ids
                 if bos and ids[0, 0] != self.tokenizer.bos_token_id:
                     ids = torch.cat([torch.tensor([[self.tokenizer.bos_token_id]]), ids], dim=1)
-            self.items.append((ids, self.settings.topic_tokens, None))
+            self.items.append(_Prompt(ids, self.settings.topic_tokens, None, None))
         self.extra_fields = {"prompt_format": "chat" if self.chat else "plain", "prompts": prompts}

@@ -19,8 +19,9 @@ one token: use `dartprune eval --tasks ppl` for perplexity instead.
 """
 from __future__ import annotations
 
-import sys
+import dataclasses
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -68,8 +69,10 @@ class DartLM(HFLM):
             hf.setdefault("add_bos_token", True)
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **hf)
         self.dart_config = config
-        self.handle = attach(self._model, config)
-        self.dart_stats: list = []  # SequenceStats of every scored request, for callers that want them
+        self.handle = attach(self.model, config)
+        # SequenceStats of every scored request, for `stats_summary`; without their per-window drift records, which
+        # would grow with every token of a long run
+        self.dart_stats: list = []
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         results = []
@@ -81,7 +84,7 @@ class DartLM(HFLM):
             ids, traced = ids[cut:], max(0, len(ctx) - cut - 1)
             self.handle.reset()
             scored = teacher_forced_logprobs(self.model, ids, traced, self.dart_config.window)
-            self.dart_stats += self.handle.stats()
+            self.dart_stats += [dataclasses.replace(row, windows=[]) for row in self.handle.stats()]
             answer = (scored.total, scored.all_greedy)
             results.append(answer)
             if context is not None:
@@ -93,6 +96,7 @@ class DartLM(HFLM):
         return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     def stats_summary(self) -> dict[str, float]:
+        """Mean engine statistics over the log-likelihood requests scored so far (executed sparsity, re-traces)."""
         return summarise_stats(self.dart_stats)
 
 
