@@ -87,3 +87,27 @@ def test_unsupported_model_names_class_and_families():
     for family in ("llama", "gpt2", "opt", "gpt_neox", "phi3", "gemma3_text"):
         assert family in str(err.value)
     assert set(FAMILIES) <= set(supported_model_types())
+
+
+def test_a_model_without_a_language_model_head_is_refused_clearly():
+    """The base model or a classifier of a supported family is not a causal LM (it had failed with an
+    AttributeError, after laying out the weights anew)."""
+    import copy
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from tests.tiny_models import CONFIGS
+    for builder in (AutoModel, AutoModelForSequenceClassification):
+        model = builder.from_config(copy.deepcopy(CONFIGS["llama"]))
+        with pytest.raises(UnsupportedModelError, match="has no language-model head.*AutoModelForCausalLM"):
+            get_adapter(model)
+
+
+def test_llama_ffn_biases_are_refused_rather_than_dropped():
+    import copy
+    from transformers import AutoModelForCausalLM
+    from tests.tiny_models import CONFIGS
+    config = copy.deepcopy(CONFIGS["llama"])
+    config.mlp_bias = True
+    model = AutoModelForCausalLM.from_config(config)
+    adapter = get_adapter(model)
+    with pytest.raises(ValueError, match="has FFN biases \\(mlp_bias=True\\)"):
+        adapter.ffn_parts(adapter.layers()[0])

@@ -147,6 +147,16 @@ def test_a_failure_after_the_engine_is_built_leaves_the_model_as_it_was(monkeypa
     Engine(model, DartConfig(sparsity=0.5)).close()
 
 
+def test_continuing_a_cache_after_reset_says_no_sequence_is_open():
+    model = tiny_model("llama")
+    ids = random_ids(1, 12)
+    with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle, torch.no_grad():
+        out = model(input_ids=ids[:, :8], use_cache=True)
+        handle.reset()
+        with pytest.raises(RuntimeError, match="continues a sequence, but none is open"):
+            model(input_ids=ids[:, 8:9], cache=out.past_key_values, use_cache=True)
+
+
 def test_attached_generate_without_the_cache_is_refused():
     """Without a KV cache every step would be a new, dense prompt: a silently unpruned answer."""
     from transformers import GenerationConfig
@@ -163,22 +173,27 @@ def test_attached_generate_without_the_cache_is_refused():
         assert handle.stats()[0].executed_sparsity > 0.4
 
 
-def test_attached_generate_refuses_modes_that_reorder_rows_or_rewind_the_cache_where_masks_follow_drift():
-    """Beam search reorders rows and assisted decoding rewinds the cache; DART's per-row state follows neither (each
-    row would go on re-tracing from another beam's tokens), so they are refused. A static mask does not change while
-    generating, so beam search keeps it."""
+def test_attached_generate_refuses_modes_that_reorder_rows_or_guess_tokens():
+    """Beam search reorders rows, which DART's per-row state does not follow (each row would go on re-tracing from
+    another beam's tokens); a static mask does not change while generating, so beam search keeps it. Assisted and
+    prompt-lookup decoding bring guessed tokens with the prompt, which every method would trace as the prompt."""
     from transformers import GenerationConfig
     model = tiny_model("llama")
     ids = random_ids(1, 24)
+    speculative = (({"prompt_lookup_num_tokens": 3}, "prompt lookup"),
+                   ({"assistant_model": tiny_model("llama", seed=1)}, "assisted decoding"))
     with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
-        for options, what in (({"num_beams": 3}, "beam search"),
-                              ({"generation_config": GenerationConfig(num_beams=2, max_new_tokens=4)}, "beam search"),
-                              ({"prompt_lookup_num_tokens": 3}, "prompt lookup"),
-                              ({"assistant_model": tiny_model("llama", seed=1)}, "assisted decoding")):
-            with pytest.raises(ValueError, match=f"{what} .* is not supported with method 'dart'"):
+        for options in ({"num_beams": 3}, {"generation_config": GenerationConfig(num_beams=2, max_new_tokens=4)}):
+            with pytest.raises(ValueError, match="beam search .* is not supported with method 'dart'"):
+                model.generate(ids, max_new_tokens=4, do_sample=False, **options)
+        for options, what in speculative:
+            with pytest.raises(ValueError, match=f"{what} .* is not supported under dartprune"):
                 model.generate(ids, max_new_tokens=4, do_sample=False, **options)
         assert not handle.stats()
     with dartprune.attach(model, DartConfig(method="static", sparsity=0.5)) as handle:
+        for options, what in speculative:       # the guessed tokens would be traced as the prompt's
+            with pytest.raises(ValueError, match=f"{what} .* is not supported under dartprune"):
+                model.generate(ids, max_new_tokens=4, do_sample=False, **options)
         out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
         assert out.shape == (1, 30)
         rows = handle.stats()

@@ -169,4 +169,9 @@ def get_adapter(model: nn.Module) -> Adapter:
             f"dartprune has no adapter for {type(model).__name__} (model_type={model_type!r}). "
             f"Supported model types: {', '.join(supported_model_types())}."
         )
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no language-model head: dartprune prunes causal language models "
+            "(load the model with AutoModelForCausalLM)")
     return ADAPTERS[model_type](model)

@@ -22,6 +22,9 @@ class LlamaAdapter(Adapter):
 
     def ffn_parts(self, layer: nn.Module) -> FFNParts:
         mlp = layer.mlp
+        if any(getattr(proj, "bias", None) is not None for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise ValueError(f"this {self.model.config.model_type} model has FFN biases (mlp_bias=True), which "
+                             "dartprune's Llama layout does not carry: its pruned and native forwards would drop them")
         return FFNParts(
             gate=mlp.gate_proj.weight,
             up=mlp.up_proj.weight,

@@ -154,7 +154,7 @@ class Generator:
         native = native_supported(model) and native_runs(config.method)
         if loop == "native" and not native:
             raise ValueError(f"the native loop does not run {model.config.model_type!r} models with method "
-                             f"{config.method!r}; use --loop hf")
+                             f"{config.method!r}; use loop=\"hf\" (--loop hf on the command line)")
         self.loop = "native" if loop == "native" or (loop == "auto" and native) else "hf"
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos = eos_ids(model, tokenizer)

@@ -106,19 +106,21 @@ class DartHandle:
                 value = kwargs.get(name)
                 return value if value is not None else getattr(settings, name, default)
 
-            if self.engine.follows_drift:
-                rewinds = [name for name, on in (
-                    ("beam search (num_beams > 1)", (setting("num_beams", 1) or 1) > 1),
-                    ("assisted decoding (assistant_model)", kwargs.get("assistant_model") is not None),
-                    ("prompt lookup decoding", bool(setting("prompt_lookup_num_tokens", None))),
-                    ("self-speculative decoding (assistant_early_exit)", bool(setting("assistant_early_exit", None))),
-                ) if on]
-                if rewinds:
-                    raise ValueError(
-                        f"{rewinds[0]} is not supported with method {self.config.method!r}: its per-row state (recent "
-                        "tokens, drift monitor, re-traced kept sets) follows one continuous sequence per row, and "
-                        "this mode reorders rows or rewinds the cache. Use greedy or sampling decoding, or a method "
-                        "whose kept sets do not change while generating (static, griffin)")
+            speculative = [name for name, on in (
+                ("assisted decoding (assistant_model)", kwargs.get("assistant_model") is not None),
+                ("prompt lookup decoding", bool(setting("prompt_lookup_num_tokens", None))),
+                ("self-speculative decoding (assistant_early_exit)", bool(setting("assistant_early_exit", None))),
+            ) if on]
+            if speculative:
+                raise ValueError(f"{speculative[0]} is not supported under dartprune: its first forward brings the "
+                                 "prompt with guessed tokens, which would be traced (and run dense) as if they "
+                                 "were the prompt, and rejected guesses would stay in the per-row state")
+            if self.engine.follows_drift and (setting("num_beams", 1) or 1) > 1:
+                raise ValueError(f"beam search (num_beams > 1) is not supported with method {self.config.method!r}: "
+                                 "its per-row state (recent tokens, drift monitor, re-traced kept sets) follows one "
+                                 "continuous sequence per row, and beam search reorders rows. Use greedy or "
+                                 "sampling decoding, or a method whose kept sets do not change while generating "
+                                 "(static, griffin)")
             use_cache = setting("use_cache", True)
             if use_cache is False and not self.config.prune_prefill:
                 raise ValueError("dartprune prunes the steps that follow a prompt through the KV cache; without "

@@ -199,6 +199,9 @@ class Engine:
         self._check_open()
         if self._ended:
             self._resume()
+        if not self.rows:
+            raise RuntimeError("this forward continues a sequence, but none is open (reset, or never started): "
+                               "start again from the prompt with an empty cache")
         if len(self.rows) != valid.shape[0]:
             raise RuntimeError(f"batch size changed from {len(self.rows)} to {valid.shape[0]} inside one sequence; "
                                "dartprune keeps per-row state and does not follow beam reordering")
