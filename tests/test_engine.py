@@ -99,18 +99,27 @@ def test_attached_generate_ends_its_sequence_and_a_continued_generate_resumes_it
     assert "generate" not in vars(model)
 
 
-def test_an_attached_model_saves_and_loads_as_the_model_it_is(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_attached_model_saves_and_loads_as_the_model_it_is(tmp_path, family):
+    """Every family, OPT included, whose FFN is two modules of the layer itself (its keys had come out as
+    fc1.fc1.* and fc1.fc2.*, which reloaded as random FFN weights)."""
     from transformers import AutoModelForCausalLM
-    model = tiny_model("llama")
+    model = tiny_model(family)
     keys = list(model.state_dict())
     ids = random_ids(1, 12)
     with torch.no_grad():
         reference = model(ids).logits
-    with dartprune.attach(model, DartConfig(sparsity=0.5)):
-        model.generate(ids, max_new_tokens=3, do_sample=False)
-        assert sorted(model.state_dict()) == sorted(keys)
+    own = model.state_dict()
+    with dartprune.attach(model, DartConfig(sparsity=0.5)), torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert list(model.state_dict()) == keys                       # the same keys, in the same order
+        out = model(ids[:, :8], use_cache=True)                        # mid-sequence: the neurons are permuted
+        state = model.state_dict()
+        assert all(torch.equal(state[k], own[k]) for k in keys)       # ... but a state dict has them in order
+        continued = model(ids[:, 8:9], cache=out.past_key_values, use_cache=True).logits  # the sequence goes on
+        assert torch.isfinite(continued).all()
         model.save_pretrained(tmp_path)
-        other = tiny_model("llama", seed=7)
+        other = tiny_model(family, seed=7)
         model.load_state_dict(other.state_dict())         # the original's keys load into the attached model
         with pytest.raises(RuntimeError, match="assign=True"):
             model.load_state_dict(other.state_dict(), assign=True)

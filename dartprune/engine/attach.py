@@ -37,7 +37,8 @@ class DartHandle:
             if self.engine.prunes:
                 self.taps = FFNTaps(model, self.engine.trace, pruned=self.engine.ffn)
             self._hooks += [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                            model.register_forward_hook(self._after_forward, with_kwargs=True)]
+                            model.register_forward_hook(self._after_forward, with_kwargs=True),
+                            model.register_state_dict_pre_hook(self._own_order)]
             adapter = self.engine.adapter
             self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
                             for j, layer in enumerate(self.engine.monitored)]
@@ -165,6 +166,11 @@ class DartHandle:
         if self._step is not None:
             self.engine.end_forward()
             self._step = None
+
+    def _own_order(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        """A state dict (`save_pretrained` too) holds the weights in their own order, even mid-sequence: the
+        sequence ends here (a forward that continues it moves its kept neurons back in first)."""
+        self.engine.end_sequence()
 
     def _attention(self, j: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:

@@ -19,17 +19,15 @@ Report = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torc
 
 
 class TappedFFN(nn.Module):
-    """Stands in for one layer's FFN module (the original stays its child and runs unchanged when dense). Its state
-    dict keeps the original's keys, and the original's attributes are found through it (`mlp.gate_proj`), so that
-    an attached model saves and loads as the model it is (offloaded weights included)."""
+    """Stands in for one layer's FFN module (the original stays its child and runs unchanged when dense). The
+    original's attributes are found through it (`mlp.gate_proj`); its keys in the model's state dict are the
+    model's own (see `LayerKeys`)."""
 
     def __init__(self, index: int, original: nn.Module, taps: FFNTaps):
         super().__init__()
         self.index = index
         self.original = original
         self._taps = [taps]      # a list, so the taps are not registered as a submodule
-        self.register_state_dict_post_hook(self._own_keys)
-        self.register_load_state_dict_pre_hook(self._child_keys)
 
     def __getattr__(self, name: str):
         try:
@@ -39,20 +37,6 @@ class TappedFFN(nn.Module):
                 raise
             return getattr(self.original, name)
 
-    @staticmethod
-    def _own_keys(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
-        for key in [k for k in state if k.startswith(prefix + "original.")]:
-            state[prefix + key[len(prefix) + len("original."):]] = state.pop(key)
-
-    @staticmethod
-    def _child_keys(module: nn.Module, state: dict, prefix: str, local_metadata: dict, *args) -> None:
-        if local_metadata.get("assign_to_params_buffers"):
-            raise RuntimeError("load_state_dict(assign=True) would replace the weights that dartprune prunes in "
-                               "place; detach, load, and attach again")
-        names = {prefix + name for name in module.original.state_dict()}
-        for key in [k for k in state if k in names]:
-            state[prefix + "original." + key[len(prefix):]] = state.pop(key)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         taps = self._taps[0]
         if not taps.dense:
@@ -60,6 +44,46 @@ class TappedFFN(nn.Module):
         y = self.original(x)
         taps.observed(self.index, x, y)
         return y
+
+
+class LayerKeys:
+    """Keeps a layer's state-dict keys those of the model, so that an attached model saves and loads as the model
+    it is (offloaded weights included). Each of the FFN's tensors is found by identity before the stand-in goes in:
+    under the stand-in it is `<slot>.original.<name in the FFN module>`, in the model it is its own name in the
+    layer (for most families `mlp.<name>`; OPT's FFN is two modules of the layer itself, `fc1` and `fc2`)."""
+
+    def __init__(self, layer: nn.Module, original: nn.Module):
+        names = {id(t): name for name, t in layer.state_dict(keep_vars=True).items()}
+        self.model_names = {name: names[id(t)] for name, t in original.state_dict(keep_vars=True).items()}
+        self.layer = layer
+        self.hooks: list = []
+
+    def install(self, tapped: TappedFFN) -> None:
+        """After the stand-in took its slot in the layer."""
+        slot = next(name for name, child in self.layer.named_children() if child is tapped)
+        tapped_names = {f"{slot}.original.{name}": own for name, own in self.model_names.items()}
+        model_names = {own: tapped for tapped, own in tapped_names.items()}
+
+        def to_model(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+            keys = [k for k in state if k.startswith(prefix)]           # the layer's, last in `state` just now
+            items = [(prefix + tapped_names.get(k[len(prefix):], k[len(prefix):]), state.pop(k)) for k in keys]
+            state.update(items)
+
+        def to_tapped(module: nn.Module, state: dict, prefix: str, local_metadata: dict, *args) -> None:
+            if local_metadata.get("assign_to_params_buffers"):
+                raise RuntimeError("load_state_dict(assign=True) would replace the weights that dartprune prunes "
+                                   "in place; detach, load, and attach again")
+            for own, tapped in model_names.items():
+                if prefix + own in state:
+                    state[prefix + tapped] = state.pop(prefix + own)
+
+        self.hooks = [self.layer.register_state_dict_post_hook(to_model),
+                      self.layer.register_load_state_dict_pre_hook(to_tapped)]
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
 
 class FFNTaps:
@@ -81,8 +105,11 @@ class FFNTaps:
         self._downs = [self.adapter.down_proj(layer) for layer in self.layers]
         self._norms = [self.adapter.ffn_input_norm(layer) for layer in self.layers]
         self._out_norms = [self.adapter.ffn_output_norm(layer) for layer in self.layers]
+        self._keys = [LayerKeys(layer, original) for layer, original in zip(self.layers, self.originals)]
         for i, layer in enumerate(self.layers):
-            self.adapter.set_ffn(layer, TappedFFN(i, self.originals[i], self))
+            tapped = TappedFFN(i, self.originals[i], self)
+            self.adapter.set_ffn(layer, tapped)
+            self._keys[i].install(tapped)
         self.set_mode(dense=True, want_h=True)
 
     def set_mode(self, dense: bool, want_h: bool = False) -> None:
@@ -124,5 +151,7 @@ class FFNTaps:
     def remove(self) -> None:
         """The model's own FFN modules back, no hooks."""
         self._remove_hooks()
+        for keys in self._keys:
+            keys.remove()
         for layer, original in zip(self.layers, self.originals):
             self.adapter.set_ffn(layer, original)
