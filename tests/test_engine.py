@@ -156,6 +156,20 @@ def test_a_failure_after_the_engine_is_built_leaves_the_model_as_it_was(monkeypa
     Engine(model, DartConfig(sparsity=0.5)).close()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_down_projection_is_neuron_major_while_pruning_in_every_family(family):
+    """The compact path reads a prefix of the down projection's columns: each neuron's column contiguous. GPT-2's
+    Conv1D stores it that way already (it had been turned the other way round)."""
+    model = tiny_model(family)
+    before = layout(model)
+    engine = Engine(model, DartConfig(sparsity=0.5))
+    try:
+        assert all(p.down.t().is_contiguous() for p in engine.parts)
+    finally:
+        engine.close()
+    assert_untouched(model, before)
+
+
 def test_continuing_a_cache_after_reset_says_no_sequence_is_open():
     model = tiny_model("llama")
     ids = random_ids(1, 12)
@@ -179,7 +193,11 @@ def test_attached_generate_without_the_cache_is_refused():
         assert handle.stats()[0].executed_sparsity > 0
     with dartprune.attach(model, DartConfig(sparsity=0.5, prune_prefill=True)) as handle:    # prompts pruned too
         model.generate(random_ids(1, 8), max_new_tokens=3, do_sample=False, use_cache=False)
-        assert handle.stats()[0].executed_sparsity > 0.4
+        # the last step is a prompt of 10 tokens, traced in a dense pass and then run on the masks: more FFN work
+        # than one dense pass, which executed sparsity says
+        stats = handle.stats()[0]
+        assert stats.tokens == 10
+        assert stats.executed_sparsity == pytest.approx(-sum(stats.keep_counts) / sum(stats.intermediate_sizes))
 
 
 def test_attached_generate_refuses_modes_that_reorder_rows_or_guess_tokens():

@@ -146,7 +146,7 @@ class NativeModel:
                 engine.start(1)
                 if engine.prunes and engine.config.prune_prefill:   # trace the prompt dense, then run it pruned
                     self._layers(ids, start, engine.begin_forward(valid, trace_only=True))
-                    engine.end_forward(account=False)
+                    engine.end_forward()
                     step = engine.begin_forward(valid, replay=True)
             elif new_turn:
                 engine.new_turn()

@@ -126,7 +126,8 @@ class DartHandle:
             if use_cache is False and not self.config.prune_prefill:
                 raise ValueError("dartprune prunes the steps that follow a prompt through the KV cache; without "
                                  "it (use_cache=False) every step is a new prompt, which runs dense: keep the cache "
-                                 "(or set prune_prefill=True, which prunes prompts too)")
+                                 "(prune_prefill=True runs each step's prompt on masks too, after a dense tracing "
+                                 "pass: more work than dense)")
             try:
                 return generate(*args, **kwargs)
             finally:
@@ -152,7 +153,7 @@ class DartHandle:
                     self.model.base_model(input_ids=ids, inputs_embeds=kwargs.get("inputs_embeds"),
                                           attention_mask=mask, position_ids=kwargs.get("position_ids"),
                                           use_cache=False)
-                engine.end_forward(account=False)
+                engine.end_forward()
                 self._set_taps(engine.begin_forward(valid, replay=True))
                 return
         self._set_taps(engine.begin_forward(valid))

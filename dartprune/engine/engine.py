@@ -129,7 +129,7 @@ class Engine:
         # after that, so they are views of the layout in use
         self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
         self._relaid = [d.weight for i, d in enumerate(self._downs)
-                        if i not in self._offloaded and to_neuron_major(d.weight)] if self.prunes else []
+                        if i not in self._offloaded and to_neuron_major(d.weight, parts[i].down)] if self.prunes else []
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
         if self.prunes and config.path == "compact" and not self.per_token:     # the path that swaps in place
             swap_library()                    # built (or found in the cache) now, not in the first prompt
@@ -157,7 +157,7 @@ class Engine:
         self._signal: list[torch.Tensor | None] = []
         self._active: dict[int, torch.Tensor] = {}
         self._turn = False
-        self._replay = False
+        self._replay = self._trace_only = False
         self._ended = False
         self.closed = False
         self._last_stats: list[SequenceStats] = []           # what `stats` gives once the engine is closed
@@ -206,7 +206,7 @@ class Engine:
             raise RuntimeError(f"batch size changed from {len(self.rows)} to {valid.shape[0]} inside one sequence; "
                                "dartprune keeps per-row state and does not follow beam reordering")
         self._valid = valid.bool().cpu()
-        self._replay = replay
+        self._replay, self._trace_only = replay, trace_only
         if replay:                                    # the pruned pass over the prompt runs on every mask
             for b in range(len(self.rows)):
                 self._move(b, len(self.layers))
@@ -291,10 +291,13 @@ class Engine:
         if self.ring is not None and not self._replay:
             self.ring.write_a(j, a)
 
-    def end_forward(self, account: bool = True) -> None:
+    def end_forward(self) -> None:
         """After the forward: accounting, masks for rows that finished tracing, drift, re-traces."""
         step = self._step
-        if account:
+        if self._trace_only:        # its tokens come again in the replay; the work it did counts (executed sparsity)
+            for b, row in enumerate(self.rows):
+                row.neurons_executed += int(self._valid[b].sum()) * sum(self.sizes)
+        else:
             for b, row in enumerate(self.rows):
                 if row.position == 0:
                     row.prompt_tokens = int(self._valid[b].sum())

@@ -284,9 +284,11 @@ def own_pages(tensor: torch.Tensor) -> None:
     flat[-1:] = flat[-1:].clone()                 # the last page, where the tensor does not start on a page
 
 
-def to_neuron_major(weight: nn.Parameter) -> bool:
-    """Store a row-major [hidden, I] weight as its transpose's contiguous storage; True if it was changed."""
-    if weight.dim() != 2 or not weight.is_contiguous() or weight.t().is_contiguous():
+def to_neuron_major(weight: nn.Parameter, down: torch.Tensor) -> bool:
+    """Lay out `weight`, the contiguous parameter behind the [hidden, I] down projection `down` (itself, or its
+    transpose where a family stores [I, hidden] like GPT-2's Conv1D), so that each neuron's column of `down` is
+    contiguous; True if it was changed (`to_row_major` undoes it)."""
+    if weight.dim() != 2 or not weight.is_contiguous() or down.t().is_contiguous():
         return False
     weight.data = weight.data.t().contiguous().t()
     return True
