@@ -111,3 +111,28 @@ def test_llama_ffn_biases_are_refused_rather_than_dropped():
     adapter = get_adapter(model)
     with pytest.raises(ValueError, match="has FFN biases \\(mlp_bias=True\\)"):
         adapter.ffn_parts(adapter.layers()[0])
+
+
+def test_opt_with_an_embedding_projection_scores_its_prior_in_the_embedding_space():
+    """OPT-350m's layout: the last hidden state is projected to a smaller embedding size before the logits; the
+    vocabulary prior goes through that projection (it had failed with a shape error)."""
+    import copy
+    import dartprune
+    from transformers import AutoModelForCausalLM
+    from dartprune import DartConfig
+    from dartprune.engine.scoring import neuron_prior
+    from tests.tiny_models import CONFIGS
+    config = copy.deepcopy(CONFIGS["opt"])
+    config.word_embed_proj_dim = HIDDEN // 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    adapter = get_adapter(model)
+    down = adapter.ffn_parts(adapter.layers()[0]).down
+    projected = adapter.to_embedding_space(down)
+    assert projected.shape == (HIDDEN // 2, INTERMEDIATE)
+    embeddings = adapter.output_embeddings()
+    brute = (embeddings @ model.model.decoder.project_out.weight @ down).abs().max(dim=0).values
+    torch.testing.assert_close(neuron_prior(projected, embeddings, "vocab-max"), brute)
+    with dartprune.attach(model, DartConfig(sparsity=0.5, prior="vocab-max")) as handle:
+        model.generate(random_ids(1, 10), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert handle.stats()[0].executed_sparsity > 0

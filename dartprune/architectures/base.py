@@ -138,8 +138,13 @@ class Adapter(ABC):
         return None
 
     def output_embeddings(self) -> torch.Tensor:
-        """[vocab, hidden] matrix that turns the last hidden state into logits."""
+        """[vocab, embedding] matrix that turns the last hidden state (after `to_embedding_space`) into logits."""
         return self.model.get_output_embeddings().weight
+
+    def to_embedding_space(self, columns: torch.Tensor) -> torch.Tensor:
+        """Hidden-state columns ([hidden, n]) as the output embeddings see them: unchanged, except in a family that
+        projects the last hidden state to a smaller embedding size first (OPT-350m's `project_out`)."""
+        return columns
 
     def decoder(self) -> Decoder | None:
         """The decoder for dartprune's native decode loop, or None where the family runs on Hugging Face

@@ -52,3 +52,7 @@ class OPTAdapter(Adapter):
 
     def ffn_input_norm(self, layer: nn.Module) -> nn.Module | None:
         return layer.final_layer_norm if layer.do_layer_norm_before else None
+
+    def to_embedding_space(self, columns: torch.Tensor) -> torch.Tensor:
+        project = self.model.model.decoder.project_out
+        return columns if project is None else project.weight.to(columns.dtype) @ columns

@@ -573,8 +573,8 @@ class Engine:
             if layer in self._offloaded:
                 raise ConfigError(f"prior={self.config.prior!r} needs the FFN weights in memory; this layer is "
                                   "offloaded")
-            cached[self.config.prior] = neuron_prior(self.prefix[layer].to_ids(self.parts[layer].down)
-                                                     if self.prefix else self.parts[layer].down,
+            down = self.prefix[layer].to_ids(self.parts[layer].down) if self.prefix else self.parts[layer].down
+            cached[self.config.prior] = neuron_prior(self.adapter.to_embedding_space(down.float()),
                                                      self.adapter.output_embeddings(), self.config.prior)
         return cached[self.config.prior]
 
