@@ -170,6 +170,33 @@ def test_the_down_projection_is_neuron_major_while_pruning_in_every_family(famil
     assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("settings", [dict(min_trace_tokens=10),
+                                      dict(retrace="dense-steps", dense_steps=3, detector="paper", window=5,
+                                           monitored_layers=(-1,), trigger_count=1, cooldown=0)])
+def test_a_row_that_traces_dense_does_not_change_the_other_rows_of_the_batch(settings):
+    """A short left-padded prompt still tracing, or a dense-steps re-trace of one row: the other rows stay on their
+    masks in that forward (all rows had run dense), so each row generates and counts as it would alone."""
+    model = tiny_model("llama")
+    ids = random_ids(2, 14, seed=21)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    ids[1, :9] = 0                                              # row 1: a 5-token prompt
+    options = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+    config = DartConfig(sparsity=0.5, path="mask", **settings)
+    with dartprune.attach(model, config) as handle:
+        batch = model.generate(ids, attention_mask=mask, **options)
+        together = handle.stats()
+        for row in (0, 1):
+            alone = model.generate(ids[row:row + 1, 9 * row:], **options)
+            assert torch.equal(batch[row, 14:], alone[0, 14 - 9 * row:])
+            [stats] = handle.stats()
+            assert together[row].executed_sparsity == pytest.approx(stats.executed_sparsity)
+            assert together[row].retrace_positions == stats.retrace_positions
+    assert together[0].retrace_positions != together[1].retrace_positions or "dense_steps" not in settings
+    assert together[1].retrace_count or "dense_steps" not in settings
+    assert together[0].executed_sparsity != pytest.approx(together[1].executed_sparsity)
+
+
 def test_continuing_a_cache_after_reset_says_no_sequence_is_open():
     model = tiny_model("llama")
     ids = random_ids(1, 12)

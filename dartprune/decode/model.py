@@ -145,8 +145,11 @@ class NativeModel:
             if start == 0:
                 engine.start(1)
                 if engine.prunes and engine.config.prune_prefill:   # trace the prompt dense, then run it pruned
-                    self._layers(ids, start, engine.begin_forward(valid, trace_only=True))
-                    engine.end_forward()
+                    if engine.traces_prompt:
+                        self._layers(ids, start, engine.begin_forward(valid, trace_only=True))
+                        engine.end_forward()
+                    else:
+                        engine.build_untraced()
                     step = engine.begin_forward(valid, replay=True)
             elif new_turn:
                 engine.new_turn()

@@ -35,7 +35,8 @@ class DartHandle:
         self.engine = Engine(model, config)
         try:            # whatever fails from here leaves the model as it was (its weights back in order)
             if self.engine.prunes:
-                self.taps = FFNTaps(model, self.engine.trace, pruned=self.engine.ffn)
+                self.taps = FFNTaps(model, self.engine.trace, pruned=self.engine.ffn,
+                                    on_masks=self.engine.rows_on_masks)
             self._hooks += [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                             model.register_forward_hook(self._after_forward, with_kwargs=True),
                             model.register_state_dict_pre_hook(self._own_order)]
@@ -148,12 +149,15 @@ class DartHandle:
         if cache is None or cache.get_seq_length() == 0:
             engine.start(batch)
             if self.config.prune_prefill and engine.prunes:
-                self._set_taps(engine.begin_forward(valid, trace_only=True))
-                with torch.no_grad():
-                    self.model.base_model(input_ids=ids, inputs_embeds=kwargs.get("inputs_embeds"),
-                                          attention_mask=mask, position_ids=kwargs.get("position_ids"),
-                                          use_cache=False)
-                engine.end_forward()
+                if engine.traces_prompt:                # a dense pass that traces the prompt first
+                    self._set_taps(engine.begin_forward(valid, trace_only=True))
+                    with torch.no_grad():
+                        self.model.base_model(input_ids=ids, inputs_embeds=kwargs.get("inputs_embeds"),
+                                              attention_mask=mask, position_ids=kwargs.get("position_ids"),
+                                              use_cache=False)
+                    engine.end_forward()
+                else:
+                    engine.build_untraced()
                 self._set_taps(engine.begin_forward(valid, replay=True))
                 return
         self._set_taps(engine.begin_forward(valid))
@@ -161,7 +165,7 @@ class DartHandle:
     def _set_taps(self, step: Step) -> None:
         self._step = step
         if self.taps is not None:
-            self.taps.set_mode(step.dense, step.importance)
+            self.taps.set_mode(step.dense, step.importance, mixed=bool(step.on_masks))
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._step is not None:

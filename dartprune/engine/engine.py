@@ -54,6 +54,8 @@ class Step:
     monitor: tuple[int, ...]      # layers whose attention output to report with `observe_attention`
     batch: int
     tokens: int
+    on_masks: tuple[int, ...] = ()   # rows of a dense forward that do not trace: their FFN outputs come from
+                                     # their masks (`rows_on_masks`), as in a pruned forward
 
 
 @dataclass
@@ -219,13 +221,15 @@ class Engine:
         self._tracing = self._valid & torch.tensor(tracing_rows, dtype=torch.bool)[:, None]
         self._traced = self._tracing.sum(dim=1).tolist()
         dense = not self.prunes or trace_only or any(tracing_rows)
+        on_masks = tuple(b for b, row in enumerate(self.rows) if row.built and row.phase is not Phase.TRACING) \
+            if self.prunes and dense and not trace_only else ()
         importance = self.prunes and any(row.phase is Phase.TRACING and not row.built for row in self.rows)
         self._signal = [None] * len(self.monitored)
         self._active = {}
         if self.ring is not None and not replay:
             self.ring.begin(tokens, self._valid)
         self._step = Step(dense=dense, importance=importance, monitor=tuple(self.monitored) if not replay else (),
-                          batch=batch, tokens=tokens)
+                          batch=batch, tokens=tokens, on_masks=on_masks)
         return self._step
 
     def trace(self, layer: int, x: torch.Tensor, u: torch.Tensor | None = None, h: torch.Tensor | None = None,
@@ -263,18 +267,37 @@ class Engine:
             self.ring.write_x(layer, x.reshape(step.batch, step.tokens, -1))
         if self._compact:
             return self.prefix[layer].forward(x)
-        if layer in self._offloaded:
-            return self.prefix[layer].forward(x, self._masks[layer])
-        parts = self.parts[layer]
-        x3 = x.reshape(step.batch, step.tokens, -1)
-        if self.per_token:
-            u = activations(parts, x3)
-            active = self.method.active(layer, u)
-            self._active[layer] = active.sum(dim=-1).cpu()
-            y = nn.functional.linear(u * active, parts.down, parts.down_bias)
-        else:                                           # no mask yet (no kept set moved in): dense
-            y = masked_ffn(parts, x3, self._masks[layer])
+        y = self._pruned(layer, x.reshape(step.batch, step.tokens, -1), list(range(step.batch)))
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def rows_on_masks(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """After a dense FFN in a forward where some rows trace: the output `y` with the rows of `step.on_masks`
+        computed on their masks instead, so that each row's output is its own whatever the other rows do."""
+        step = self._step
+        if not step.on_masks or (self._masks[layer] is None and not self.per_token):    # no kept set in yet
+            return y
+        rows = list(step.on_masks)
+        x3, y3 = x.reshape(step.batch, step.tokens, -1), y.reshape(step.batch, step.tokens, -1).clone()
+        y3[rows] = self._pruned(layer, x3[rows], rows).to(y3.dtype)
+        return y3.reshape(y.shape)
+
+    def _pruned(self, layer: int, x3: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The pruned FFN (mask path, per-token or offloaded) of batch rows `rows` on their inputs x3 [rows,
+        tokens, hidden]."""
+        masks = self._masks[layer]
+        if masks is not None and len(rows) != masks.shape[0]:
+            masks = masks[torch.tensor(rows, device=masks.device)]
+        if layer in self._offloaded:
+            return self.prefix[layer].forward(x3, masks)
+        parts = self.parts[layer]
+        if not self.per_token:                          # no mask yet (no kept set moved in): dense
+            return masked_ffn(parts, x3, masks)
+        u = activations(parts, x3)
+        active = self.method.active(layer, u)
+        counts = torch.full((self._step.batch, self._step.tokens), self.sizes[layer])   # rows not here: dense
+        counts[rows] = active.sum(dim=-1).cpu()
+        self._active[layer] = counts
+        return nn.functional.linear(u * active, parts.down, parts.down_bias)
 
     def record_inputs(self, xs: torch.Tensor) -> None:
         """The FFN inputs of every layer at once ([layers, batch, tokens, hidden]), for a loop that runs the FFNs
@@ -355,6 +378,17 @@ class Engine:
         state.phase = next_phase(state.phase, Event.DRIFT)
         state.pending = list(range(len(self.layers)))
         state.retrace_position, state.retrace_seconds, state.retrace_changed = state.position, 0.0, {}
+
+    @property
+    def traces_prompt(self) -> bool:
+        """Whether a prompt must be traced (dense) before the masks it prunes with exist."""
+        return self.prunes and (self.method.reads_trace or self.follows_drift)
+
+    def build_untraced(self) -> None:
+        """A new sequence's rows take their masks now, from what the method holds (calibration, a seed) rather than a
+        trace; for a method that reads none (`traces_prompt` False), before a pruned prompt."""
+        for b in range(len(self.rows)):
+            self._build(b)
 
     def next_forward_dense(self) -> bool:
         """Whether the next forward must run dense and be traced (a row still traces, or a new turn comes)."""
@@ -611,7 +645,7 @@ class Engine:
     # ----------------------------------------------------------------- accounting
     def _account(self, dense: bool) -> None:
         active = None
-        if self._active and not dense:  # per-token execution: count the neurons that really ran
+        if self._active:                # per-token execution: count the neurons that really ran
             per_token = torch.stack(list(self._active.values())).sum(dim=0)
             per_token = per_token + sum(s for i, s in enumerate(self.sizes) if i not in self._active)
             active = (per_token * self._valid).sum(dim=1).tolist()
@@ -623,7 +657,7 @@ class Engine:
             row.neurons_total += tokens * total
             if active is not None:
                 row.neurons_executed += active[b]
-            elif dense or not row.built:
+            elif (dense and b not in self._step.on_masks) or not row.built:
                 row.neurons_executed += tokens * total
             else:
                 row.neurons_executed += tokens * sum(self.sizes[i] if i in row.unmoved else k

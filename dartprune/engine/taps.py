@@ -43,7 +43,7 @@ class TappedFFN(nn.Module):
             return taps.pruned(self.index, x)
         y = self.original(x)
         taps.observed(self.index, x, y)
-        return y
+        return taps.on_masks(self.index, x, y) if taps.mixed else y
 
 
 class LayerKeys:
@@ -90,13 +90,16 @@ class FFNTaps:
     """Installed on a model until `remove()`; `dense` says which kind of forward comes next."""
 
     def __init__(self, model: nn.Module, report: Report,
-                 pruned: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+                 pruned: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 on_masks: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.adapter = get_adapter(model)
         self.layers = self.adapter.layers()
         self.report = report
         self.pruned = pruned
+        self.on_masks = on_masks     # a dense forward's output -> with the rows that do not trace on their masks
         self.dense = True
         self.want_h = True
+        self.mixed = False
         self._u: dict[int, torch.Tensor] = {}
         self._h: dict[int, torch.Tensor] = {}
         self._hooks: list = []
@@ -112,8 +115,10 @@ class FFNTaps:
             self._keys[i].install(tapped)
         self.set_mode(dense=True, want_h=True)
 
-    def set_mode(self, dense: bool, want_h: bool = False) -> None:
-        """Dense forwards read u (and h when `want_h`); pruned forwards read nothing."""
+    def set_mode(self, dense: bool, want_h: bool = False, mixed: bool = False) -> None:
+        """Dense forwards read u (and h when `want_h`); pruned forwards read nothing. mixed: a dense forward in
+        which some rows do not trace (their outputs go through `on_masks`)."""
+        self.mixed = dense and mixed
         if (dense, want_h) == (self.dense, self.want_h) and (self._hooks or not dense):
             return
         self._remove_hooks()

@@ -54,6 +54,9 @@ class Method:
     follows_drift: ClassVar[bool] = False
     # rebuild the masks from each new conversation turn (else the first turn's masks stay)
     follows_turns: ClassVar[bool] = False
+    # its masks come from the traced prompt (scores or layer importance); False: they are built without it, so a
+    # pruned prompt (prune_prefill) needs no dense tracing pass first
+    reads_trace: ClassVar[bool] = True
 
     def __init__(self, config: DartConfig, parts: list[FFNParts], model: nn.Module):
         self.config = config

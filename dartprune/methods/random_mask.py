@@ -9,6 +9,7 @@ class RandomMask(Method):
     name = "random"
     description = "uniformly random neurons per layer, seeded (the floor any method must beat)"
     trace = None
+    reads_trace = False
     allocation = "uniform"
 
     def neuron_scores(self, layer: int, traced: torch.Tensor | None, size: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ class Threshold(Method):
     description = "TEAL/CATS-style per-token |u| threshold per layer, calibrated offline (mask path only)"
     calibration = "threshold"
     trace = None
+    reads_trace = False
     allocation = "uniform"
     execution = "per-token"
 

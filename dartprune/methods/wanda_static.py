@@ -19,6 +19,7 @@ class WandaStatic(Method):
     description = "calibrated static mask: Wanda |W| x ||X|| summed per neuron over a calibration text"
     calibration = "wanda-static"
     trace = None
+    reads_trace = False
 
     def __init__(self, config, parts: list[FFNParts], model: nn.Module):
         super().__init__(config, parts, model)
