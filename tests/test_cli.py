@@ -60,7 +60,8 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
     (["generate", "hi", "--trace-plot", "trace.xyz"], "cannot write a plot to trace.xyz"),
     (["generate", "hi", "--prompt-file", "README.md"], "not both"),
     (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
-    (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
+    (["generate", "hi", "--sparsity", "0", "--compare-dense"], "dart at sparsity 0 prunes nothing"),
+    (["generate", "caf\udce9"], "the prompt is not valid Unicode"),      # a Latin-1 byte on a UTF-8 argv
     (["generate", "hi", "--set", "calibration_file=x.safetensors"], "takes none"),
 ])
 def test_generate_rejects_bad_input_before_loading(capsys, argv, message):

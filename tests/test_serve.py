@@ -117,6 +117,9 @@ def test_a_turn_over_the_context_is_refused_and_changes_nothing():
             chat.say("and then?", SamplingParams(max_new_tokens=5000))
         assert generator.native.cache.length == length and chat.tokens == tokens and len(chat.turns) == 1
         chat.say("and then?", params)
+        with pytest.raises(ValueError, match="the message is not valid Unicode"):   # a byte that was not UTF-8
+            chat.say("caf\udce9", params)
+        assert len(chat.turns) == 2
     assert chat.turns[1].rewound >= 0
 
 
@@ -310,6 +313,18 @@ def test_openai_client_streams_the_same_text(client):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 64}, 400, "seed must be in"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dartprune": {"ring_size": 10 ** 11}}, 400,
      "ring_size must be <= 4096"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "caf\ud800"}]}, 400, "not valid Unicode"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400,
+     "not valid Unicode"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}, 400,
+     "not valid Unicode"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400,
+     "does not know the option messages.0.name"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+      "stream_options": {"include_usage": True, "foo": 1}}, 400, "does not know the option stream_options.foo"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
+     400, "only allowed when stream is true"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, 400, "max_tokens"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, needle):
     good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -328,6 +343,14 @@ def test_a_streamed_request_with_settings_the_engine_refuses_is_a_400(server):
             "dartprune": {"monitored_layers": [50]}}
     code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
     assert code == 400 and "out of range" in answer["error"]["message"]
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_a_400(server):
+    """A JSON escape of half a UTF-16 pair: no tokenizer takes it (it had been a 500)."""
+    body = {"model": "tiny", "prompt": "caf\ud800", "max_tokens": 3}
+    code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
+    assert code == 400 and "not valid Unicode" in answer["error"]["message"], answer
+    assert answer["error"]["param"] == "prompt"
 
 
 def test_malformed_json_is_a_400(server):

@@ -7,7 +7,7 @@ import sys
 
 import torch
 from dartprune.decode.chat import has_chat_template, render_chat
-from dartprune.decode.generate import Generation, Generator, SamplingParams
+from dartprune.decode.generate import Generation, Generator, SamplingParams, check_text
 from dartprune.engine import DartConfig
 from dartprune.methods import METHODS
 from dartprune.engine.config import ConfigError, check_no_method_or_sparsity, parse_settings
@@ -58,7 +58,7 @@ def read_prompt(args: argparse.Namespace) -> str:
             prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1]
     else:
         prompt = args.prompt
-    if not prompt.strip():
+    if not check_text(prompt, "the prompt").strip():
         raise ValueError("the prompt is empty")
     return prompt
 
@@ -95,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     if args.trace_plot and not method.follows_drift:
         raise ValueError(f"--trace-plot draws the drift monitor, which --method {config.method} does not run "
                          "(dart does)")
-    if args.compare_dense and not method.prunes:
-        raise ValueError(f"--compare-dense times a pruned method against dense; {config.method} prunes nothing")
+    if args.compare_dense and (not method.prunes or config.sparsity == 0):
+        what = f"{config.method} at sparsity 0" if method.prunes else config.method
+        raise ValueError(f"--compare-dense times a pruned method against dense; {what} prunes nothing")
     if args.compare_dense and args.max_new_tokens < 2:
         raise ValueError("--compare-dense times decode steps per output token: it needs --max-new-tokens >= 2")
     if args.trace_plot:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from dartprune.decode.generate import Generation, Generator, SamplingParams
+from dartprune.decode.generate import Generation, Generator, SamplingParams, check_text
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -77,7 +77,7 @@ class Conversation:
             should_stop: Callable[[], bool] | None = None) -> Generation:
         """Add a user turn and generate the reply (streamed to `on_text`; `should_stop` is asked after every
         token, so a Ctrl-C handler can end a reply cleanly)."""
-        if not text.strip():
+        if not check_text(text, "the message").strip():
             raise ValueError("the message is empty")
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.render(messages)

@@ -21,6 +21,17 @@ from dartprune.models import check_context
 LOOPS = ("auto", "native", "hf")
 
 
+def check_text(text: str, what: str) -> str:
+    """`text`, or a ValueError naming `what` where it holds a lone surrogate (bytes that were not UTF-8 where the
+    text was read, or a JSON escape of half a character), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid Unicode: character {err.start} is {text[err.start]!r}, half of a "
+                         "UTF-16 pair or a byte that was not UTF-8; give the text as UTF-8") from None
+    return text
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each token. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.

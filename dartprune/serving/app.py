@@ -20,17 +20,17 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from dartprune.decode.chat import has_chat_template, render_chat
-from dartprune.decode.generate import Generation, Generator, SamplingParams
+from dartprune.decode.generate import Generation, Generator, SamplingParams, check_text
 from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
 from dartprune.models import ContextError, check_context, context_limit
@@ -51,9 +51,14 @@ class APIError(Exception):
             "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
 
 
+# request text that a tokenizer can take (a JSON escape of half a UTF-16 pair cannot be encoded)
+Text = Annotated[str, AfterValidator(lambda text: check_text(text, "the text"))]
+
+
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ClientGone(Exception):
@@ -61,29 +66,31 @@ class ClientGone(Exception):
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]           # a string, or OpenAI's list of content parts (text ones only)
+    content: Text | list[TextPart]          # a string, or OpenAI's list of content parts (text ones only)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")       # an option nobody reads would be silently ignored
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=-1)  # an extension other local servers take too; 0 or -1: off
-    n: int = 1
+    top_k: int | None = Field(default=None, ge=-1, strict=True)   # as other local servers take it; 0, -1: off
+    n: int = Field(default=1, strict=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, strict=True)
     dartprune: dict[str, Any] | None = None
     # OpenAI options that change nothing in the answer of a server that stores nothing and calls no tools
     user: str | None = None
@@ -101,6 +108,12 @@ class _Common(BaseModel):
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> _Common:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
     def unsupported(self) -> list[str]:
         """The options set that this server would otherwise ignore."""
         return [name for name, neutral in UNSUPPORTED.items()
@@ -109,13 +122,13 @@ class _Common(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    prompt: Text
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -218,8 +231,10 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        errors = err.errors()
+        # a union's members each report; the one our own checks raised says most
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+        where = ".".join(str(p) for p in first.get("loc", ())[1:] if "[" not in str(p)) or None  # not union tags
         kind = first.get("type", "")
         if kind == "json_invalid":
             return APIError(400, "the body is not valid JSON").response()
