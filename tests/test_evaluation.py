@@ -24,7 +24,7 @@ from dartprune.provenance import versions
 from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, load_text, mc_items
 from dartprune.evaluation.mc import score_item
 from dartprune.evaluation.conversation import dialogues
-from dartprune.evaluation.generation import repetition
+from dartprune.evaluation.generation import repetition, rouge_vs_dense
 from dartprune.evaluation.drift import Drift, drift_sequences
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
 from dartprune.evaluation.ppl import Perplexity
@@ -180,6 +180,13 @@ def test_repetition_measures_loops():
     assert repetition("the steam engine was built in a mill near the river") == 0.0
     assert repetition("by the invention " * 10) == pytest.approx(1 - 3 / 27)
     assert repetition("too short") == 0.0
+
+
+def test_an_output_equal_to_denses_scores_one_against_it_even_when_both_are_empty():
+    """ROUGE scores two empty texts 0; an output the same as dense's is full agreement (it had scored 0)."""
+    assert rouge_vs_dense("", "") == 1.0 and rouge_vs_dense("the ship sailed", "the ship sailed") == 1.0
+    assert rouge_vs_dense("", "the ship sailed") == 0.0
+    assert rouge_vs_dense("the ship sank", "the ship sailed") == pytest.approx(2 / 3)
 
 
 def test_paired_bootstrap_of_geometric_mean_ratios():

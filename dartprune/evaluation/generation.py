@@ -26,6 +26,12 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     return {k: v.fmeasure for k, v in scores.items()}
 
 
+def rouge_vs_dense(text: str, dense_text: str) -> float:
+    """ROUGE-L F1 of an output against the dense model's output for the same prompt: 1 for the same output, two
+    empty ones included (which ROUGE scores 0)."""
+    return 1.0 if text == dense_text else rouge(text, dense_text)["rougeL"]
+
+
 def repetition(text: str, n: int = 4) -> float:
     """Share of the text's word n-grams that repeat an earlier one: 0 for text that never repeats itself, near 1
     for a loop ("by the invention by the invention ...")."""
@@ -71,7 +77,7 @@ class _GenerationTask(Task):
             if reference is not None:
                 row.update(rouge(text, reference))
             if self.dense_outputs is not None:
-                row["rougeL_vs_dense"] = rouge(text, self.dense_outputs[i])["rougeL"]
+                row["rougeL_vs_dense"] = rouge_vs_dense(text, self.dense_outputs[i])
             elif spec.method == "dense":
                 row["rougeL_vs_dense"] = 1.0
             scores.append(row)
