@@ -627,6 +627,13 @@ def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, c
             (["--tasks", "ppl", "--seed", str(2 ** 64)], "seed must be in [0, 2^63)"),
             (["--tasks", "ppl", "--methods", "dart", "--calibration-file", "x.safetensors"],
              "none of --methods needs a calibration file"),
+            # options of tasks that --tasks leaves out would be ignored (and their errors never found)
+            (["--tasks", "ppl", "--mc-sets", "nosuch"], "--mc-sets is for the mc task, which --tasks does not"),
+            (["--tasks", "mc", "--text", "/nonexist.txt"], "--text is for the ppl task"),
+            (["--tasks", "ppl", "--summary-file", "xsum=/nonexist.jsonl"], "--tasks does not include xsum"),
+            (["--tasks", "ppl", "--drift-profile", "quick"], "--drift-profile is for the drift and conversation tasks"),
+            (["--tasks", "mc", "--prefix", "32"], "--prefix is for the ppl and drift tasks"),
+            (["--tasks", "ppl", "--chat", "yes"], "--chat is for the topics task"),
     ):
         argv = ["eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), *argv]
         try:

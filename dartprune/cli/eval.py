@@ -105,12 +105,14 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--drift-segment", type=int, default=d.drift_segment,
                    help="drift: tokens of A's continuation and of B (default: 256, or 24 with --drift-profile quick)")
     p.add_argument("--drift-profile", default=d.drift_profile, choices=["full", "quick"],
-                   help="drift: full (7 genres, 42 switch sequences and 21 controls) or quick (3 genres, short)")
+                   help="drift, conversation: full (7 genres, 42 switch sequences and 21 controls) or quick "
+                        "(3 genres, short)")
     p.add_argument("--drift-sources", type=_sources, default=None, metavar="GENRE=SOURCE[+SOURCE];...",
-                   help="drift: your own genres and text sources (docs/data.md) instead of the built-in ones, e.g. "
+                   help="drift, conversation: your own genres and text sources (docs/data.md) instead of the built-in ones, e.g. "
                         "'code=python:argparse+python:csv;wiki=wikitext2'")
     p.add_argument("--drift-split", default=d.drift_split, choices=["all", "tune", "test"],
-                   help="drift: every sequence, or the half to choose settings on (tune) or to report on (test)")
+                   help="drift, conversation: every sequence, or the half to choose settings on (tune) or to "
+                        "report on (test)")
     p.add_argument("--mc-sets", type=_csv(str), default=d.mc_sets, help="mc: comma-separated sets")
     p.add_argument("--summary-file", action="append", default=[], metavar="TASK=FILE",
                    help="xsum / cnn_dailymail: another jsonl in the local layout (docs/data.md), e.g. xsum=my.jsonl")
@@ -129,11 +131,37 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.set_defaults(run=run)
 
 
+# options that only some tasks read: (option, its EvalSettings field, the tasks that read it)
+TASK_OPTIONS = (("--text", "text", ("ppl",)), ("--ppl-window", "ppl_window", ("ppl",)),
+                ("--ppl-windows", "ppl_windows", ("ppl",)), ("--prefix", "prefix", ("ppl", "drift")),
+                ("--drift-segment", "drift_segment", ("drift",)),
+                ("--drift-profile", "drift_profile", ("drift", "conversation")),
+                ("--drift-sources", "drift_sources", ("drift", "conversation")),
+                ("--drift-split", "drift_split", ("drift", "conversation")), ("--mc-sets", "mc_sets", ("mc",)),
+                ("--topic-tokens", "topic_tokens", ("topics",)), ("--chat", "chat", ("topics",)))
+
+
+def check_task_options(args: argparse.Namespace) -> None:
+    """An option set away from its default for tasks that --tasks leaves out would be silently ignored (and a
+    wrong value in it never found): refuse it."""
+    from dartprune.evaluation.registry import EvalSettings
+    defaults = EvalSettings()
+    for flag, field, tasks in TASK_OPTIONS:
+        if getattr(args, field) != getattr(defaults, field) and not set(tasks) & set(args.tasks):
+            raise ValueError(f"{flag} is for the {' and '.join(tasks)} task{'s' if len(tasks) > 1 else ''}, "
+                             "which --tasks does not include")
+    for item in args.summary_file:
+        task = item.partition("=")[0]
+        if task in ("xsum", "cnn_dailymail") and task not in args.tasks:
+            raise ValueError(f"--summary-file {item}: --tasks does not include {task}")
+
+
 def run(args: argparse.Namespace) -> int:
     from dartprune.evaluation.core import parse_method
     from dartprune.evaluation.registry import EvalSettings
     from dartprune.methods import METHODS
     from dartprune.evaluation.runner import run_evaluation
+    check_task_options(args)
     extra = parse_settings(args.set)
     calibrated = sorted({parse_method(m)[0] for m in args.methods} & {m for m, spec in METHODS.items()
                                                                       if spec.calibration is not None})
