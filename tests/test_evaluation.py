@@ -515,6 +515,11 @@ def test_eval_command_writes_results_table_and_plots(tiny, tmp_path, capsys):
     assert "ROUGE-L difference vs static" in text and "ppl ratio vs static" in text
     drift_header = next(line for line in text.splitlines() if line.startswith("| subtask | method | ppl_before"))
     assert drift_header.count("executed") == 1
+    # the same folder again, fewer tasks: the plots of tasks this run did not have go with the earlier results
+    (out / "notes.png").write_bytes(b"the user's own file")
+    assert main(["--model", str(folder), "--methods", "static", "--sparsity", "0.5", "--data-dir", str(MINI),
+                 "--tasks", "ppl", "--out", str(out), "--limit", "2", "--ppl-window", "64", "--prefix", "16"]) == 0
+    assert {p.name for p in out.glob("*.png")} == {"plot_ppl_ppl.png", "notes.png"}
 
 
 def test_eval_command_errors(tmp_path):

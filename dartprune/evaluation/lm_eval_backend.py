@@ -62,7 +62,7 @@ class DartLM(HFLM):
         model, tokenizer = load_for_eval(str(pretrained), str(dtype))
         if device and device != "cpu":
             if str(device).startswith("cuda") and not torch.cuda.is_available():
-                logging.getLogger(__name__).info("device %r: CUDA is not available, running on the CPU", device)
+                logging.getLogger(__name__).warning("device %r: CUDA is not available, running on the CPU", device)
             else:
                 model = model.to(device)
         if needs_bos_every_window(model, str(pretrained)):

@@ -81,6 +81,8 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     (out / "results.partial.json").unlink(missing_ok=True)
     write_details(out / "details.jsonl", details)
     plots += plot_quality(results, out)
+    for old in {*out.glob("plot_*.png"), *out.glob("drift_trace_*.png")} - set(plots):   # an earlier run's
+        old.unlink()
     table = markdown(meta, results, comparisons)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
     if echo:
