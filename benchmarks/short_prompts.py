@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
+    bos = tokenizer.bos_token_id if needs_bos_every_window(model) else None
     items = windows(tokenizer, args.length, args.per_genre, bos)
     counts = [int(v) for v in args.min_trace.split(",")]
     if max(counts) > args.score_from:

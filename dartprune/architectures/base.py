@@ -97,6 +97,8 @@ class Adapter(ABC):
     """Base adapter: subclasses name the modules of one family (or several with the same layout)."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # trained with BOS first and much worse without it: every evaluation window starts with BOS (Gemma)
+    bos_every_window: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -11,6 +11,7 @@ from dartprune.architectures.llama import LlamaAdapter
 @register_adapter
 class GemmaAdapter(LlamaAdapter):
     model_types = ("gemma", "gemma2", "gemma3_text")
+    bos_every_window = True
 
     def ffn_input_norm(self, layer: nn.Module) -> nn.Module | None:
         return getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm

@@ -87,7 +87,7 @@ def drift_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, list]:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    bos = tokenizer.bos_token_id if needs_bos_every_window(model, args.model) else None
+    bos = tokenizer.bos_token_id if needs_bos_every_window(model) else None
     return model, drift_sequences(tokenizer, args.prefix, args.segment, bos=bos, split=args.split)
 
 

@@ -114,7 +114,7 @@ class ConversationTask(ReadsGenres, Task):
         s = self.settings
         genres = selected_genres(s)
         passage, reply = SIZES[s.drift_profile]
-        bos = needs_bos_every_window(self.model, s.model)
+        bos = needs_bos_every_window(self.model)
         items = dialogues(self.tokenizer, passage, reply, genres, s.data_dir, bos)
         if s.drift_split != "all":
             items = [d for d in items if d.split == s.drift_split]

@@ -10,10 +10,11 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from dartprune.architectures import get_adapter
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.engine import DartConfig, SequenceStats
 from dartprune.engine.config import ConfigError, check_no_method_or_sparsity, parse_settings
-from dartprune.models import alias_for, load_model, progress_off
+from dartprune.models import load_model, progress_off
 from dartprune.methods import METHODS
 
 
@@ -36,13 +37,10 @@ def load_for_eval(name: str, dtype: str = "float32"):
     return model, tokenizer
 
 
-def needs_bos_every_window(model, name: str | None = None) -> bool:
-    """Gemma is trained with BOS first and degrades badly without it; every window/sequence then starts with BOS.
-    A model alias says so itself; any other model, by its type."""
-    alias = alias_for(name) if name else None
-    if alias is not None:
-        return alias.needs_bos_every_window
-    return str(getattr(model.config, "model_type", "")).startswith("gemma")
+def needs_bos_every_window(model) -> bool:
+    """Whether every window/sequence starts with BOS: the model's family says so (Gemma is trained with BOS first
+    and degrades badly without it)."""
+    return get_adapter(model).bos_every_window
 
 
 # ----------------------------------------------------------------------------------------------- methods

@@ -185,7 +185,7 @@ class Drift(ReadsGenres, Task):
         s = self.settings
         genres = selected_genres(s)
         segment = PROFILES[s.drift_profile]["segment"] if s.drift_segment is None else s.drift_segment
-        bos = self.tokenizer.bos_token_id if needs_bos_every_window(self.model, s.model) else None
+        bos = self.tokenizer.bos_token_id if needs_bos_every_window(self.model) else None
         sequences = drift_sequences(self.tokenizer, s.prefix, segment, genres, s.data_dir, bos, s.drift_split)
         check_context(self.model, max((len(q.ids) for q in sequences), default=0),
                       "drift sequences (--prefix + 2 x --drift-segment)")

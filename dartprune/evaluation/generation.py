@@ -106,7 +106,7 @@ class _Summaries(_GenerationTask):
         load_summaries(cls.name, 1, settings.data_dir, settings.summary_files.get(cls.name))
 
     def prepare(self) -> None:
-        bos = needs_bos_every_window(self.model, self.settings.model)
+        bos = needs_bos_every_window(self.model)
         self.items = []
         for doc in load_summaries(self.name, self.settings.limit_for(self.name), self.settings.data_dir,
                                   self.settings.summary_files.get(self.name)):
@@ -186,7 +186,7 @@ class Topics(_GenerationTask):
         if self.settings.chat == "yes" and not has_template:
             raise ValueError("--chat yes: this tokenizer has no chat template")
         self.chat = self.settings.chat == "yes" or (self.settings.chat == "auto" and has_template)
-        bos = needs_bos_every_window(self.model, self.settings.model)
+        bos = needs_bos_every_window(self.model)
         self.items = []
         for prompt in prompts:
             if self.chat:

@@ -65,7 +65,7 @@ class DartLM(HFLM):
                 logging.getLogger(__name__).warning("device %r: CUDA is not available, running on the CPU", device)
             else:
                 model = model.to(device)
-        if needs_bos_every_window(model, str(pretrained)):
+        if needs_bos_every_window(model):
             hf.setdefault("add_bos_token", True)
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **hf)
         self.dart_config = config

@@ -56,7 +56,7 @@ class MultipleChoice(Task):
     def prepare(self) -> None:
         self.sets = {name: load_mc(name, self.settings.limit_for("mc"), self.settings.data_dir)
                      for name in self.settings.mc_sets}
-        self.bos = needs_bos_every_window(self.model, self.settings.model)
+        self.bos = needs_bos_every_window(self.model)
 
     def evaluate(self, spec: MethodSpec, session) -> list:
         results, accs, norms = [], [], []

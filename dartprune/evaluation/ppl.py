@@ -55,7 +55,7 @@ class Perplexity(Task):
                              f"({s.ppl_window})")
         check_context(self.model, s.ppl_window, "ppl windows (--ppl-window)")
         text = load_text(s.text, s.data_dir)
-        self.bos = needs_bos_every_window(self.model, s.model)
+        self.bos = needs_bos_every_window(self.model)
         body = s.ppl_window - (1 if self.bos else 0)
         ids = text_tokens(self.tokenizer, text, windows * body)
         head = [self.tokenizer.bos_token_id] if self.bos else []
