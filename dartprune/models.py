@@ -190,18 +190,16 @@ def _is_converted(folder: Path, fingerprint: str) -> bool:
 
 
 @torch.no_grad()
-def verify_conversion(reference: PreTrainedModel, folder: Path,
-                      reference_tokenizer: PreTrainedTokenizerBase | None = None) -> float:
+def verify_conversion(reference: PreTrainedModel, folder: Path, reference_tokenizer: PreTrainedTokenizerBase) -> float:
     """Max |logit difference| between `reference` (the GGUF load) and the model saved in `folder`, on fixed ids;
     raises if the saved tokenizer encodes a fixed text differently. Float32 weights are copied, so this is 0."""
     saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     difference = float((reference(_CHECK_IDS).logits.float() - saved(_CHECK_IDS).logits).abs().max())
-    if reference_tokenizer is not None:
-        expected = reference_tokenizer(_CHECK_TEXT).input_ids
-        got = AutoTokenizer.from_pretrained(folder)(_CHECK_TEXT).input_ids
-        if got != expected:
-            raise RuntimeError(f"the saved tokenizer in {folder} encodes differently from the GGUF one: "
-                               f"{got} != {expected}")
+    expected = reference_tokenizer(_CHECK_TEXT).input_ids
+    got = AutoTokenizer.from_pretrained(folder)(_CHECK_TEXT).input_ids
+    if got != expected:
+        raise RuntimeError(f"the saved tokenizer in {folder} encodes differently from the GGUF one: "
+                           f"{got} != {expected}")
     return difference
 
 

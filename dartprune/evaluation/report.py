@@ -217,7 +217,7 @@ def plot_drift_traces(traces: dict, switches: dict[str, int], out: Path) -> list
     from dartprune.plots import plot_drift_trace
     paths = []
     for (pair, method, sparsity), stats in traces.items():
-        if stats is None or not stats.windows:
+        if not stats.windows:
             continue
         path = out / f"drift_trace_{_safe(pair)}_{method}_{sparsity:g}.png"
         title = (f"{pair}: {method} @ {sparsity:g}, {stats.retrace_count} re-traces "
