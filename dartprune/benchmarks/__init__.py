@@ -96,12 +96,11 @@ def teacher_force(native, ids: list[int], prefix: int, chunk: int) -> torch.Tens
     """One drift sequence through a `NativeModel`: ids[:prefix] as a new prompt, then the rest but the last token
     through the cache, `chunk` tokens at a time (what the scripts record their signals from). Returns the logits
     [len(ids) - 1, vocab]: row i predicts ids[i + 1]."""
+    from dartprune.evaluation.core import forced_pieces
+
     tokens = torch.tensor(ids)
     native.reset()
-    pieces = [native.forward(tokens[:prefix])]
-    for start in range(prefix, len(ids) - 1, chunk):
-        pieces.append(native.forward(tokens[start:min(start + chunk, len(ids) - 1)]))
-    return torch.cat(pieces)
+    return torch.cat([native.forward(tokens[start:end]) for start, end in forced_pieces(len(ids), prefix, chunk)])
 
 
 class AttentionRecorder:

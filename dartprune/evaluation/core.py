@@ -143,24 +143,12 @@ class Session:
     def score(self, ids: list[int] | torch.Tensor, traced: int, chunk: int,
               on_traced: Callable[[], None] | None = None) -> Scored:
         """log p(ids[t] | ids[:t]) for t in traced+1 .. len(ids)-1 (see PROTOCOL_TEACHER_FORCED)."""
-        if self.generator.native is None:
-            return teacher_forced_logprobs(self.model, ids, traced, chunk, on_traced)
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        total = ids.numel()
-        _check_protocol(total, traced, chunk)
         native = self.generator.native
+        if native is None:
+            return teacher_forced(hf_feed(self.model, ids), ids, traced, chunk, on_traced)
         native.reset()
-        first = max(traced, 1)
-        logits = native.forward(ids[:first])
-        if on_traced is not None:
-            on_traced()
-        logprobs, greedy = [], []
-        if traced == 0:
-            _collect(logits[-1:], ids[1:2], logprobs, greedy)
-        for start in range(first, total - 1, chunk):
-            end = min(start + chunk, total - 1)
-            _collect(native.forward(ids[start:end]), ids[start + 1:end + 1], logprobs, greedy)
-        return Scored(torch.cat(logprobs), torch.cat(greedy))
+        return teacher_forced(lambda start, end: native.forward(ids[start:end]), ids, traced, chunk, on_traced)
 
     @torch.no_grad()
     def score_turns(self, parts: list[tuple[list[int], bool]], chunk: int) -> list[torch.Tensor]:
@@ -263,32 +251,56 @@ PROTOCOL_TEACHER_FORCED = (
     "ids[P+1:] is predicted by a pruned forward (W = DartConfig.window)")
 
 
+Feed = Callable[[int, int], torch.Tensor]    # (start, end) -> logits [end - start, vocab] of ids[start:end]
+
+
+def forced_pieces(total: int, traced: int, chunk: int) -> list[tuple[int, int]]:
+    """The (start, end) pieces PROTOCOL_TEACHER_FORCED feeds a sequence of `total` tokens in: the traced prefix
+    (at least one token), then the rest but the last token in chunks of at most `chunk`."""
+    first = max(traced, 1)
+    return [(0, first)] + [(start, min(start + chunk, total - 1)) for start in range(first, total - 1, chunk)]
+
+
+def hf_feed(model, ids: torch.Tensor) -> Feed:
+    """Feeds pieces of `ids` to a Hugging Face model one after another through its KV cache."""
+    cache = None
+
+    def feed(start: int, end: int) -> torch.Tensor:
+        nonlocal cache
+        out = model(input_ids=ids[None, start:end], attention_mask=torch.ones(1, end, dtype=torch.long),
+                    cache=cache, use_cache=True)
+        cache = out.cache
+        return out.logits[0].float()
+    return feed
+
+
 @torch.no_grad()
-def teacher_forced_logprobs(model, ids: list[int] | torch.Tensor, traced: int, chunk: int,
-                            on_traced: Callable[[], None] | None = None) -> Scored:
-    """log p(ids[t] | ids[:t]) for t in traced+1 .. len(ids)-1 (see PROTOCOL_TEACHER_FORCED).
+def teacher_forced(feed: Feed, ids: torch.Tensor, traced: int, chunk: int,
+                   on_traced: Callable[[], None] | None = None) -> Scored:
+    """log p(ids[t] | ids[:t]) for t in traced+1 .. len(ids)-1 (see PROTOCOL_TEACHER_FORCED), feeding `feed` the
+    pieces of `forced_pieces`.
 
     traced = 0 (a one-token context) prefills ids[:1] and, as the only exception, takes the prediction of ids[1]
     from that dense prefill. `on_traced` is called right after the traced prefill (tests read the mask there).
     """
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-    total = ids.shape[1]
-    _check_protocol(total, traced, chunk)
-    first = max(traced, 1)
-    out = model(input_ids=ids[:, :first], attention_mask=torch.ones(1, first, dtype=torch.long), use_cache=True)
+    _check_protocol(ids.numel(), traced, chunk)
+    (_, first), *rest = forced_pieces(ids.numel(), traced, chunk)
+    logits = feed(0, first)
     if on_traced is not None:
         on_traced()
-    logits = [out.logits[:, -1:].float()] if traced == 0 else []
-    cache = out.cache
-    for start in range(first, total - 1, chunk):
-        end = min(start + chunk, total - 1)
-        out = model(input_ids=ids[:, start:end], attention_mask=torch.ones(1, end, dtype=torch.long), cache=cache,
-                    use_cache=True)
-        cache = out.cache
-        logits.append(out.logits.float())
-    logp = torch.cat(logits, dim=1)[0].log_softmax(-1)
-    targets = ids[0, traced + 1:]
-    return Scored(logp.gather(1, targets[:, None])[:, 0], logp.argmax(-1) == targets)
+    logprobs, greedy = [], []
+    if traced == 0:
+        _collect(logits[-1:], ids[1:2], logprobs, greedy)
+    for start, end in rest:
+        _collect(feed(start, end), ids[start + 1:end + 1], logprobs, greedy)
+    return Scored(torch.cat(logprobs), torch.cat(greedy))
+
+
+def teacher_forced_logprobs(model, ids: list[int] | torch.Tensor, traced: int, chunk: int,
+                            on_traced: Callable[[], None] | None = None) -> Scored:
+    """`teacher_forced` on a Hugging Face model (dartprune attached or not)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    return teacher_forced(hf_feed(model, ids), ids, traced, chunk, on_traced)
 
 
 @torch.no_grad()
