@@ -9,9 +9,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from dartprune.engine.config import IMPORTANCES
 from dartprune.calibration.file import (
     DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SPARSITIES, HIST_BINS, HIST_HIGH,
-    HIST_LOW, IMPORTANCE_VARIANTS, Calibration, check_method, histogram_quantiles, load_calibration, save_calibration,
+    HIST_LOW, Calibration, check_method, histogram_quantiles, load_calibration, save_calibration,
 )
 from dartprune.data import Text
 from dartprune.engine.budgets import layer_importance
@@ -61,7 +62,7 @@ class _Collector:
         num = len(self.taps.layers)
         self.x_sumsq: list[torch.Tensor | float] = [0.0] * num
         self.u_sumsq: list[torch.Tensor | float] = [0.0] * num
-        self.importance = {v: torch.zeros(num, dtype=torch.float64) for v in IMPORTANCE_VARIANTS}
+        self.importance = {v: torch.zeros(num, dtype=torch.float64) for v in IMPORTANCES}
         self.hist: list[torch.Tensor | float] = [0.0] * num
         self.zeros = torch.zeros(num, dtype=torch.float64)
 
@@ -79,7 +80,7 @@ class _Collector:
         self.x_sumsq[i] = self.x_sumsq[i] + x.square().sum(0)
         shape = (1, x.shape[0], -1)       # every token of every row in one row: all windows are full
         valid = torch.ones(1, x.shape[0], dtype=torch.bool)
-        for variant in IMPORTANCE_VARIANTS:
+        for variant in IMPORTANCES:
             mean = layer_importance(h.reshape(shape), f.reshape(shape), valid, variant)[0]
             self.importance[variant][i] += float(mean) * x.shape[0]
 

@@ -37,12 +37,10 @@ from dartprune.architectures import FFNParts, get_adapter
 
 FORMAT = "dartprune-calibration"
 VERSION = 1
-CALIBRATED_METHODS = ("wanda-static", "threshold")   # the methods whose `calibration` names these
 DEFAULT_TEXT = "gutenberg:melville-moby_dick"
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 DEFAULT_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00, 0.05, ..., 0.95
-IMPORTANCE_VARIANTS = ("residual", "ffn-vs-input")
 # |u| histogram: log2 range and resolution (2^(1/256) = 0.27% wide bins from 3.6e-15 to 65536)
 HIST_LOW, HIST_HIGH, BINS_PER_OCTAVE = -48.0, 16.0, 256
 HIST_BINS = int((HIST_HIGH - HIST_LOW) * BINS_PER_OCTAVE)
@@ -221,9 +219,15 @@ def load_calibration(path: str | Path) -> Calibration:
     return Calibration(str(path), meta, tensors)
 
 
+def calibrated_methods() -> list[str]:
+    """The kinds of calibration file: one per method whose `calibration` names one (wanda-static, threshold)."""
+    from dartprune.methods import METHODS     # the methods read these files: imported when asked, not at load
+    return sorted({method.calibration for method in METHODS.values() if method.calibration is not None})
+
+
 def check_method(method: str) -> None:
-    if method not in CALIBRATED_METHODS:
-        raise ValueError(f"calibration is for methods {list(CALIBRATED_METHODS)}, not {method!r}")
+    if method not in calibrated_methods():
+        raise ValueError(f"calibration is for methods {calibrated_methods()}, not {method!r}")
 
 
 # ----------------------------------------------------------------------------------------------- scores

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dartprune.calibration.collect import calibrate
 from dartprune.calibration.file import (
-    CALIBRATED_METHODS, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SPARSITIES, DEFAULT_TEXT,
+    DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SPARSITIES, DEFAULT_TEXT, calibrated_methods,
 )
 
 
@@ -20,7 +20,7 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
         description="Run the dense model over windows of a calibration text and save what the method needs: "
                     "per-layer input/activation norms (wanda-static) or per-layer |u| thresholds for a grid of "
                     "sparsities (threshold). Calibrate on a text that no evaluation uses.")
-    p.add_argument("--method", required=True, choices=CALIBRATED_METHODS)
+    p.add_argument("--method", required=True, choices=calibrated_methods())
     p.add_argument("--model", default=None, help="alias, local folder or Hugging Face id (default: smollm2-135m)")
     p.add_argument("--text", default=DEFAULT_TEXT,
                    help=f"calibration text: a file, gutenberg:NAME, wikitext2 or python:MODULE (default {DEFAULT_TEXT}, "
