@@ -60,7 +60,12 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        return "dense" if self.method == "dense" else f"{self.name}@{self.sparsity:g}"
+        return method_label(self.name, self.sparsity)
+
+
+def method_label(name: str, sparsity: float) -> str:
+    """How tables, plots and comparisons name a method at a sparsity: `dart@0.5`, `dart[window=8]@0.7`, `dense`."""
+    return "dense" if name == "dense" else f"{name}@{sparsity:g}"
 
 
 def parse_method(text: str) -> tuple[str, str, dict[str, Any]]:

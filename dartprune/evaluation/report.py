@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dartprune.evaluation.core import method_label  # noqa: E402
 from dartprune.evaluation.registry import Result, get_task  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def _fmt(value) -> str:
 
 
 def _label(r: Result) -> str:
-    return "dense" if r.method == "dense" else f"{r.method}@{r.sparsity:g}"
+    return method_label(r.method, r.sparsity)
 
 
 def _safe(name: str) -> str:
