@@ -62,6 +62,8 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
     (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
     (["generate", "hi", "--sparsity", "0", "--compare-dense"], "dart at sparsity 0 prunes nothing"),
     (["generate", "caf\udce9"], "the prompt is not valid Unicode"),      # a Latin-1 byte on a UTF-8 argv
+    (["generate", "hi", "--method", "dense", "--sparsity", "0.7"], "--method dense prunes nothing"),
+    (["generate", "hi", "--method", "dense", "--set", "window=8"], "--sparsity and --set would change nothing"),
     (["generate", "hi", "--set", "calibration_file=x.safetensors"], "takes none"),
 ])
 def test_generate_rejects_bad_input_before_loading(capsys, argv, message):

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import TextIO
 
-from dartprune.cli.generate import config_from
+from dartprune.cli.generate import DEFAULT_SPARSITY, config_from
 from dartprune.decode.chat import Conversation
 from dartprune.decode.generate import Generator, SamplingParams
 from dartprune.decode.model import native_runs, native_supported
@@ -25,7 +25,8 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
     p.add_argument("--method", default="dart", choices=NATIVE_METHODS,
                    help="chat runs on the native loop, which runs these methods")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of FFN neurons removed, in [0, 1)")
+    p.add_argument("--sparsity", type=float, help="fraction of FFN neurons removed, in [0, 1) (default "
+                                                 f"{DEFAULT_SPARSITY}; not for --method dense)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

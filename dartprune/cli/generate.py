@@ -13,6 +13,8 @@ from dartprune.methods import METHODS
 from dartprune.engine.config import ConfigError, check_no_method_or_sparsity, parse_settings
 from dartprune.models import DEFAULT_MODEL, load_model
 
+DEFAULT_SPARSITY = 0.5      # what generate and chat prune without --sparsity
+
 
 def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p = add_parser("generate", help="generate text from a prompt, dense or pruned",
@@ -21,7 +23,8 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
     p.add_argument("--method", default="dart", choices=sorted(METHODS))
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of FFN neurons removed, in [0, 1)")
+    p.add_argument("--sparsity", type=float, help="fraction of FFN neurons removed, in [0, 1) (default "
+                                                 f"{DEFAULT_SPARSITY}; not for --method dense)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -76,11 +79,14 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 def config_from(args: argparse.Namespace) -> DartConfig:
     """The DartConfig that generate's and chat's options name (--method, --sparsity, --seed, --calibration-file,
     --set)."""
-    if not 0.0 <= args.sparsity < 1.0:
-        raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if not METHODS[args.method].prunes and (args.sparsity is not None or args.set):
+        raise ConfigError(f"--method {args.method} prunes nothing: --sparsity and --set would change nothing")
+    sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"--sparsity must be in [0, 1), got {sparsity}")
     settings = parse_settings(args.set)
     check_no_method_or_sparsity(settings, "--method")
-    config = DartConfig.from_dict({"method": args.method, "sparsity": args.sparsity, "seed": args.seed,
+    config = DartConfig.from_dict({"method": args.method, "sparsity": sparsity, "seed": args.seed,
                                    "calibration_file": args.calibration_file, **settings})
     if config.calibration_file and METHODS[config.method].calibration is None:
         raise ValueError(f"--calibration-file is for the calibrated methods; --method {config.method} takes none")
