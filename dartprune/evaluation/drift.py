@@ -176,6 +176,9 @@ class Drift(ReadsGenres, Task):
     description = ("drift benchmark: switch sequences across 7 genres and homogeneous controls; false re-traces, "
                    "detection, perplexity before/after the switch, paired intervals")
     primary = ("ppl_after", False)
+    summary = ("ppl_before", "ppl_after", "ppl_control", "false_per_1k_control", "detected_64", "executed_sparsity")
+    summary_note = ("Drift: ppl columns are geometric means over sequences; false re-traces per 1,000 tokens of the "
+                    "controls; detected_64: share of switches followed by a re-trace within 64 tokens.")
     protocol = ("drift: switch = A[:P] + A[P:P+S] + B[:S], control = A[:P+2S] (S = --drift-segment); "
                 + PROTOCOL_TEACHER_FORCED + "; false re-traces: monitor triggers before the switch or anywhere in "
                 "a control, per 1,000 scored tokens; detected: a trigger within 64 tokens after the switch; "

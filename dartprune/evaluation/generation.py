@@ -100,6 +100,7 @@ class _Summaries(_GenerationTask):
     """A summarisation set: the prompt fed verbatim, greedy up to the item's max_tokens, cut at its stop strings."""
 
     primary = ("rougeL", True)
+    summary = ("rougeL", "rougeL_vs_dense")
 
     @classmethod
     def check_data(cls, settings) -> None:

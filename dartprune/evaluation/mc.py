@@ -46,6 +46,12 @@ class MultipleChoice(Task):
     name = "mc"
     description = "zero-shot multiple choice (PIQA, ARC, BoolQ, COPA, OpenBookQA, WinoGrande, SIQA, CSQA)"
     primary = ("acc_norm", True)
+    summary = ("acc_norm", "acc")
+    summary_note = "mc: unweighted mean over the sets."
+
+    @classmethod
+    def summary_subtask(cls, subtasks: list[str]) -> str:
+        return "mean" if "mean" in subtasks else subtasks[0]
     protocol = PROTOCOL_MC
 
     @classmethod

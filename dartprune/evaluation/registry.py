@@ -97,6 +97,13 @@ class Task(ABC):
     description: ClassVar[str] = ""
     primary: ClassVar[tuple[str, bool]] = ("", True)  # (metric, higher is better) for summary tables and plots
     protocol: ClassVar[str] = ""
+    summary: ClassVar[tuple[str, ...]] = ()   # the metrics of the results' summary table (none: the primary one)
+    summary_note: ClassVar[str] = ""          # a line under that table saying how to read them
+
+    @classmethod
+    def summary_subtask(cls, subtasks: list[str]) -> str:
+        """The subtask whose metrics the summary shows ('*': each result's own, one row per method)."""
+        return "*"
 
     def __init__(self, settings: EvalSettings, model, tokenizer, versions: dict[str, str]):
         self.settings = settings

@@ -18,6 +18,8 @@ from dartprune.evaluation.registry import Result, get_task  # noqa: E402
 
 
 def _fmt(value) -> str:
+    if value is None:                       # a figure that could not be measured, as result files store it
+        return "-"
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
@@ -62,20 +64,9 @@ def _summary_columns(results: list[Result]) -> list[tuple[str, str, str]]:
     """(task, subtask or '*', metric) columns for the summary table, in task order."""
     columns = []
     for task in dict.fromkeys(r.task for r in results):
-        metric = get_task(task).primary[0]
-        subtasks = list(dict.fromkeys(r.subtask for r in results if r.task == task))
-        if task == "mc":
-            columns.append((task, "mean" if "mean" in subtasks else subtasks[0], "acc_norm"))
-            columns.append((task, "mean" if "mean" in subtasks else subtasks[0], "acc"))
-        elif task == "drift":
-            columns += [(task, "*", m) for m in ("ppl_before", "ppl_after", "ppl_control", "false_per_1k_control",
-                                                 "detected_64", "executed_sparsity")]
-        elif task in ("xsum", "cnn_dailymail"):
-            columns += [(task, "*", "rougeL"), (task, "*", "rougeL_vs_dense")]
-        elif task == "topics":
-            columns += [(task, "*", "rougeL_vs_dense")]
-        else:
-            columns.append((task, "*", metric))
+        cls = get_task(task)
+        subtask = cls.summary_subtask(list(dict.fromkeys(r.subtask for r in results if r.task == task)))
+        columns += [(task, subtask, metric) for metric in cls.summary or (cls.primary[0],)]
     return columns
 
 
@@ -144,10 +135,8 @@ def markdown(meta: dict, results: list[Result], comparisons: list[dict] | None =
     labels = list(dict.fromkeys(_label(r) for r in results))
     columns = _summary_columns(results)
     if columns:
-        tasks = {r.task for r in results}
-        notes = (["Drift: ppl columns are geometric means over sequences; false re-traces per 1,000 tokens of the "
-                  "controls; detected_64: share of switches followed by a re-trace within 64 tokens."]
-                 if "drift" in tasks else []) + (["mc: unweighted mean over the sets."] if "mc" in tasks else [])
+        notes = [note for note in (get_task(task).summary_note for task in dict.fromkeys(r.task for r in results))
+                 if note]
         lines += ["## Summary", ""] + ([" ".join(notes), ""] if notes else []) + [
                   "| method | " + " | ".join(_column_title(*c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for label in labels:
