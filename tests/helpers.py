@@ -35,3 +35,13 @@ def assert_untouched(model: torch.nn.Module, before: dict[str, tuple[torch.Tenso
     assert not any(isinstance(m, TappedFFN) for m in model.modules())
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name][0]) and value.stride() == before[name][1], name
+
+
+@torch.no_grad()
+def dense_reference_logprobs(model, ids: list[int] | torch.Tensor, traced: int) -> torch.Tensor:
+    """The teacher-forced protocol's targets from one plain forward over the whole sequence (no cache): the dense
+    ground truth."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    logp = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
+    targets = ids[0, traced + 1:]
+    return logp[traced:-1].gather(1, targets[:, None])[:, 0]

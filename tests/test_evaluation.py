@@ -17,7 +17,7 @@ from dartprune import DartConfig, attach
 from dartprune.cli.main import main as cli_main
 from dartprune.evaluation import EvalSettings, run_evaluation
 from dartprune.evaluation.core import (
-    MethodSpec, Session, dense_reference_logprobs, encode_pair, method_specs, needs_bos_every_window,
+    MethodSpec, Session, encode_pair, method_specs, needs_bos_every_window,
     teacher_forced_logprobs,
 )
 from dartprune.provenance import versions
@@ -29,6 +29,7 @@ from dartprune.evaluation.drift import Drift, drift_sequences
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
 from dartprune.evaluation.ppl import Perplexity
 from tests.conftest import MINI
+from tests.helpers import dense_reference_logprobs
 from tests.tiny_models import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

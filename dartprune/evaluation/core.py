@@ -308,13 +308,6 @@ def teacher_forced_logprobs(model, ids: list[int] | torch.Tensor, traced: int, c
     return teacher_forced(hf_feed(model, ids), ids, traced, chunk, on_traced)
 
 
-@torch.no_grad()
-def dense_reference_logprobs(model, ids: list[int] | torch.Tensor, traced: int) -> torch.Tensor:
-    """The same targets from one plain forward over the whole sequence (no cache): the dense ground truth."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-    logp = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
-    targets = ids[0, traced + 1:]
-    return logp[traced:-1].gather(1, targets[:, None])[:, 0]
 
 
 def encode_pair(tokenizer, context: str, continuation: str, bos: bool = False) -> tuple[list[int], list[int]]:
