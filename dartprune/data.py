@@ -341,6 +341,16 @@ def summary_prompt(document: str, sentences: int) -> str:
     return f"###\nArticle: {document.strip()}\n\nSummarize the above article in {sentences} sentences."
 
 
+def _stop_strings(stop: Any, path: Path) -> list[str]:
+    """An item's `stop`: a list of strings, or one string (not its characters); absent: the HELM files' '###'."""
+    if stop is None or stop == []:
+        return [SUMMARY_STOP]
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"{path}: an item's stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
 def load_summaries(name: str, limit: int | None = None, root: str | Path | None = None,
                    path: str | Path | None = None) -> list[dict[str, Any]]:
     """Items {article (the whole prompt), summary_gt, max_tokens, stop} of a summarisation set; `path` reads another
@@ -351,7 +361,7 @@ def load_summaries(name: str, limit: int | None = None, root: str | Path | None 
         raise DataNotFoundError(f"{path} not found")
     if local is not None:
         items = [{"article": d["article"], "summary_gt": d["summary_gt"], "max_tokens": int(d["max_tokens"]),
-                  "stop": list(d.get("stop") or [SUMMARY_STOP])} for d in _jsonl(local)]
+                  "stop": _stop_strings(d.get("stop"), local)} for d in _jsonl(local)]
     else:
         doc, ref = spec.fields
         rows = _hub_rows(f"summarisation set {name!r}", spec.local, *spec.hub)[:limit]

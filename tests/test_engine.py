@@ -114,6 +114,8 @@ def test_an_attached_model_saves_and_loads_as_the_model_it_is(tmp_path, family):
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert list(model.state_dict()) == keys                       # the same keys, in the same order
         out = model(ids[:, :8], use_cache=True)                        # mid-sequence: the neurons are permuted
+        prefix = model.base_model_prefix + "."
+        assert all(torch.equal(v, own[prefix + k]) for k, v in model.base_model.state_dict().items())  # a part's
         state = model.state_dict()
         assert all(torch.equal(state[k], own[k]) for k in keys)       # ... but a state dict has them in order
         continued = model(ids[:, 8:9], cache=out.past_key_values, use_cache=True).logits  # the sequence goes on
@@ -197,6 +199,22 @@ def test_a_row_that_traces_dense_does_not_change_the_other_rows_of_the_batch(set
     assert together[0].executed_sparsity != pytest.approx(together[1].executed_sparsity)
 
 
+def test_prune_prefill_runs_a_prompt_too_short_to_trace_from_as_without_it():
+    """A prompt shorter than min_trace_tokens has no masks to run on: it runs dense and traced once, as without
+    prune_prefill (it had been traced twice, by the tracing pass and by the prompt's own forward)."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 8, seed=3)
+    runs = []
+    for prune_prefill in (False, True):
+        with dartprune.attach(model, DartConfig(sparsity=0.5, min_trace_tokens=20, prune_prefill=prune_prefill)) as h:
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+            runs.append((out, h.stats()[0]))
+    (plain, plain_stats), (pruned, pruned_stats) = runs
+    assert torch.equal(plain, pruned)
+    assert pruned_stats.executed_sparsity == plain_stats.executed_sparsity
+    assert pruned_stats.retrace_positions == plain_stats.retrace_positions
+
+
 def test_continuing_a_cache_after_reset_says_no_sequence_is_open():
     model = tiny_model("llama")
     ids = random_ids(1, 12)
@@ -240,6 +258,8 @@ def test_attached_generate_refuses_modes_that_reorder_rows_or_guess_tokens():
         for options in ({"num_beams": 3}, {"generation_config": GenerationConfig(num_beams=2, max_new_tokens=4)}):
             with pytest.raises(ValueError, match="beam search .* is not supported with method 'dart'"):
                 model.generate(ids, max_new_tokens=4, do_sample=False, **options)
+        with pytest.raises(ValueError, match="beam search .* is not supported with method 'dart'"):   # by place
+            model.generate(ids, GenerationConfig(num_beams=2, max_new_tokens=4))
         for options, what in speculative:
             with pytest.raises(ValueError, match=f"{what} .* is not supported under dartprune"):
                 model.generate(ids, max_new_tokens=4, do_sample=False, **options)
@@ -248,6 +268,10 @@ def test_attached_generate_refuses_modes_that_reorder_rows_or_guess_tokens():
         for options, what in speculative:       # the guessed tokens would be traced as the prompt's
             with pytest.raises(ValueError, match=f"{what} .* is not supported under dartprune"):
                 model.generate(ids, max_new_tokens=4, do_sample=False, **options)
+        with pytest.raises(ValueError, match="beam search needs every prompt to bring min_trace_tokens = 40"):
+            with dartprune.attach(tiny_model("llama"), DartConfig(method="static", sparsity=0.5,
+                                                                  min_trace_tokens=40)) as short:
+                short.model.generate(ids, max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
         out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
         assert out.shape == (1, 30)
         rows = handle.stats()
@@ -892,6 +916,11 @@ def test_attach_works_on_a_model_dispatched_over_cpu_and_disk(tmp_path):
     assert (results["memory"] - results["dispatched"]).abs().max() <= 1e-4
     assert results["memory_stats"].retrace_positions == results["dispatched_stats"].retrace_positions
     assert results["dispatched_stats"].retrace_count >= 2
+    pair = random_ids(2, 30, seed=5)                             # two rows run on masks, offloaded layers too
+    for name, m in (("memory", model), ("dispatched", dispatched)):
+        with dartprune.attach(m, config):
+            results[name + "_pair"] = teacher_forced_logits(m, pair, prefix=12, chunk=2)
+    assert (results["memory_pair"] - results["dispatched_pair"]).abs().max() <= 1e-4
     dense = teacher_forced_logits(dispatched, ids, prefix=12)
     with torch.no_grad():
         assert (dense - model(ids).logits).abs().max() <= 1e-5

@@ -320,8 +320,9 @@ def test_summaries_end_at_each_items_own_stop_strings(tiny, tmp_path):
     [free] = outputs([["###"]])
     assert len(free) > 4
     cut = free[len(free) // 2]                    # a character the uncut output holds past its start
-    stopped, default = outputs([[cut], None])
+    stopped, default, one = outputs([[cut], None, cut + "\u00a7"])
     assert stopped == free[:free.index(cut)] and default == free
+    assert one == free                            # one string is one stop string, not its characters
 
 
 @pytest.mark.parametrize("task, message", [
@@ -640,6 +641,8 @@ def test_eval_settings_wrong_for_the_run_fail_before_the_model_loads(tmp_path, c
             (["--tasks", "ppl", "--drift-profile", "quick"], "--drift-profile is for the drift and conversation tasks"),
             (["--tasks", "mc", "--prefix", "32"], "--prefix is for the ppl and drift tasks"),
             (["--tasks", "ppl", "--chat", "yes"], "--chat is for the topics task"),
+            (["--tasks", "pll", "--text", "/nonexist.txt"], "unknown task 'pll'"),
+            (["--tasks", "ppl", "--limit", "ppl=2,mc=3"], "--limit names task(s) ['mc'] that --tasks does not include"),
     ):
         argv = ["eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), *argv]
         try:
@@ -672,9 +675,12 @@ def test_result_files_are_strict_json(tmp_path):
 def test_per_task_limits(tiny, tmp_path):
     model, tokenizer, _ = tiny
     settings = EvalSettings(model="tiny", methods=["random"], sparsities=[0.5], tasks=["topics"], out=str(tmp_path),
-                            limit={"topics": 1, "mc": 5}, topic_tokens=4)
+                            limit={"topics": 1}, topic_tokens=4)
     results, _ = run_evaluation(settings, model, tokenizer, command="test", echo=False)
     assert [r.items for r in results] == [1, 1]
+    settings.limit = {"topics": 1, "mc": 5}       # a limit for a task not run would be ignored: refused
+    with pytest.raises(ValueError, match=r"--limit names task\(s\) \['mc'\] that --tasks does not include"):
+        run_evaluation(settings, model, tokenizer, command="test", echo=False)
 
 
 def test_a_run_that_fails_leaves_an_earlier_runs_results_whole(tiny, tmp_path, monkeypatch):

@@ -144,7 +144,9 @@ TASK_OPTIONS = (("--text", "text", ("ppl",)), ("--ppl-window", "ppl_window", ("p
 def check_task_options(args: argparse.Namespace) -> None:
     """An option set away from its default for tasks that --tasks leaves out would be silently ignored (and a
     wrong value in it never found): refuse it."""
-    from dartprune.evaluation.registry import EvalSettings
+    from dartprune.evaluation.registry import EvalSettings, get_task
+    for name in args.tasks:               # a misspelt task first: it is why an option seems misplaced
+        get_task(name)
     defaults = EvalSettings()
     for flag, field, tasks in TASK_OPTIONS:
         if getattr(args, field) != getattr(defaults, field) and not set(tasks) & set(args.tasks):

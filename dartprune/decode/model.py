@@ -144,7 +144,7 @@ class NativeModel:
             valid = torch.ones(1, tokens, dtype=torch.bool)
             if start == 0:
                 engine.start(1)
-                if engine.prunes and engine.config.prune_prefill:   # trace the prompt dense, then run it pruned
+                if engine.prunes_prompt(valid):        # trace the prompt dense (or not at all), then run it pruned
                     if engine.traces_prompt:
                         self._layers(ids, start, engine.begin_forward(valid, trace_only=True))
                         engine.end_forward()

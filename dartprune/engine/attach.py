@@ -38,8 +38,9 @@ class DartHandle:
                 self.taps = FFNTaps(model, self.engine.trace, pruned=self.engine.ffn,
                                     on_masks=self.engine.rows_on_masks)
             self._hooks += [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                            model.register_forward_hook(self._after_forward, with_kwargs=True),
-                            model.register_state_dict_pre_hook(self._own_order)]
+                            model.register_forward_hook(self._after_forward, with_kwargs=True)]
+            # on each layer, so that the state dict of any module holding one (the model's too) has them in order
+            self._hooks += [layer.register_state_dict_pre_hook(self._own_order) for layer in self.engine.layers]
             adapter = self.engine.adapter
             self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
                             for j, layer in enumerate(self.engine.monitored)]
@@ -102,7 +103,8 @@ class DartHandle:
         first token."""
         @functools.wraps(generate)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            settings = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+            given = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)   # by name or place
+            settings = given or getattr(self.model, "generation_config", None)
 
             def setting(name: str, default: Any) -> Any:
                 value = kwargs.get(name)
@@ -117,23 +119,38 @@ class DartHandle:
                 raise ValueError(f"{speculative[0]} is not supported under dartprune: its first forward brings the "
                                  "prompt with guessed tokens, which would be traced (and run dense) as if they "
                                  "were the prompt, and rejected guesses would stay in the per-row state")
-            if self.engine.follows_drift and (setting("num_beams", 1) or 1) > 1:
-                raise ValueError(f"beam search (num_beams > 1) is not supported with method {self.config.method!r}: "
-                                 "its per-row state (recent tokens, drift monitor, re-traced kept sets) follows one "
-                                 "continuous sequence per row, and beam search reorders rows. Use greedy or "
-                                 "sampling decoding, or a method whose kept sets do not change while generating "
-                                 "(static, griffin)")
+            if (setting("num_beams", 1) or 1) > 1:
+                self._check_beam_search(args, kwargs)
             use_cache = setting("use_cache", True)
             if use_cache is False and not self.config.prune_prefill:
                 raise ValueError("dartprune prunes the steps that follow a prompt through the KV cache; without "
                                  "it (use_cache=False) every step is a new prompt, which runs dense: keep the cache "
-                                 "(prune_prefill=True runs each step's prompt on masks too, after a dense tracing "
-                                 "pass: more work than dense)")
+                                 "(or set prune_prefill=True, which runs each step's prompt on masks too: more "
+                                 "work than dense where the prompt is traced first)")
             try:
                 return generate(*args, **kwargs)
             finally:
                 self.engine.end_sequence()
         return wrapped
+
+    def _check_beam_search(self, args: tuple, kwargs: dict) -> None:
+        """Beam search reorders the rows every step, which per-row state that changes while generating does not
+        follow: DART's (re-traces, drift), and any method's while a row still traces (a prompt shorter than
+        min_trace_tokens). Refused then."""
+        if self.engine.follows_drift:
+            raise ValueError(f"beam search (num_beams > 1) is not supported with method {self.config.method!r}: "
+                             "its per-row state (recent tokens, drift monitor, re-traced kept sets) follows one "
+                             "continuous sequence per row, and beam search reorders rows. Use greedy or sampling "
+                             "decoding, or a method whose kept sets do not change while generating (static, griffin)")
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        mask = kwargs.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            lengths = mask.sum(dim=1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else \
+                torch.full((ids.shape[0],), ids.shape[1])
+            if int(lengths.min()) < self.config.min_trace_tokens:
+                raise ValueError(f"beam search needs every prompt to bring min_trace_tokens = "
+                                 f"{self.config.min_trace_tokens} tokens: a shorter one goes on tracing while beam "
+                                 f"search reorders the rows (this batch's shortest has {int(lengths.min())})")
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -148,7 +165,7 @@ class DartHandle:
         engine = self.engine
         if cache is None or cache.get_seq_length() == 0:
             engine.start(batch)
-            if self.config.prune_prefill and engine.prunes:
+            if engine.prunes_prompt(valid):
                 if engine.traces_prompt:                # a dense pass that traces the prompt first
                     self._set_taps(engine.begin_forward(valid, trace_only=True))
                     with torch.no_grad():

@@ -41,7 +41,8 @@ class DartConfig:
     p_min/p_max: per-layer pruning-ratio clip bounds.
     score: "l2" (sqrt of summed squares over traced tokens) or "ema" (exponential decay `ema_decay` over tokens).
     prior: optional static per-neuron prior multiplied into the scores.
-    prune_prefill: also prune the prompt's forward (costs a dense tracing pass first).
+    prune_prefill: also prune the prompt's forward (after a dense pass that traces it, for the methods whose masks
+        come from the prompt).
     min_trace_tokens: a prompt shorter than this is too short to trace from: the first decoded tokens run dense
         and are traced too, and the masks are built once this many tokens have been traced (the paper's
         masking step). 1 builds them from the prompt whatever its length.

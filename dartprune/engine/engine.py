@@ -384,6 +384,14 @@ class Engine:
         """Whether a prompt must be traced (dense) before the masks it prunes with exist."""
         return self.prunes and (self.method.reads_trace or self.follows_drift)
 
+    def prunes_prompt(self, valid: torch.Tensor) -> bool:
+        """Whether this prompt ([batch, tokens] valid) runs on masks (`prune_prefill`): it does when its masks can
+        be built first, from the method alone or from a trace of every row's `min_trace_tokens` tokens; a shorter
+        prompt runs dense and traced, as without prune_prefill."""
+        if not (self.prunes and self.config.prune_prefill):
+            return False
+        return not self.traces_prompt or int(valid.sum(dim=1).min()) >= max(1, self.config.min_trace_tokens)
+
     def build_untraced(self) -> None:
         """A new sequence's rows take their masks now, from what the method holds (calibration, a seed) rather than a
         trace; for a method that reads none (`traces_prompt` False), before a pruned prompt."""
@@ -583,8 +591,9 @@ class Engine:
         previous, row.kept[layer] = row.kept[layer], kept
         if not self.per_token:
             if self._masks[layer] is None:
-                self._masks[layer] = torch.ones(len(self.rows), 1, self.sizes[layer], dtype=self.parts[layer].up.dtype,
-                                                device=self.parts[layer].up.device)
+                up = self.parts[layer].up                     # an offloaded layer's weights sit on meta until it runs
+                device = torch.device("cpu") if up.device.type == "meta" else up.device
+                self._masks[layer] = torch.ones(len(self.rows), 1, self.sizes[layer], dtype=up.dtype, device=device)
             self._masks[layer][b, 0] = self.prefix[layer].mask(kept, self._masks[layer].dtype).to(
                 self._masks[layer].device)
         if previous is None:

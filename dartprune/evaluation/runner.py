@@ -28,6 +28,9 @@ def run_evaluation(settings: EvalSettings, model=None, tokenizer=None, command: 
     unknown = sorted(set(settings.limit) - set(TASK_REGISTRY)) if isinstance(settings.limit, dict) else []
     if unknown:
         raise ValueError(f"--limit names unknown task(s) {unknown}; tasks: {', '.join(sorted(TASK_REGISTRY))}")
+    outside = sorted(set(settings.limit) - set(settings.tasks)) if isinstance(settings.limit, dict) else []
+    if outside:                           # it would be ignored, and a typo in the task list never found
+        raise ValueError(f"--limit names task(s) {outside} that --tasks does not include")
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; it names the folder the results go to")
