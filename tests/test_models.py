@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dartprune import models
+from dartprune.evaluation.core import needs_bos_every_window
 from dartprune.models import ALIASES, ModelNotAvailableError, load_model
 from tests.tiny_models import tiny_model
 
@@ -69,8 +70,7 @@ def test_gemma_alias_with_bos(gemma):
     folder = models.cache_dir() / "models" / "gemma3-270m"
     assert json.loads((folder / models.MARKER).read_text())["max_logit_difference"] <= 1e-5
     assert model.config.model_type == "gemma3_text" and model.config.hidden_activation == "gelu_pytorch_tanh"
-    assert models.alias_for("gemma3-270m").needs_bos_every_window
-    assert not models.alias_for("smollm2-135m").needs_bos_every_window
+    assert needs_bos_every_window(model)
     assert tokenizer("hi").input_ids[0] == tokenizer.bos_token_id == 2
     ids, text = _greedy(model, tokenizer)
     assert ids[0, 0] == tokenizer.bos_token_id
