@@ -472,9 +472,11 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("down_layout", ["neuron-major", "row-major"])
-def test_compiled_row_moves_equal_pytorch_and_restore_exactly(dtype, down_layout):
+@pytest.mark.parametrize("hidden", [40, 1100])
+def test_compiled_row_moves_equal_pytorch_and_restore_exactly(dtype, down_layout, hidden):
     """The in-place compiled row swaps leave the weights bit-equal to PyTorch's index_copy_, whatever the dtype,
-    and restore gives back the original weights; a row-major down projection (no contiguous rows to swap) goes
+    and restore (compiled too: rows moved along the permutation's cycles, in pieces of 2 KB, so 1100 float32 columns
+    take three) gives back the original weights; a row-major down projection (no contiguous rows to swap) goes
     through PyTorch."""
     from dartprune.architectures import FFNParts
     from dartprune.engine import weights
@@ -484,7 +486,7 @@ def test_compiled_row_moves_equal_pytorch_and_restore_exactly(dtype, down_layout
     def run(compiled: bool):
         weights.set_compiled_swap(compiled)
         generator = torch.Generator().manual_seed(0)
-        size, hidden = 96, 40
+        size = 96
         gate, up = (torch.randn(size, hidden, generator=generator).to(dtype) for _ in range(2))
         up_bias = torch.randn(size, generator=generator).to(dtype)
         down = torch.randn(size, hidden, generator=generator).to(dtype)
