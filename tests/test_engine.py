@@ -5,6 +5,7 @@ import torch
 
 import dartprune
 from dartprune import ConfigError, DartConfig
+from dartprune.architectures import get_adapter
 from dartprune.engine.config import parse_settings
 from dartprune.engine.budgets import depth_protection, keep_counts, layer_importance, pruning_ratios
 from dartprune.decode.model import NativeModel
@@ -109,13 +110,27 @@ def test_an_attached_model_saves_and_loads_as_the_model_it_is(tmp_path, family):
     ids = random_ids(1, 12)
     with torch.no_grad():
         reference = model(ids).logits
-    own = model.state_dict()
+    own = {k: v.clone() for k, v in model.state_dict().items()}    # copies: the attached model permutes in place
+    adapter = get_adapter(model)
+    layer = adapter.layers()[1]
+    ffn = adapter.ffn(layer)                       # OPT's FFN is two modules of the layer, not one of its children
+    slot = next((name for name, child in layer.named_children() if child is ffn), None)
+    ffn_own = {k: v.clone() for k, v in ffn.state_dict().items()}
     with dartprune.attach(model, DartConfig(sparsity=0.5)), torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert list(model.state_dict()) == keys                       # the same keys, in the same order
         out = model(ids[:, :8], use_cache=True)                        # mid-sequence: the neurons are permuted
         prefix = model.base_model_prefix + "."
         assert all(torch.equal(v, own[prefix + k]) for k, v in model.base_model.state_dict().items())  # a part's
+        out = model(ids[:, :8], use_cache=True)
+        if slot is not None:                                            # the FFN module's own, as without dartprune
+            assert any(not torch.equal(p, v) for p, v in zip(getattr(layer, slot).parameters(), ffn_own.values()))
+            state = getattr(layer, slot).state_dict()
+            assert list(state) == list(ffn_own) and all(torch.equal(state[k], v) for k, v in ffn_own.items())
+            getattr(layer, slot).load_state_dict(ffn_own)
+            with pytest.raises(RuntimeError, match="assign=True"):
+                getattr(layer, slot).load_state_dict(ffn_own, assign=True)
+        out = model(ids[:, :8], use_cache=True)
         state = model.state_dict()
         assert all(torch.equal(state[k], own[k]) for k in keys)       # ... but a state dict has them in order
         continued = model(ids[:, 8:9], cache=out.past_key_values, use_cache=True).logits  # the sequence goes on

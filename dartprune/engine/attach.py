@@ -39,8 +39,11 @@ class DartHandle:
                                     on_masks=self.engine.rows_on_masks)
             self._hooks += [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                             model.register_forward_hook(self._after_forward, with_kwargs=True)]
-            # on each layer, so that the state dict of any module holding one (the model's too) has them in order
-            self._hooks += [layer.register_state_dict_pre_hook(self._own_order) for layer in self.engine.layers]
+            # on each layer and FFN, so that the state dict of any module holding one (the model's too) has them in
+            # their own order
+            ffns = self.taps.stand_ins if self.taps is not None else []
+            self._hooks += [module.register_state_dict_pre_hook(self._own_order)
+                            for module in [*self.engine.layers, *ffns]]
             adapter = self.engine.adapter
             self._hooks += [adapter.attention(self.engine.layers[layer]).register_forward_hook(self._attention(j))
                             for j, layer in enumerate(self.engine.monitored)]

@@ -18,16 +18,39 @@ from dartprune.architectures import get_adapter
 Report = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], None]
 
 
+def refuse_assign(local_metadata: dict) -> None:
+    """`load_state_dict(assign=True)` would put new tensors where the engine holds views of the old ones."""
+    if local_metadata.get("assign_to_params_buffers"):
+        raise RuntimeError("load_state_dict(assign=True) would replace the weights that dartprune prunes in place; "
+                           "detach, load, and attach again")
+
+
 class TappedFFN(nn.Module):
     """Stands in for one layer's FFN module (the original stays its child and runs unchanged when dense). The
-    original's attributes are found through it (`mlp.gate_proj`); its keys in the model's state dict are the
-    model's own (see `LayerKeys`)."""
+    original's attributes are found through it (`mlp.gate_proj`), and its own state dict has the original's keys
+    (`mlp.state_dict()` as without dartprune); in the model's state dict the keys are the model's own (see
+    `LayerKeys`)."""
 
     def __init__(self, index: int, original: nn.Module, taps: FFNTaps):
         super().__init__()
         self.index = index
         self.original = original
         self._taps = [taps]      # a list, so the taps are not registered as a submodule
+        self._names = list(original.state_dict(keep_vars=True))
+        self.register_state_dict_post_hook(self._own_keys)
+        self.register_load_state_dict_pre_hook(self._child_keys)
+
+    @staticmethod
+    def _own_keys(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        keys = [k for k in state if k.startswith(prefix + "original.")]   # this module's, last in `state` just now
+        state.update([(prefix + k[len(prefix) + len("original."):], state.pop(k)) for k in keys])
+
+    @staticmethod
+    def _child_keys(module: nn.Module, state: dict, prefix: str, local_metadata: dict, *args) -> None:
+        refuse_assign(local_metadata)
+        for name in module._names:
+            if prefix + name in state:
+                state[prefix + "original." + name] = state.pop(prefix + name)
 
     def __getattr__(self, name: str):
         try:
@@ -49,8 +72,9 @@ class TappedFFN(nn.Module):
 class LayerKeys:
     """Keeps a layer's state-dict keys those of the model, so that an attached model saves and loads as the model
     it is (offloaded weights included). Each of the FFN's tensors is found by identity before the stand-in goes in:
-    under the stand-in it is `<slot>.original.<name in the FFN module>`, in the model it is its own name in the
-    layer (for most families `mlp.<name>`; OPT's FFN is two modules of the layer itself, `fc1` and `fc2`)."""
+    in the layer under the stand-in it is `<slot>.<name in the FFN module>` (the stand-in's own keys), in the model
+    it is its own name in the layer: the same for most families (`mlp.<name>`), but OPT's FFN is two modules of the
+    layer itself, `fc1` and `fc2`, with the stand-in in the slot of `fc1`."""
 
     def __init__(self, layer: nn.Module, original: nn.Module):
         names = {id(t): name for name, t in layer.state_dict(keep_vars=True).items()}
@@ -61,7 +85,7 @@ class LayerKeys:
     def install(self, tapped: TappedFFN) -> None:
         """After the stand-in took its slot in the layer."""
         slot = next(name for name, child in self.layer.named_children() if child is tapped)
-        tapped_names = {f"{slot}.original.{name}": own for name, own in self.model_names.items()}
+        tapped_names = {f"{slot}.{name}": own for name, own in self.model_names.items()}
         model_names = {own: tapped for tapped, own in tapped_names.items()}
 
         def to_model(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -70,9 +94,7 @@ class LayerKeys:
             state.update(items)
 
         def to_tapped(module: nn.Module, state: dict, prefix: str, local_metadata: dict, *args) -> None:
-            if local_metadata.get("assign_to_params_buffers"):
-                raise RuntimeError("load_state_dict(assign=True) would replace the weights that dartprune prunes "
-                                   "in place; detach, load, and attach again")
+            refuse_assign(local_metadata)
             for own, tapped in model_names.items():
                 if prefix + own in state:
                     state[prefix + tapped] = state.pop(prefix + own)
@@ -109,10 +131,10 @@ class FFNTaps:
         self._norms = [self.adapter.ffn_input_norm(layer) for layer in self.layers]
         self._out_norms = [self.adapter.ffn_output_norm(layer) for layer in self.layers]
         self._keys = [LayerKeys(layer, original) for layer, original in zip(self.layers, self.originals)]
-        for i, layer in enumerate(self.layers):
-            tapped = TappedFFN(i, self.originals[i], self)
+        self.stand_ins = [TappedFFN(i, original, self) for i, original in enumerate(self.originals)]
+        for layer, tapped, keys in zip(self.layers, self.stand_ins, self._keys):
             self.adapter.set_ffn(layer, tapped)
-            self._keys[i].install(tapped)
+            keys.install(tapped)
         self.set_mode(dense=True, want_h=True)
 
     def set_mode(self, dense: bool, want_h: bool = False, mixed: bool = False) -> None:
