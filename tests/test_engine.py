@@ -485,6 +485,31 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
 
 
 
+def test_a_neuron_order_that_is_not_a_permutation_is_refused_and_moves_nothing():
+    """The compiled restore follows the order's cycles; an order with a repeated id would never close a cycle, one
+    out of range would write outside the weights. Both are refused before any row moves."""
+    from dartprune.architectures import FFNParts
+    from dartprune.engine import weights
+    if weights.swap_library() is None:
+        pytest.skip("the compiled swap cannot be built here (no C compiler, or DARTPRUNE_KERNEL=0)")
+    generator = torch.Generator().manual_seed(0)
+    gate, up, down_t = (torch.randn(32, 8, generator=generator) for _ in range(3))
+    original = [t.clone() for t in (gate, up, down_t)]
+    prefix = PrefixFFN(FFNParts(gate=gate, up=up, up_bias=None, down=down_t.t(), down_bias=None, act=torch.nn.SiLU()))
+    prefix.keep(torch.tensor([3, 9, 17, 30]))
+    for bad in (1, 32):                 # id 1 twice (a swap partner is lost), then an id past the end
+        prefix.order = prefix.order.clone()
+        held, prefix.order[0] = int(prefix.order[0]), bad
+        before = [t.clone() for t in (gate, up, down_t)]
+        with pytest.raises(RuntimeError, match="not a permutation"):
+            prefix.restore()
+        assert all(torch.equal(t, b) for t, b in zip((gate, up, down_t), before))
+        prefix.order[0] = held
+    prefix.restore()
+    assert torch.equal(prefix.order, torch.arange(32, dtype=torch.int32))
+    assert all(torch.equal(t, o) for t, o in zip((gate, up, down_t), original))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("down_layout", ["neuron-major", "row-major"])
 @pytest.mark.parametrize("hidden", [40, 1100])

@@ -48,8 +48,8 @@ def swap_library() -> ctypes.CDLL | None:
             _swap_library.dart_swap_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             _swap_library.dart_swap_rows.restype = None
-            _swap_library.dart_unpermute_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                                          ctypes.c_int64, ctypes.c_int]
+            _swap_library.dart_unpermute_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             _swap_library.dart_unpermute_rows.restype = ctypes.c_int
     return None if isinstance(_swap_library, str) or not _swap_enabled else _swap_library
 
@@ -155,12 +155,16 @@ class PrefixFFN:
             rows = self._compiled_rows()
             if rows is None:
                 self._copy_neurons(misplaced, self.order[misplaced].long())
-            else:
+            else:                       # every weight of the layer in one call, which moves all or nothing
+                bases = (ctypes.c_void_p * len(rows))(*[t.data_ptr() for t in rows])
+                row_bytes = (ctypes.c_int64 * len(rows))(*[t.stride(0) * t.element_size() for t in rows])
                 order = self.order.contiguous()
-                for t in rows:
-                    if swap_library().dart_unpermute_rows(t.data_ptr(), t.stride(0) * t.element_size(),
-                                                          order.data_ptr(), self.size, torch.get_num_threads()):
-                        raise MemoryError(f"restoring the neuron order: {self.size * 9} bytes could not be had")
+                status = swap_library().dart_unpermute_rows(bases, row_bytes, len(rows), order.data_ptr(), self.size,
+                                                            torch.get_num_threads())
+                if status == -2:
+                    raise RuntimeError("the neuron order is not a permutation; the weights were left as they are")
+                if status:
+                    raise MemoryError(f"restoring the neuron order: {self.size * 9} bytes could not be had")
             self.order, self._position = torch.arange(self.size, dtype=torch.int32), None
         if self.k != self.size:
             self.k = self.size
