@@ -11,10 +11,11 @@ Two views, on every drift sequence that `--split` selects:
   unchanged text before it (from the end of the prompt). Where the text after a switch is never more novel than
   the text before it already was, a detector on this signal cannot catch that switch without also firing inside
   unchanged text.
-- detectors: fires when a window's novelty exceeds the mean of the windows seen since its last fit by
-  max(k standard deviations, floor); fitted on the prompt's windows, refitted from the windows after a trigger,
-  checked every 5 tokens (the benchmark's chunk), at most once per 64 tokens. Counted as the drift benchmark
-  counts triggers.
+- detectors: fires when a window's novelty exceeds the mean of its reference windows by max(k standard
+  deviations, floor). The reference is the last `fit` windows: at first those of the prompt (one per position,
+  so they overlap more than the later ones), then the windows checked since, every 5 tokens (the benchmark's
+  chunk), emptied at a trigger and refilled from the windows after it. At most one trigger per 64 tokens. Counted
+  as the drift benchmark counts triggers.
 
     python benchmarks/drift_text_novelty.py --split tune --out benchmarks/results/drift/text_novelty_smollm2_tune.md
 """

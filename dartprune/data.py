@@ -342,8 +342,9 @@ def summary_prompt(document: str, sentences: int) -> str:
 
 
 def _stop_strings(stop: Any, path: Path) -> list[str]:
-    """An item's `stop`: a list of strings, or one string (not its characters); absent: the HELM files' '###'."""
-    if stop is None or stop == []:
+    """An item's `stop`: a list of strings (empty: none), or one string (not its characters); absent: the HELM
+    files' '###'."""
+    if stop is None:
         return [SUMMARY_STOP]
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):

@@ -283,10 +283,12 @@ def test_attached_generate_refuses_modes_that_reorder_rows_or_guess_tokens():
         for options, what in speculative:       # the guessed tokens would be traced as the prompt's
             with pytest.raises(ValueError, match=f"{what} .* is not supported under dartprune"):
                 model.generate(ids, max_new_tokens=4, do_sample=False, **options)
-        with pytest.raises(ValueError, match="beam search needs every prompt to bring min_trace_tokens = 40"):
-            with dartprune.attach(tiny_model("llama"), DartConfig(method="static", sparsity=0.5,
-                                                                  min_trace_tokens=40)) as short:
-                short.model.generate(ids, max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+        short_model = tiny_model("llama")
+        with dartprune.attach(short_model, DartConfig(method="static", sparsity=0.5, min_trace_tokens=40)):
+            embeds = short_model.get_input_embeddings()(ids)
+            for prompt in ({"input_ids": ids}, {"inputs_embeds": embeds}):
+                with pytest.raises(ValueError, match="beam search needs every prompt to bring min_trace_tokens = 40"):
+                    short_model.generate(**prompt, max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
         out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
         assert out.shape == (1, 30)
         rows = handle.stats()

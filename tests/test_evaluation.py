@@ -323,6 +323,9 @@ def test_summaries_end_at_each_items_own_stop_strings(tiny, tmp_path):
     stopped, default, one = outputs([[cut], None, cut + "\u00a7"])
     assert stopped == free[:free.index(cut)] and default == free
     assert one == free                            # one string is one stop string, not its characters
+    path = tmp_path / "stops.jsonl"
+    path.write_text("".join(json.dumps({**article, **stop}) + "\n" for stop in ({"stop": []}, {})))
+    assert [item["stop"] for item in load_summaries("xsum", path=path)] == [[], ["###"]]   # empty: no stop string
 
 
 @pytest.mark.parametrize("task, message", [

@@ -146,8 +146,10 @@ class DartHandle:
                              "continuous sequence per row, and beam search reorders rows. Use greedy or sampling "
                              "decoding, or a method whose kept sets do not change while generating (static, griffin)")
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")        # [batch, tokens, hidden]: its first two dims are the prompt's
         mask = kwargs.get("attention_mask")
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
             lengths = mask.sum(dim=1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else \
                 torch.full((ids.shape[0],), ids.shape[1])
             if int(lengths.min()) < self.config.min_trace_tokens:
