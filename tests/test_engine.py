@@ -65,6 +65,26 @@ def test_detach_restores_model_and_weights():
     assert "generate" not in vars(model)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_over_contiguous_neuron_rows_and_closes_to_its_own_layout(family):
+    """Each FFN weight is laid out one contiguous row per neuron while an engine prunes (GPT-2's Conv1D up
+    projection, stored [hidden, I], had stayed strided: a strided prefix read, and swaps through PyTorch), so every
+    layer's swaps are the compiled ones where they build; closing gives back every tensor with its own strides."""
+    from dartprune.engine import weights
+    model = tiny_model(family)
+    before = layout(model)
+    ids = random_ids(1, 16)
+    dense = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
+        for prefix in handle.engine.prefix:
+            rows = [prefix.parts.gate, prefix.parts.up, prefix.parts.down.t()]
+            assert all(t.is_contiguous() for t in rows if t is not None)
+            assert prefix.uses_compiled_swap() == (weights.swap_library() is not None)
+        pruned = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert not torch.equal(pruned, dense)
+    assert_untouched(model, before)
+
+
 def test_a_refused_attach_leaves_the_model_as_it_was():
     """Settings found wrong only against the model (a monitored layer it does not have) are refused before any
     weight is laid out anew; the model can then be attached and detached as usual."""

@@ -36,7 +36,7 @@ from dartprune.engine.ring import Ring
 from dartprune.engine.scoring import neuron_prior, same_length_groups, squared_activations, top_neurons_rows
 from dartprune.engine.stats import RetraceRecord, SequenceStats
 from dartprune.engine.weights import (ModuleFFN, PrefixFFN, activations, masked_ffn, offloaded, own_pages,
-                                     swap_library, to_neuron_major, to_row_major)
+                                     swap_library, to_neuron_major, to_row_major, transposed_parameters)
 from dartprune.methods import get_method
 
 # per down projection module (hashed by identity: a tensor key would be compared by value), kept while it lives
@@ -127,11 +127,11 @@ class Engine:
         # resolved (and refused when out of range) before any weight is laid out anew
         self.monitored = (monitored_layer_indices(config.monitored_layers, len(self.layers)) if self.follows_drift
                           else [])
-        # down projections laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read
-        # after that, so they are views of the layout in use
+        # FFN weights laid out neuron-major while this engine prunes (see weights.py); the FFN parts are read after
+        # that, so they are views of the layout in use
         self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
-        self._relaid = [d.weight for i, d in enumerate(self._downs)
-                        if i not in self._offloaded and to_neuron_major(d.weight, parts[i].down)] if self.prunes else []
+        self._relaid = [weight for i, layer in enumerate(self.layers) if self.prunes and i not in self._offloaded
+                        for weight, rows in transposed_parameters(layer, parts[i]) if to_neuron_major(weight, rows)]
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
         if self.prunes and config.path == "compact" and not self.per_token:     # the path that swaps in place
             swap_library()                    # built (or found in the cache) now, not in the first prompt

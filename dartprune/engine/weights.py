@@ -7,9 +7,10 @@ no copy. A re-trace swaps only the neurons that enter with the ones that leave, 
 back where it was, bit for bit.
 
 A prefix of the columns of a row-major [hidden, I] down projection is a strided read, which streams at about half
-the speed of memory on the CPUs measured here; so while an engine prunes, each down projection stored that way is
-laid out neuron-major instead (the same [hidden, I] parameter, its storage transposed: `to_neuron_major`), and
-put back when the engine closes. Values never change; Hugging Face's own forward reads either layout.
+the speed of memory on the CPUs measured here; so while an engine prunes, each FFN weight stored that way is laid
+out neuron-major instead (the same parameter, its storage transposed: `to_neuron_major`; the down projection of
+most families, GPT-2's up projection), and put back when the engine closes. Values never change; Hugging Face's
+own forward reads either layout.
 
 Scores and kept sets are always in neuron ids (the original order); `order[p]` is the id of the neuron now at
 position p (int32: for Llama-3.1-8B shapes the orders of all layers are 1.8 MB).
@@ -302,14 +303,29 @@ def own_pages(tensor: torch.Tensor) -> None:
     flat[-1:] = flat[-1:].clone()                 # the last page, where the tensor does not start on a page
 
 
-def to_neuron_major(weight: nn.Parameter, down: torch.Tensor) -> bool:
-    """Lay out `weight`, the contiguous parameter behind the [hidden, I] down projection `down` (itself, or its
-    transpose where a family stores [I, hidden] like GPT-2's Conv1D), so that each neuron's column of `down` is
-    contiguous; True if it was changed (`to_row_major` undoes it)."""
-    if weight.dim() != 2 or not weight.is_contiguous() or down.t().is_contiguous():
+def to_neuron_major(weight: nn.Parameter, rows: torch.Tensor) -> bool:
+    """Lay out `weight`, the contiguous 2-D parameter behind `rows` (an FFN weight as one row per neuron: gate or up
+    [I, hidden], or the down projection's transpose), so that each neuron's row is contiguous; True if it was
+    changed (`to_row_major` undoes it). Changed where `rows` is the parameter's transpose: a [hidden, I] down
+    projection (most families), and GPT-2's Conv1D up projection, stored [hidden, I]."""
+    if weight.dim() != 2 or not weight.is_contiguous() or rows.is_contiguous():
         return False
     weight.data = weight.data.t().contiguous().t()
     return True
+
+
+def transposed_parameters(layer: nn.Module, parts: FFNParts) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """The FFN weights as rows per neuron (gate, up, the down projection's transpose), each with the parameter of
+    `layer` that is its transpose (what `to_neuron_major` may lay out anew); rows that are a parameter itself, or a
+    slice of one (a fused gate/up projection), are already neuron-major and left out."""
+    found = []
+    for rows in (parts.gate, parts.up, parts.down.t()):
+        if rows is None:
+            continue
+        found += [(weight, rows) for weight in layer.parameters() if weight.dim() == 2 and
+                  weight.data_ptr() == rows.data_ptr() and weight.shape == rows.shape[::-1] and
+                  weight.stride() == rows.stride()[::-1]][:1]
+    return found
 
 
 def to_row_major(weight: nn.Parameter) -> None:
