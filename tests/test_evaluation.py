@@ -126,6 +126,16 @@ def test_method_variants_carry_their_own_settings():
 
 
 # ----------------------------------------------------------------------------------------------- ppl and drift
+def test_a_ppl_window_too_short_for_the_prefix_names_both_options_and_their_defaults(tiny):
+    model, tokenizer, _ = tiny
+    settings = EvalSettings(model="tiny", limit=2, ppl_window=128, data_dir=str(MINI))    # --prefix left at 128
+    defaults = EvalSettings()
+    with pytest.raises(ValueError, match=rf"--prefix \(128\) must be >= 1 and leave >= 2 tokens in the window "
+                                         rf"\(--ppl-window 128\).*the defaults are {defaults.ppl_window} and "
+                                         rf"{defaults.prefix}\)"):
+        Perplexity(settings, model, tokenizer, versions()).prepare()
+
+
 def test_ppl_dense_matches_direct_computation(tiny):
     model, tokenizer, _ = tiny
     settings = EvalSettings(model="tiny", limit=2, prefix=16, ppl_window=64, data_dir=str(MINI))

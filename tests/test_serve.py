@@ -253,6 +253,15 @@ def client(server):
 
 def test_openai_client_chat_and_completions(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.NotFoundError, match="this server serves 'tiny'"):
+        client.models.retrieve("other")
+    as_system, as_developer = (client.chat.completions.create(
+        model="tiny", messages=[{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "harbour"}],
+        max_tokens=4, temperature=0) for role in ("system", "developer"))    # OpenAI's newer name for the system role
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the harbour"}],
                                            max_tokens=6, temperature=0)
     assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"

@@ -67,7 +67,7 @@ class ClientGone(Exception):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]   # developer: OpenAI's newer name for system
     content: Text | list[TextPart]          # a string, or OpenAI's list of content parts (text ones only)
 
     def text(self) -> str:
@@ -257,7 +257,8 @@ def create_app(server: ModelServer) -> FastAPI:
             raise APIError(400, "messages must not be empty", param="messages")
         if not has_chat_template(server.tokenizer):
             raise APIError(400, f"{server.name} has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in request.messages]
         return torch.tensor(render_chat(server.tokenizer, messages), dtype=torch.long)
 
     def encode_prompt(request: CompletionRequest) -> torch.Tensor:
@@ -351,10 +352,17 @@ def create_app(server: ModelServer) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": server.name}
 
+    def model_card() -> dict[str, Any]:
+        return {"id": server.name, "object": "model", "created": 0, "owned_by": "dartprune"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
-                                            "owned_by": "dartprune"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat(request: ChatRequest, http: Request):
