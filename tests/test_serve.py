@@ -199,11 +199,11 @@ def test_chat_cli_refuses_what_the_native_loop_does_not_run(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- the server
-def _http(url: str, body: bytes | None = None) -> tuple[int, dict]:
+def _http(url: str, body: bytes | None = None, content_type: str = "application/json") -> tuple[int, dict]:
     """(status, JSON body) of a GET, or of a POST of `body`, with the standard library only."""
     import urllib.error
     import urllib.request
-    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    request = urllib.request.Request(url, data=body, headers={"content-type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -365,6 +365,11 @@ def test_a_prompt_that_is_not_valid_unicode_is_a_400(server):
 def test_malformed_json_is_a_400(server):
     code, answer = _http(server + "/v1/completions", b"{not json")
     assert code == 400 and "JSON" in answer["error"]["message"] and answer["error"]["param"] is None
+    body = json.dumps({"model": "tiny", "prompt": "the harbour", "max_tokens": 2}).encode()
+    code, answer = _http(server + "/v1/completions", body, "application/x-www-form-urlencoded")   # curl -d's
+    assert code == 400 and answer["error"]["message"].startswith("send the body as JSON with the header Content-Type")
+    assert "application/x-www-form-urlencoded" in answer["error"]["message"]
+    assert _http(server + "/v1/completions", body)[0] == 200
 
 
 def test_completion_options_it_would_ignore_are_refused_and_neutral_values_pass(server):

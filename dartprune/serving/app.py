@@ -238,6 +238,11 @@ def create_app(server: ModelServer) -> FastAPI:
         kind = first.get("type", "")
         if kind == "json_invalid":
             return APIError(400, "the body is not valid JSON").response()
+        content_type = request.headers.get("content-type", "")
+        if where is None and kind == "model_attributes_type" and "json" not in content_type.lower():
+            # FastAPI reads a body as JSON only when it is declared so (curl -d sends form encoding by default)
+            return APIError(400, "send the body as JSON with the header Content-Type: application/json (this request "
+                                 f"declared {content_type or 'no content type'})").response()
         if kind == "extra_forbidden":
             return APIError(400, f"this server does not know the option {where}", param=where).response()
         return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
