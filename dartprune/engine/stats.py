@@ -73,6 +73,8 @@ class SequenceStats:
         if self.method == "dense":
             return "dense (no pruning)"
         retraces = f"{self.retrace_count} re-trace{'' if self.retrace_count == 1 else 's'}"
-        return (f"{self.method} at sparsity {self.sparsity:.2f} | executed {self.executed_sparsity:.1%} | "
+        # below 0 where dense passes outweigh the pruned ones (prune_prefill's tracing pass on a short reply)
+        more = " (more FFN work than dense)" if self.executed_sparsity < 0 else ""
+        return (f"{self.method} at sparsity {self.sparsity:.2f} | executed {self.executed_sparsity:.1%}{more} | "
                 f"{retraces} | state {self.state_bytes / 1e6:.2f} MB | "
                 f"overhead {100 * self.overhead_fraction:.2g}% of dense FLOPs")
