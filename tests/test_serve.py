@@ -430,6 +430,10 @@ def test_dense_per_request_reports_no_sparsity(server):
     body = {"model": "tiny", "prompt": "the harbour", "max_tokens": 2, "dartprune": {"method": "dense"}}
     code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
     assert code == 200 and answer["dartprune"]["sparsity"] == 0.0 and answer["dartprune"]["method"] == "dense"
+    body["dartprune"] = {"method": "dense", "sparsity": 0.5, "window": 8}      # refused, as generate refuses them
+    code, answer = _http(server + "/v1/completions", json.dumps(body).encode())
+    assert code == 400 and answer["error"]["message"] == ("dartprune settings: method 'dense' prunes nothing, so "
+                                                          "['sparsity', 'window'] would change nothing")
 
 
 def test_serve_refuses_default_settings_it_cannot_run_before_serving(tmp_path, capsys):

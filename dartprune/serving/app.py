@@ -33,6 +33,7 @@ from dartprune.decode.chat import has_chat_template, render_chat
 from dartprune.decode.generate import Generation, Generator, SamplingParams, check_text
 from dartprune.engine import DartConfig
 from dartprune.engine.config import ConfigError
+from dartprune.methods import METHODS
 from dartprune.models import ContextError, check_context, context_limit
 
 DEFAULT_MAX_TOKENS = 256
@@ -162,6 +163,11 @@ class ModelServer:
         if "calibration_file" in overrides:         # a client must not make the server open paths of its choice
             raise APIError(400, "dartprune settings: calibration_file is set when the server starts "
                                 "(serve --set calibration_file=FILE), not per request", param="dartprune")
+        method = overrides.get("method")
+        if isinstance(method, str) and method in METHODS and not METHODS[method].prunes and len(overrides) > 1:
+            others = sorted(set(overrides) - {"method"})       # as generate refuses --sparsity with --method dense
+            raise APIError(400, f"dartprune settings: method {method!r} prunes nothing, so {others} would change "
+                                "nothing", param="dartprune")
         try:
             return DartConfig.from_dict({**dataclasses.asdict(self.config), **overrides})
         except (ConfigError, TypeError) as err:
