@@ -36,13 +36,14 @@ int dart_unpermute_rows(char *const *bases, const int64_t *row_bytes, int count,
     int64_t *starts = malloc((size_t)n * sizeof *starts);
     int64_t cycles = 0;
     if (!seen || !starts) { free(seen); free(starts); return -1; }
-    for (int64_t p = 0; p < n; p++) {              /* one start per cycle of length > 1 */
+    for (int64_t p = 0; p < n; p++)                /* every destination in range ... */
         if (order[p] < 0 || order[p] >= n) { free(seen); free(starts); return -2; }
+    for (int64_t p = 0; p < n; p++) {              /* ... and one start per cycle of length > 1 */
         if (seen[p] || order[p] == p) continue;
         starts[cycles++] = p;
         seen[p] = 1;
         for (int64_t q = order[p]; q != p; q = order[q]) {
-            if (q < 0 || q >= n || seen[q]) { free(seen); free(starts); return -2; }   /* two rows bound for q */
+            if (seen[q]) { free(seen); free(starts); return -2; }   /* two rows bound for q */
             seen[q] = 1;
         }
     }
