@@ -51,10 +51,11 @@ class Perplexity(Task):
         s = self.settings
         windows = s.limit_for("ppl") if s.limit_for("ppl") is not None else s.ppl_windows
         if s.prefix < 1 or s.ppl_window < s.prefix + 2:
+            defaults = type(s)()
             raise ValueError(f"--prefix ({s.prefix}) must be >= 1 and leave >= 2 tokens in the window "
                              f"(--ppl-window {s.ppl_window}): the window holds the traced prefix and the tokens "
                              f"scored after it; give a longer --ppl-window or a shorter --prefix (the defaults are "
-                             f"{type(s)().ppl_window} and {type(s)().prefix})")
+                             f"{defaults.ppl_window} and {defaults.prefix})")
         check_context(self.model, s.ppl_window, "ppl windows (--ppl-window)")
         text = load_text(s.text, s.data_dir)
         self.bos = needs_bos_every_window(self.model)
