@@ -85,6 +85,29 @@ def test_every_family_prunes_over_contiguous_neuron_rows_and_closes_to_its_own_l
     assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_in_reduced_precision_every_ffn_weight_keeps_its_layout_and_moves_through_the_compiled_swap(family, dtype):
+    """On a CPU, PyTorch's bfloat16 and float16 matmuls over a weight laid out neuron-major are several times slower
+    than over the row-major one (dense included), so no weight is laid out anew there: the down projection's neurons
+    move as columns, still through the compiled routines, and each layer's pruned prefix computes what the masked
+    dense FFN does. Closing gives back every tensor as it was."""
+    from dartprune.engine import weights
+    model = tiny_model(family, dtype=dtype)
+    before = layout(model)
+    ids = random_ids(1, 16)
+    with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
+        assert all(value.stride() == before[name][1] for name, value in model.state_dict().items())
+        model(ids)                                 # the prompt: traced, then each layer's kept neurons moved in
+        for i, prefix in enumerate(handle.engine.prefix):
+            assert prefix.uses_compiled_swap() == (weights.swap_library() is not None)
+            assert prefix.k < prefix.size and not torch.equal(prefix.order, torch.arange(prefix.size, dtype=torch.int32))
+            x = torch.randn(3, prefix.parts.up.shape[1], generator=torch.Generator().manual_seed(i)).to(dtype)
+            expected = weights.masked_ffn(prefix.parts, x, prefix.mask(prefix.kept(), dtype))
+            torch.testing.assert_close(prefix.forward(x), expected, rtol=2e-2, atol=2e-2)
+    assert_untouched(model, before)
+
+
 def test_a_refused_attach_leaves_the_model_as_it_was():
     """Settings found wrong only against the model (a monitored layer it does not have) are refused before any
     weight is laid out anew; the model can then be attached and detached as usual."""
@@ -507,17 +530,22 @@ def test_prefix_ffn_permutes_in_place_swaps_only_changed_neurons_and_restores_ex
 
 
 
-def test_a_neuron_order_that_is_not_a_permutation_is_refused_and_moves_nothing():
-    """The compiled restore follows the order's cycles; an order with a repeated id would never close a cycle, one
-    out of range would write outside the weights. Both are refused before any row moves."""
+@pytest.mark.parametrize("down_layout", ["neuron-major", "row-major"])
+def test_a_neuron_order_that_is_not_a_permutation_is_refused_and_moves_nothing(down_layout):
+    """The compiled restore follows the order's cycles (rows) or scatters each row by it (columns of a row-major
+    down projection); an order with a repeated id would never close a cycle or lose a neuron, one out of range would
+    write outside the weights. Both are refused before any row or column moves."""
     from dartprune.architectures import FFNParts
     from dartprune.engine import weights
     if weights.swap_library() is None:
         pytest.skip("the compiled swap cannot be built here (no C compiler, or DARTPRUNE_KERNEL=0)")
     generator = torch.Generator().manual_seed(0)
     gate, up, down_t = (torch.randn(32, 8, generator=generator) for _ in range(3))
+    down = down_t.t() if down_layout == "neuron-major" else down_t.t().contiguous()
     original = [t.clone() for t in (gate, up, down_t)]
-    prefix = PrefixFFN(FFNParts(gate=gate, up=up, up_bias=None, down=down_t.t(), down_bias=None, act=torch.nn.SiLU()))
+    down_t = down.t()                   # the same values, in the layout under test
+    prefix = PrefixFFN(FFNParts(gate=gate, up=up, up_bias=None, down=down, down_bias=None, act=torch.nn.SiLU()))
+    assert prefix.uses_compiled_swap()
     prefix.keep(torch.tensor([3, 9, 17, 30]))
     for bad in (1, 32):                 # id 1 twice (a swap partner is lost), then an id past the end
         prefix.order = prefix.order.clone()
@@ -532,14 +560,14 @@ def test_a_neuron_order_that_is_not_a_permutation_is_refused_and_moves_nothing()
     assert all(torch.equal(t, o) for t, o in zip((gate, up, down_t), original))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("down_layout", ["neuron-major", "row-major"])
 @pytest.mark.parametrize("hidden", [40, 1100])
-def test_compiled_row_moves_equal_pytorch_and_restore_exactly(dtype, down_layout, hidden):
-    """The in-place compiled row swaps leave the weights bit-equal to PyTorch's index_copy_, whatever the dtype,
-    and restore (compiled too: rows moved along the permutation's cycles, in pieces of 2 KB, so 1100 float32 columns
-    take three) gives back the original weights; a row-major down projection (no contiguous rows to swap) goes
-    through PyTorch."""
+def test_compiled_neuron_moves_equal_pytorch_and_restore_exactly(dtype, down_layout, hidden):
+    """The in-place compiled swaps leave the weights bit-equal to PyTorch's index_copy_, whatever the dtype (2, 4
+    and 8 bytes), for neurons as rows and as columns of a row-major down projection (kept so in reduced precision on
+    a CPU), and restore (compiled too: rows moved along the permutation's cycles, in pieces of 2 KB, so 1100 float32
+    columns take three; columns scattered row by row) gives back the original weights."""
     from dartprune.architectures import FFNParts
     from dartprune.engine import weights
     if weights.swap_library() is None:
@@ -573,8 +601,7 @@ def test_compiled_row_moves_equal_pytorch_and_restore_exactly(dtype, down_layout
         weights.set_compiled_swap(True)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert not torch.equal(got[-1], torch.arange(96, dtype=torch.int32))     # neurons did move
-    assert not used_off
-    assert used_on == (down_layout == "neuron-major")   # a row-major down has no contiguous rows to swap
+    assert not used_off and used_on
 
 
 def test_a_compiler_that_cannot_run_is_a_reason_to_fall_back_not_an_error(monkeypatch, tmp_path):

@@ -1,11 +1,16 @@
-/* In-place moves of rows of a contiguous row-major matrix, for PrefixFFN's neuron swaps and restore (weights.py).
+/* In-place moves of neurons in the FFN weights, for PrefixFFN's swaps and restore (weights.py).
  *
- * PyTorch's index_select + index_copy_ goes through a temporary: every moved row is read twice and written twice,
- * and the temporary's fresh pages fault in. Here each pair is exchanged through a small stack buffer (one read and
- * one write per row), the pairs spread over the threads. Any dtype: rows are bytes.
+ * A neuron is a row of a contiguous row-major matrix (gate and up, the down projection laid out neuron-major) or a
+ * column of one (the down projection kept row-major in reduced precision on a CPU, where PyTorch's matmuls over
+ * the neuron-major layout are slow). PyTorch's index_select + index_copy_ goes through a temporary: every moved
+ * row is read twice and written twice, and the temporary's fresh pages fault in (a column gather is a strided read
+ * besides). Here each pair is exchanged in place (rows: through a small stack buffer; columns: row by row of the
+ * matrix, so each row is read and written once while it is in cache), spread over the threads. Any dtype: rows are
+ * bytes, columns elements of 2, 4 or 8 bytes.
  * The caller guarantees what index_copy_ would check: every index in range, and a and b disjoint (no row in two
  * pairs, no row paired with itself). PrefixFFN.keep passes prefix positions that leave and outside ones that
  * enter. */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +29,61 @@ void dart_swap_rows(char *base, int64_t row_bytes, const int64_t *a, const int64
     }
 }
 
+/* Whether order is a permutation of 0..n-1: 1 yes, 0 no, -1 when the check cannot allocate its bookkeeping. */
+static int is_permutation(const int32_t *order, int64_t n) {
+    char *seen = calloc((size_t)n, 1);
+    if (!seen) return -1;
+    for (int64_t p = 0; p < n; p++) {
+        if (order[p] < 0 || order[p] >= n || seen[order[p]]) { free(seen); return 0; }
+        seen[order[p]] = 1;
+    }
+    free(seen);
+    return 1;
+}
+
+#define SWAP_COLUMNS(type) do {                                                   \
+        type *row = (type *)(base + r * row_bytes);                              \
+        for (int64_t i = 0; i < n; i++) {                                         \
+            type tmp = row[a[i]]; row[a[i]] = row[b[i]]; row[b[i]] = tmp;         \
+        }                                                                         \
+    } while (0)
+
+/* Exchange columns a[i] and b[i] (i < n) of a row-major matrix of `rows` rows, `row_bytes` apart, whose elements
+ * are `elem_bytes` wide (2, 4 or 8; returns -1 for any other width, nothing moved). */
+int dart_swap_cols(char *base, int64_t rows, int64_t row_bytes, int elem_bytes, const int64_t *a, const int64_t *b,
+                   int64_t n, int threads) {
+    if (elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        if (elem_bytes == 2) SWAP_COLUMNS(uint16_t);
+        else if (elem_bytes == 4) SWAP_COLUMNS(uint32_t);
+        else SWAP_COLUMNS(uint64_t);
+    }
+    return 0;
+}
+
+/* Every column of a row-major matrix (`rows` rows `row_bytes` apart, n columns of `elem_bytes`) back to its own
+ * position: the column now at position p belongs at position order[p]. Row by row through a copy of the row (each
+ * row read and written once). Returns 0; -1 when a row's copy cannot be allocated or the width is not 2, 4 or 8;
+ * -2 when order is not a permutation of 0..n-1 (nothing moved in those cases). */
+int dart_unpermute_cols(char *base, int64_t rows, int64_t row_bytes, int elem_bytes, const int32_t *order, int64_t n,
+                        int threads) {
+    int ok = is_permutation(order, n);
+    if (ok <= 0) return ok == 0 ? -2 : -1;
+    if (elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) return -1;
+    char *copies = malloc((size_t)threads * (size_t)(n * elem_bytes));      /* one row's copy per thread */
+    if (!copies) return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        char *row = base + r * row_bytes, *copy = copies + (int64_t)omp_get_thread_num() * n * elem_bytes;
+        memcpy(copy, row, (size_t)(n * elem_bytes));
+        for (int64_t p = 0; p < n; p++)
+            memcpy(row + (int64_t)order[p] * elem_bytes, copy + p * elem_bytes, (size_t)elem_bytes);
+    }
+    free(copies);
+    return 0;
+}
+
 /* Every row of `count` matrices back to its own position: in each, the row now at position p belongs at position
  * order[p]. Each cycle of the permutation is followed carrying one piece of a row in a small stack buffer: every
  * misplaced row is read once and written once (PyTorch's index_select + index_copy_ reads and writes each twice,
@@ -32,20 +92,17 @@ void dart_swap_rows(char *base, int64_t row_bytes, const int64_t *a, const int64
  * moved in either case). */
 int dart_unpermute_rows(char *const *bases, const int64_t *row_bytes, int count, const int32_t *order, int64_t n,
                         int threads) {
+    int ok = is_permutation(order, n);
+    if (ok <= 0) return ok == 0 ? -2 : -1;
     char *seen = calloc((size_t)n, 1);
     int64_t *starts = malloc((size_t)n * sizeof *starts);
     int64_t cycles = 0;
     if (!seen || !starts) { free(seen); free(starts); return -1; }
-    for (int64_t p = 0; p < n; p++)                /* every destination in range ... */
-        if (order[p] < 0 || order[p] >= n) { free(seen); free(starts); return -2; }
-    for (int64_t p = 0; p < n; p++) {              /* ... and one start per cycle of length > 1 */
+    for (int64_t p = 0; p < n; p++) {              /* one start per cycle of length > 1 */
         if (seen[p] || order[p] == p) continue;
         starts[cycles++] = p;
         seen[p] = 1;
-        for (int64_t q = order[p]; q != p; q = order[q]) {
-            if (seen[q]) { free(seen); free(starts); return -2; }   /* two rows bound for q */
-            seen[q] = 1;
-        }
+        for (int64_t q = order[p]; q != p; q = order[q]) seen[q] = 1;
     }
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 16)
     for (int m = 0; m < count; m++) {
