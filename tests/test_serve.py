@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -293,6 +294,49 @@ def test_openai_client_streams_the_same_text(client):
         model="tiny", prompt="the harbour", max_tokens=6, temperature=0, stream=True) if c.choices)
     assert streamed == client.completions.create(model="tiny", prompt="the harbour", max_tokens=6,
                                                  temperature=0).choices[0].text
+
+
+def test_a_completion_takes_several_prompts_and_token_ids_as_openai_does(client, model_server):
+    """A list of prompts (text or token ids, the forms OpenAI's API takes) gives one choice per prompt, in order,
+    each what that prompt alone gives; usage sums them and the engine's figures come per prompt. Streamed, the
+    same text arrives under each choice's index."""
+    prompts = ["the harbour", "a lamp in the window", "bread"]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    batch = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    figures = batch.model_extra["dartprune"]
+    assert isinstance(figures, list) and [f["method"] for f in figures] == ["dart"] * 3
+    ids = [model_server.tokenizer(p).input_ids for p in prompts]
+    assert client.completions.create(model="tiny", prompt=ids[1], max_tokens=5, temperature=0).choices[0].text == \
+        alone[1].choices[0].text
+    assert [c.text for c in client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0).choices] \
+        == [a.choices[0].text for a in alone]
+    texts, usage = ["", "", ""], None
+    for chunk in client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+        usage = chunk.usage or usage
+    assert texts == [a.choices[0].text for a in alone]
+    assert usage.total_tokens == batch.usage.total_tokens
+
+
+@pytest.mark.parametrize("prompt, needle", [([], "prompt must not be empty"),
+                                            (["the harbour", ""], "prompt 1 must not be empty"),
+                                            ([[]], "prompt must not be empty"),
+                                            ([5, -1], r"token ids must be in \[0, "),
+                                            ([[5], [10 ** 6]], r"prompt 1: token ids must be in \[0, "),
+                                            ([5, "a"], "prompt")])
+def test_bad_prompt_lists_are_a_400(server, prompt, needle):
+    code, answer = _http(server + "/v1/completions", json.dumps({"model": "tiny", "prompt": prompt,
+                                                                 "max_tokens": 2}).encode())
+    assert code == 400 and re.search(needle, answer["error"]["message"])
+    assert answer["error"]["param"] == "prompt"
+    assert _http(server + "/v1/completions", json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 2}
+                                                        ).encode())[0] == 200
 
 
 @pytest.mark.parametrize("body, status, needle", [

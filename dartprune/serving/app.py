@@ -4,7 +4,8 @@
 Requests run one after another on the model (a lock); each is a new sequence, so nothing of one request reaches
 another. DART settings come from the command line and can be changed per request with the extra field
 `"dartprune": {"method": ..., "sparsity": ..., ...}` (any DartConfig field); the response carries the usual usage
-counts and, under `"dartprune"`, the engine's figures for that request. Errors are OpenAI-style JSON with a 4xx
+counts and, under `"dartprune"`, the engine's figures for that request (a list of them, one per prompt, for a
+completion request with several prompts: those run one after another, each its own choice). Errors are OpenAI-style JSON with a 4xx
 status, and the server keeps serving. OpenAI options it does not implement (logprobs, echo, penalties, logit
 bias, tools, ...) are refused unless set to their neutral value, and so is any option it does not know; `top_k`
 is taken as other local servers take it; a client that disconnects stops its generation;
@@ -129,7 +130,8 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Text
+    # one prompt, several (each its own choice, in order), as text or as token ids: the forms OpenAI's API takes
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -272,10 +274,26 @@ def create_app(server: ModelServer) -> FastAPI:
                     for m in request.messages]
         return torch.tensor(render_chat(server.tokenizer, messages), dtype=torch.long)
 
-    def encode_prompt(request: CompletionRequest) -> torch.Tensor:
-        if not request.prompt:
+    def encode_prompts(request: CompletionRequest) -> list[torch.Tensor]:
+        """The request's prompts as token ids, each checked: text is tokenized, ids must be the model's."""
+        prompt = request.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        return torch.tensor(server.tokenizer(request.prompt).input_ids, dtype=torch.long)
+        vocabulary = server.model.get_input_embeddings().num_embeddings
+        prompts = []
+        for i, one in enumerate(prompt):
+            name = "prompt" if len(prompt) == 1 else f"prompt {i}"
+            if not one:
+                raise APIError(400, f"{name} must not be empty", param="prompt")
+            if isinstance(one, str):
+                one = server.tokenizer(one).input_ids
+            elif not all(0 <= t < vocabulary for t in one):
+                raise APIError(400, f"{name}: token ids must be in [0, {vocabulary}) for {server.name}",
+                               param="prompt")
+            prompts.append(torch.tensor(one, dtype=torch.long))
+        return prompts
 
     def prepare(request: _Common, ids: torch.Tensor, max_tokens: int) -> tuple[SamplingParams, DartConfig]:
         params = _params(request, max_tokens)
@@ -310,9 +328,11 @@ def create_app(server: ModelServer) -> FastAPI:
             stop.set()
             watcher.cancel()
 
-    async def stream(http: Request, ids, params, config, chunk, final, include_usage: bool) -> StreamingResponse:
-        """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, then [DONE]. Settings
-        that only the engine can check are checked first, so that they get a 400 and not an error event."""
+    async def stream(http: Request, prompts: list[torch.Tensor], params, config, chunk, final,
+                     include_usage: bool) -> StreamingResponse:
+        """Server-sent events: for each prompt in turn (choice `index`), a chunk per piece of text and the finish
+        reason; then usage if asked, and [DONE]. Settings that only the engine can check are checked first, so that
+        they get a 400 and not an error event."""
         try:
             await asyncio.to_thread(server.build, config)
         except ValueError as err:
@@ -322,9 +342,10 @@ def create_app(server: ModelServer) -> FastAPI:
 
         def work() -> None:
             try:
-                result = server.run(ids, params, config, on_text=lambda text: pieces.put(("text", text)),
-                                    should_stop=stop.is_set)
-                pieces.put(("done", result))
+                for index, ids in enumerate(prompts):
+                    result = server.run(ids, params, config, should_stop=stop.is_set,
+                                        on_text=lambda text, index=index: pieces.put(("text", (index, text))))
+                    pieces.put(("done", (index, result)))
             except Exception as err:  # noqa: BLE001 - reported in the stream, the server goes on
                 pieces.put(("error", err))
 
@@ -332,26 +353,28 @@ def create_app(server: ModelServer) -> FastAPI:
             threading.Thread(target=work, daemon=True).start()
             watcher = asyncio.create_task(watch(http, stop))
             try:
-                first = chunk(None, None)
+                first = chunk(0, None, None)
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
-                while True:
+                results: list[Generation] = []
+                while len(results) < len(prompts):
                     try:
                         kind, value = await asyncio.to_thread(pieces.get, True, 0.5)
                     except queue.Empty:
                         continue
                     if kind == "text":
-                        yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                        yield f"data: {json.dumps(chunk(*value, None))}\n\n"
                     elif kind == "error":
                         body = {"error": {"message": str(value), "type": "server_error", "param": None,
                                           "code": None}}
                         yield f"data: {json.dumps(body)}\n\n"
                         break
                     else:
-                        yield f"data: {json.dumps(chunk(None, _finish(value.finish_reason)))}\n\n"
-                        if include_usage:
-                            yield f"data: {json.dumps(final(value))}\n\n"
-                        break
+                        index, result = value
+                        results.append(result)
+                        yield f"data: {json.dumps(chunk(index, None, _finish(result.finish_reason)))}\n\n"
+                if include_usage and len(results) == len(prompts):
+                    yield f"data: {json.dumps(final(results))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:                  # done, or the response was cancelled because the client went away
                 stop.set()
@@ -388,18 +411,18 @@ def create_app(server: ModelServer) -> FastAPI:
                     "total_tokens": ids.numel() + len(result.tokens)}
 
         if request.stream:
-            def chunk(text, reason):
+            def chunk(index, text, reason):
                 delta = {"role": "assistant", "content": ""} if text is None and reason is None else (
                     {"content": text} if text is not None else {})
                 return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                        "choices": [{"index": index, "delta": delta, "finish_reason": reason}]}
 
-            def final(result):
+            def final(results):
                 return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
-                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config)}
+                        "choices": [], "usage": usage(results[0]), "dartprune": _figures(results[0], config)}
 
             include = bool(request.stream_options and request.stream_options.include_usage)
-            return await stream(http, ids, params, config, chunk, final, include)
+            return await stream(http, [ids], params, config, chunk, final, include)
         result = await run(http, ids, params, config)
         return {"id": ident, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -408,32 +431,41 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
+        """One choice per prompt, generated one after another (a list of prompts is a batch to OpenAI's API)."""
         check_model(request.model)
-        ids = encode_prompt(request)
-        params, config = prepare(request, ids, request.max_tokens or 16)
+        prompts = encode_prompts(request)
+        params, config = [prepare(request, ids, request.max_tokens or 16) for ids in prompts][0]   # each checked
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def usage(result: Generation) -> dict[str, int]:
-            return {"prompt_tokens": ids.numel(), "completion_tokens": len(result.tokens),
-                    "total_tokens": ids.numel() + len(result.tokens)}
+        def usage(results: list[Generation]) -> dict[str, int]:
+            prompt_tokens = sum(ids.numel() for ids in prompts)
+            completion_tokens = sum(len(result.tokens) for result in results)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
+
+        def figures(results: list[Generation]) -> dict[str, Any] | list[dict[str, Any]]:
+            """The engine's figures: of the request's one prompt, or a list in the order of its prompts."""
+            each = [_figures(result, config) for result in results]
+            return each[0] if len(prompts) == 1 else each
 
         if request.stream:
-            def chunk(text, reason):
+            def chunk(index, text, reason):
                 if text is None and reason is None:
                     return None
                 return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
-                        "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}]}
+                        "choices": [{"index": index, "text": text or "", "finish_reason": reason,
+                                     "logprobs": None}]}
 
-            def final(result):
+            def final(results):
                 return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
-                        "choices": [], "usage": usage(result), "dartprune": _figures(result, config)}
+                        "choices": [], "usage": usage(results), "dartprune": figures(results)}
 
             include = bool(request.stream_options and request.stream_options.include_usage)
-            return await stream(http, ids, params, config, chunk, final, include)
-        result = await run(http, ids, params, config)
+            return await stream(http, prompts, params, config, chunk, final, include)
+        results = [await run(http, ids, params, config) for ids in prompts]
         return {"id": ident, "object": "text_completion", "created": created, "model": server.name,
-                "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
-                             "logprobs": None}],
-                "usage": usage(result), "dartprune": _figures(result, config)}
+                "choices": [{"index": i, "text": result.text, "finish_reason": _finish(result.finish_reason),
+                             "logprobs": None} for i, result in enumerate(results)],
+                "usage": usage(results), "dartprune": figures(results)}
 
     return app
