@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -98,13 +99,24 @@ def test_in_reduced_precision_every_ffn_weight_keeps_its_layout_and_moves_throug
     ids = random_ids(1, 16)
     with dartprune.attach(model, DartConfig(sparsity=0.5)) as handle:
         assert all(value.stride() == before[name][1] for name, value in model.state_dict().items())
-        model(ids)                                 # the prompt: traced, then each layer's kept neurons moved in
+        cache = model(ids, use_cache=True).past_key_values   # the prompt: traced, then the kept neurons moved in
+        model(random_ids(1, 16, seed=3), cache=cache, use_cache=True)  # other text into the ring
+        kept = [prefix.kept() for prefix in handle.engine.prefix]
+        record = handle.engine.retrace(0)          # scored from the ring (x W^T in reduced precision), swapped
+        assert record is not None and sum(record.neurons_changed) > 0
+        assert any(not torch.equal(k, prefix.kept()) for k, prefix in zip(kept, handle.engine.prefix))
         for i, prefix in enumerate(handle.engine.prefix):
             assert prefix.uses_compiled_swap() == (weights.swap_library() is not None)
             assert prefix.k < prefix.size and not torch.equal(prefix.order, torch.arange(prefix.size, dtype=torch.int32))
             x = torch.randn(3, prefix.parts.up.shape[1], generator=torch.Generator().manual_seed(i)).to(dtype)
             expected = weights.masked_ffn(prefix.parts, x, prefix.mask(prefix.kept(), dtype))
             torch.testing.assert_close(prefix.forward(x), expected, rtol=2e-2, atol=2e-2)
+            ring = torch.randn(16, x.shape[1], generator=torch.Generator().manual_seed(i)).to(dtype)
+            in_float32 = dataclasses.replace(prefix.parts, **{
+                name: getattr(prefix.parts, name).float() for name in ("gate", "up", "up_bias", "down", "down_bias")
+                if getattr(prefix.parts, name) is not None})
+            torch.testing.assert_close(prefix.activations(ring).float(), weights.activations(in_float32, ring.float()),
+                                       rtol=3e-2, atol=3e-2)
     assert_untouched(model, before)
 
 
