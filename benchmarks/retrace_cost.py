@@ -5,6 +5,8 @@ them).
 
     git worktree add ../before HEAD~1
     python benchmarks/retrace_cost.py --source . --source ../before --out benchmarks/results/speed/retrace_cost.md
+
+`--dtype bfloat16` casts the model after loading it (any checkout can do that).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from dartprune.benchmarks import timing_setup
 from dartprune.decode.model import NativeModel
 from dartprune.engine import Engine
 model, _, ids = timing_setup({model!r}, {threads}, {prompt}, {text!r})
+model = model.to(getattr(torch, {dtype!r}))
 out = {{}}
 for sparsity in (0.5, 0.7):
     engine = Engine(model, DartConfig(sparsity=sparsity))
@@ -50,16 +53,18 @@ print(json.dumps(out))
 
 
 def main() -> None:
-    args = checkouts_parser(__doc__.splitlines()[0], repeats=4).parse_args()
+    parser = checkouts_parser(__doc__.splitlines()[0], repeats=4)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
     sources = args.source or [ROOT]
-    code = CHILD.format(model=args.model, threads=THREADS, prompt=PROMPT_TOKENS, text=TEXT, retraces=RETRACES,
+    code = CHILD.format(model=args.model, dtype=args.dtype, threads=THREADS, prompt=PROMPT_TOKENS, text=TEXT, retraces=RETRACES,
                         every=EVERY)
     runs: dict[Path, list[dict]] = {source: [] for source in sources}
     for _ in range(args.repeats):
         for source in sources:
             runs[source].append(run_in_checkout(source, code))
     lines = ["# What one re-trace costs", "",
-             f"`{' '.join(sys.argv)}`; {args.model}, float32, {THREADS} threads, prompt {PROMPT_TOKENS} tokens of "
+             f"`{' '.join(sys.argv)}`; {args.model}, {args.dtype}, {THREADS} threads, prompt {PROMPT_TOKENS} tokens of "
              f"{TEXT}, greedy; a re-trace forced every {EVERY} decoded tokens, {RETRACES} per process (the first "
              f"left out); one process per checkout and repeat, {args.repeats} repeats alternated. ms: median over "
              "the processes of each one's median; `state`: a hash of the decoded tokens and the final kept sets and "
