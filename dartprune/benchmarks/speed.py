@@ -6,7 +6,9 @@ For each method and sparsity the same prompt is decoded greedily for exactly N n
 - `native`: dartprune's own loop (`dartprune.decode`: the compiled step where it builds, else its PyTorch step),
   what `dartprune generate` runs for the Llama and Gemma families. A dense native loop over the same weights
   decodes in lockstep with each pruned run, token by token (the order alternating), so every speedup is a paired
-  ratio from one run and both sides see the same load from other processes;
+  ratio from one run and both sides see the same load from other processes. The dense loop reads the weights in
+  the layout the engine gives them: neuron-major down projections in float32, where dense runs as fast either way,
+  the model's own layout where that layout would slow dense (bfloat16 and float16 on a CPU, see engine/weights.py);
 - `hf`: `model.generate` with the engine attached (what `dartprune.attach` users get); its ratios are of medians
   over independent runs.
 
