@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     sources = args.source or [ROOT]
-    code = CHILD.format(model=args.model, dtype=args.dtype, threads=THREADS, prompt=PROMPT_TOKENS, text=TEXT, retraces=RETRACES,
-                        every=EVERY)
+    code = CHILD.format(model=args.model, dtype=args.dtype, threads=THREADS, prompt=PROMPT_TOKENS, text=TEXT,
+                        retraces=RETRACES, every=EVERY)
     runs: dict[Path, list[dict]] = {source: [] for source in sources}
     for _ in range(args.repeats):
         for source in sources:

@@ -107,7 +107,8 @@ def test_in_reduced_precision_every_ffn_weight_keeps_its_layout_and_moves_throug
         assert any(not torch.equal(k, prefix.kept()) for k, prefix in zip(kept, handle.engine.prefix))
         for i, prefix in enumerate(handle.engine.prefix):
             assert prefix.uses_compiled_swap() == (weights.swap_library() is not None)
-            assert prefix.k < prefix.size and not torch.equal(prefix.order, torch.arange(prefix.size, dtype=torch.int32))
+            assert prefix.k < prefix.size
+            assert not torch.equal(prefix.order, torch.arange(prefix.size, dtype=torch.int32))
             x = torch.randn(3, prefix.parts.up.shape[1], generator=torch.Generator().manual_seed(i)).to(dtype)
             expected = weights.masked_ffn(prefix.parts, x, prefix.mask(prefix.kept(), dtype))
             torch.testing.assert_close(prefix.forward(x), expected, rtol=2e-2, atol=2e-2)

@@ -5,11 +5,11 @@ Requests run one after another on the model (a lock); each is a new sequence, so
 another. DART settings come from the command line and can be changed per request with the extra field
 `"dartprune": {"method": ..., "sparsity": ..., ...}` (any DartConfig field); the response carries the usual usage
 counts and, under `"dartprune"`, the engine's figures for that request (a list of them, one per prompt, for a
-completion request with several prompts: those run one after another, each its own choice). Errors are OpenAI-style JSON with a 4xx
-status, and the server keeps serving. OpenAI options it does not implement (logprobs, echo, penalties, logit
-bias, tools, ...) are refused unless set to their neutral value, and so is any option it does not know; `top_k`
-is taken as other local servers take it; a client that disconnects stops its generation;
-per-request settings cannot name server-side files (calibration_file).
+completion request with several prompts: those run one after another, each its own choice). Errors are
+OpenAI-style JSON with a 4xx status, and the server keeps serving. OpenAI options it does not implement
+(logprobs, echo, penalties, logit bias, tools, ...) are refused unless set to their neutral value, and so is any
+option it does not know; `top_k` is taken as other local servers take it; a client that disconnects stops its
+generation; per-request settings cannot name server-side files (calibration_file).
 """
 from __future__ import annotations
 
