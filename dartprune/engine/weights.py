@@ -56,7 +56,7 @@ def swap_library() -> ctypes.CDLL | None:
             _swap_library.dart_unpermute_rows.restype = ctypes.c_int
             _swap_library.dart_swap_cols.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-            _swap_library.dart_swap_cols.restype = ctypes.c_int
+            _swap_library.dart_swap_cols.restype = None
             _swap_library.dart_unpermute_cols.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             _swap_library.dart_unpermute_cols.restype = ctypes.c_int
