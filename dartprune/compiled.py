@@ -33,10 +33,10 @@ def cache_dir() -> Path:
     return root() / "kernels"
 
 
-def build(source: Path, name: str) -> ctypes.CDLL | str:
-    """The library built from `source` (from the cache when it is there), or why it cannot be had: a compiler
-    that does not run, a cache folder that cannot be written or a library that cannot be loaded is a reason to
-    fall back, never an error."""
+def build(source: Path, name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | str:
+    """The library built from `source` with the preprocessor `defines` (from the cache when it is there), or why it
+    cannot be had: a compiler that does not run, a cache folder that cannot be written or a library that cannot be
+    loaded is a reason to fall back, never an error."""
     if os.environ.get("DARTPRUNE_KERNEL", "1") == "0":
         return "switched off by DARTPRUNE_KERNEL=0"
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
@@ -44,14 +44,15 @@ def build(source: Path, name: str) -> ctypes.CDLL | str:
         return "no C compiler found (install gcc)"
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256("\n".join([source.read_text(), compiler, version, " ".join(FLAGS),
+        flags = FLAGS + [f"-D{define}" for define in defines]
+        key = hashlib.sha256("\n".join([source.read_text(), compiler, version, " ".join(flags),
                                         _cpu_signature()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"dartprune_{name}_{key}.so"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+                result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode != 0:
                     last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]

@@ -340,7 +340,7 @@ def test_a_generated_sequence_ends_with_the_weights_in_their_own_order(loop):
 
 
 def test_without_the_kernel_the_pytorch_step_runs(monkeypatch):
-    monkeypatch.setattr("dartprune.decode.model.library", lambda: None)
+    monkeypatch.setattr("dartprune.decode.model.library", lambda dtype: None)
     model = tiny_model("llama")
     native = NativeModel(model)
     assert native.kernel is None
@@ -348,6 +348,76 @@ def test_without_the_kernel_the_pytorch_step_runs(monkeypatch):
     with torch.no_grad():
         reference = model(ids[None]).logits[0]
     assert (native_logits(native, ids, 4) - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize("family", NATIVE)
+def test_bfloat16_model_computes_what_its_float32_copy_does(family, kernel):
+    """On a CPU the native loop widens bfloat16 weights to float32 as it reads them (the prompt through PyTorch, the
+    steps through the compiled step's bfloat16 build): its logits are the float32 copy's under Hugging Face."""
+    model = tiny_model(family).to(torch.bfloat16)
+    ids = random_ids(1, 30, seed=1)[0]
+    with torch.no_grad():
+        reference = copy.deepcopy(model).float()(ids[None]).logits[0]
+    native = NativeModel(model, kernel=kernel)
+    assert (native.kernel is not None) == (kernel and kernel_module.library(torch.bfloat16) is not None)
+    assert (native_logits(native, ids, 12, chunk=1) - reference).abs().max() <= 1e-4
+    native.reset()
+    assert (native_logits(native, ids, 5, chunk=4) - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text"])
+def test_compiled_bfloat16_step_equals_the_float32_step_on_the_same_weights(family):
+    """Widening a bfloat16 weight is exact, and both builds of the step run the same float32 sums in the same
+    order: from the same cache, their logits are equal bit for bit."""
+    model = tiny_model(family).to(torch.bfloat16)
+    wide = copy.deepcopy(model).float()
+    narrow, full = NativeModel(model), NativeModel(wide)
+    if narrow.kernel is None or full.kernel is None:
+        pytest.skip(f"no compiled step here: {kernel_module.unavailable_reason(torch.bfloat16)}")
+    ids = random_ids(1, 20, seed=4)[0]
+    narrow.forward(ids[:8])
+    for native in (narrow, full):
+        native.reserve(32)
+    full.cache.k.copy_(narrow.cache.k)
+    full.cache.v.copy_(narrow.cache.v)
+    full.cache.length = narrow.cache.length
+    for t in range(8, 20):
+        assert torch.equal(narrow.forward(ids[t:t + 1]), full.forward(ids[t:t + 1]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_pruned_bfloat16_native_loop_agrees_on_every_path(family):
+    """A bfloat16 model pruned in the native loop (its engine `widened`: the down projection laid out neuron-major):
+    the compiled step, the PyTorch step and the mask path compute the same logits and re-trace at the same
+    positions; `close` gives back the weights bit for bit."""
+    model = tiny_model(family).to(torch.bfloat16)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    ids = random_ids(1, 60, seed=3)[0]
+    runs = {}
+    for path in ("compact", "mask"):
+        for kernel in (True, False):
+            engine = Engine(model, DartConfig(sparsity=0.6, path=path, **HAIR_TRIGGER), widened=True)
+            assert not engine.parts[0].down.is_contiguous() and engine.parts[0].down.t().is_contiguous()
+            native = NativeModel(model, engine, kernel=kernel)
+            runs[path, kernel] = native_logits(native, ids, 16), engine.stats()[0].retrace_positions
+            engine.close()
+    reference, positions = runs["compact", True]
+    assert len(positions) >= 3
+    for logits, where in runs.values():
+        assert (logits - reference).abs().max() <= 1e-4 and where == positions
+    assert all(torch.equal(p, before[name]) and p.is_contiguous() for name, p in model.named_parameters())
+
+
+def test_generator_lays_bfloat16_weights_out_for_the_loop_that_reads_them():
+    """The native loop reads bfloat16 weights widened (the neuron-major down projection pays there, as in float32);
+    Hugging Face's forward multiplies in bfloat16, where the row-major layout is the fast one."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    for loop, neuron_major in (("native", True), ("hf", False)):
+        with Generator(model, tiny_tokenizer(), DartConfig(sparsity=0.5), loop=loop) as generator:
+            assert generator.engine.parts[0].down.is_contiguous() is not neuron_major
+            assert generator.generate(random_ids(1, 12)[0], SamplingParams(max_new_tokens=3)).tokens
+        assert model.model.layers[0].mlp.down_proj.weight.is_contiguous()
 
 
 def test_kernel_refuses_a_position_outside_the_cache():

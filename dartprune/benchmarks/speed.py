@@ -294,7 +294,7 @@ def _native_once(model, ids, settings: BenchSettings, method: str, sparsity: flo
     """The method's native loop in lockstep with a dense native loop over the same weights."""
     if method == "dense":
         return                                    # measured alongside every other configuration
-    engine = Engine(model, _config(settings, method, sparsity))
+    engine = Engine(model, _config(settings, method, sparsity), widened=True)
     try:
         pruned, dense = NativeModel(model, engine), NativeModel(model, None)
         _reset_peak(settings.device)
@@ -371,7 +371,7 @@ def _ttft_pairs(model, ids, settings: BenchSettings, method: str, sparsity: floa
     within pairs (a lone pair per run, as in the lockstep runs, moves by a tenth between runs here). One engine
     serves every pair and ends each sequence as `Generator.generate` does, so no start has neurons to move back.
     Geometric mean of the per-pair ratios with a paired bootstrap 95% interval."""
-    engine = Engine(model, _config(settings, method, sparsity))
+    engine = Engine(model, _config(settings, method, sparsity), widened=True)
     try:
         natives = {"dense": NativeModel(model, None), "pruned": NativeModel(model, engine)}
         times: dict[str, list[float]] = {"dense": [], "pruned": []}

@@ -171,7 +171,7 @@ class Generator:
         self.eos = eos_ids(model, tokenizer)
         self.closed = False
         if self.loop == "native":
-            self.engine = Engine(model, config)
+            self.engine = Engine(model, config, widened=True)
             try:
                 self.native = NativeModel(model, self.engine)
             except BaseException:

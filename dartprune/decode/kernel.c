@@ -1,5 +1,8 @@
 /* A forward of T <= MAX_TOKENS tokens (a decode step, or a short teacher-forced chunk) of a Llama- or
- * Gemma-family decoder for a batch of one, float32 weights read in place.
+ * Gemma-family decoder for a batch of one, weights read in place: float32, or bfloat16 when built with
+ * -DWEIGHT_BF16 (each weight widened to float32 as it is loaded, which is exact; activations, sums, the KV cache
+ * and the logits are float32 either way, so a bfloat16 model reads half the bytes and computes what the float32
+ * build computes on the same weights upcast).
  *
  * Built by dartprune/decode/kernel.py with the system C compiler (gcc or clang, OpenMP) and loaded with ctypes.
  * The whole forward runs in one OpenMP parallel region: matrix products split their weight rows over the threads
@@ -15,10 +18,35 @@
 
 #define MAX_TOKENS 16
 
+/* 8-float vectors (GCC/Clang vector extensions): one AVX register where the CPU has AVX, two SSE ones otherwise */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+
+#ifdef WEIGHT_BF16
+typedef unsigned short wt;                                  /* bfloat16: the high half of a float32 */
+typedef unsigned short u16x8 __attribute__((vector_size(16)));
+typedef unsigned int u32x8 __attribute__((vector_size(32)));
+
+static inline float wf(wt w) { unsigned int b = (unsigned int)w << 16; float f; memcpy(&f, &b, sizeof f); return f; }
+
+static inline v8 loadw8(const wt *p) {
+    u16x8 h; memcpy(&h, p, sizeof h);
+    u32x8 b = __builtin_convertvector(h, u32x8) << 16;
+    v8 f; memcpy(&f, &b, sizeof f); return f;
+}
+#else
+typedef float wt;
+
+static inline float wf(wt w) { return w; }
+
+static inline v8 loadw8(const wt *p) { return load8(p); }
+#endif
+
 typedef struct {
-    const float *input_norm, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
-    const float *q_norm, *k_norm, *post_attention_norm, *ffn_norm, *post_ffn_norm;
-    const float *gate, *up, *up_bias, *down, *down_bias;   /* gate/up [I, H] rows; down [H, I] rows */
+    const wt *input_norm, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
+    const wt *q_norm, *k_norm, *post_attention_norm, *ffn_norm, *post_ffn_norm;
+    const wt *gate, *up, *up_bias, *down, *down_bias;      /* gate/up [I, H] rows; down [H, I] rows */
     const float *cos, *sin;                                 /* rotary tables [positions, head_dim] */
     int window;                                             /* sliding window, 0 = full attention */
     int keep;                                               /* FFN neurons run: the first `keep` */
@@ -28,7 +56,7 @@ typedef struct {
 typedef struct {
     int layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, capacity, act, gated, max_threads;
     float eps, norm_offset, attention_scale, attention_softcap, final_softcap, embed_scale;
-    const float *embed, *final_norm, *lm_head;
+    const wt *embed, *final_norm, *lm_head;
     float *k_cache, *v_cache;                               /* [layers, kv_heads, capacity, head_dim] */
     const Layer *layer;
     float *x, *h, *a, *q, *kv, *attn, *u, *y, *scores, *partial;   /* scratch, laid out by dart_bind_scratch */
@@ -50,17 +78,12 @@ void dart_bind_scratch(Model *m, float *scratch) {
     m->scores = m->u + T * m->intermediate; m->partial = m->scores + T * m->heads * m->capacity;
 }
 
-static void rms_norm(const float *x, const float *w, float *out, int n, float eps, float offset) {
+static void rms_norm(const float *x, const wt *w, float *out, int n, float eps, float offset) {
     double sum = 0.0;
     for (int i = 0; i < n; i++) sum += (double)x[i] * x[i];
     float scale = 1.0f / sqrtf((float)(sum / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = x[i] * scale * (w[i] + offset);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * (wf(w[i]) + offset);
 }
-
-/* 8-float vectors (GCC/Clang vector extensions): one AVX register where the CPU has AVX, two SSE ones otherwise */
-typedef float v8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 
 static inline float sum8(v8 v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
@@ -83,37 +106,56 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* w . x for a weight row w: as `dot`, each weight widened as it is loaded */
+static inline float dotw(const wt *w, const float *x, int n) {
+    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int c = 0;
+    for (; c + 32 <= n; c += 32) {
+        s0 += loadw8(w + c) * load8(x + c);
+        s1 += loadw8(w + c + 8) * load8(x + c + 8);
+        s2 += loadw8(w + c + 16) * load8(x + c + 16);
+        s3 += loadw8(w + c + 24) * load8(x + c + 24);
+    }
+    for (; c + 8 <= n; c += 8) s0 += loadw8(w + c) * load8(x + c);
+    float s = sum8((s0 + s1) + (s2 + s3));
+    for (; c < n; c++) s += wf(w[c]) * x[c];
+    return s;
+}
+
 /* out[t] = w . x[t] for t < T: the row is read once for all tokens, four tokens at a time (four independent
  * vector sums), a remaining token by `dot` */
-static void dots(const float *w, const float *x, long ldx, int cols, int T, float *out) {
+static void dots(const wt *w, const float *x, long ldx, int cols, int T, float *out) {
     int t = 0;
     for (; t + 4 <= T; t += 4) {
         const float *x0 = x + t * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
         v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         int c = 0;
         for (; c + 8 <= cols; c += 8) {
-            v8 wv = load8(w + c);
+            v8 wv = loadw8(w + c);
             a0 += wv * load8(x0 + c);
             a1 += wv * load8(x1 + c);
             a2 += wv * load8(x2 + c);
             a3 += wv * load8(x3 + c);
         }
         float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
-        for (; c < cols; c++) { s0 += w[c] * x0[c]; s1 += w[c] * x1[c]; s2 += w[c] * x2[c]; s3 += w[c] * x3[c]; }
+        for (; c < cols; c++) {
+            float wc = wf(w[c]);
+            s0 += wc * x0[c]; s1 += wc * x1[c]; s2 += wc * x2[c]; s3 += wc * x3[c];
+        }
         out[t] = s0; out[t + 1] = s1; out[t + 2] = s2; out[t + 3] = s3;
     }
-    for (; t < T; t++) out[t] = dot(w, x + t * ldx, cols);
+    for (; t < T; t++) out[t] = dotw(w, x + t * ldx, cols);
 }
 
 /* y[t, r] = W[r, 0:cols] . x[t] (+ b[r]) for T tokens (x rows of ldx, y rows of ldy): weight rows split over
  * the team, each read once for all tokens (call inside a parallel region) */
-static void matmul(const float *W, long ld, const float *x, long ldx, const float *b, float *y, long ldy, int rows,
+static void matmul(const wt *W, long ld, const float *x, long ldx, const wt *b, float *y, long ldy, int rows,
                    int cols, int T) {
     #pragma omp for schedule(static)
     for (int r = 0; r < rows; r++) {
         float out[MAX_TOKENS];
         dots(W + (long)r * ld, x, ldx, cols, T, out);
-        for (int t = 0; t < T; t++) y[t * ldy + r] = b ? out[t] + b[r] : out[t];
+        for (int t = 0; t < T; t++) y[t * ldy + r] = b ? out[t] + wf(b[r]) : out[t];
     }
 }
 
@@ -133,35 +175,35 @@ static void ffn_in(const Model *m, const Layer *L, const float *x, float *u, int
         if (m->gated) dots(L->gate + (long)i * H, x, H, H, T, sg);
         for (int t = 0; t < T; t++)
             u[(long)t * I + i] = m->gated ? activate(sg[t], m->act) * su[t]
-                                          : activate(L->up_bias ? su[t] + L->up_bias[i] : su[t], m->act);
+                                          : activate(L->up_bias ? su[t] + wf(L->up_bias[i]) : su[t], m->act);
     }
 }
 
 /* y = sum_{i < n} u[i] * D[i, :] (+ b) for a neuron-major down [I, H]: every thread sums its share of the neurons
  * into its own partial vector, then the partials are added (contiguous rows stream at the speed of memory, where
  * a prefix of the columns of a [H, I] matrix does not) */
-static void down_rows(const Model *m, const float *D, const float *u, const float *b, float *y, int n, int T) {
+static void down_rows(const Model *m, const wt *D, const float *u, const wt *b, float *y, int n, int T) {
     int H = m->hidden, I = m->intermediate, me = omp_get_thread_num(), threads = omp_get_num_threads();
     float *p = m->partial + (long)me * MAX_TOKENS * H;
     memset(p, 0, (size_t)T * H * sizeof(float));
     #pragma omp for schedule(static)
     for (int i = 0; i < n; i++) {
-        const float *w = D + (long)i * H;
+        const wt *w = D + (long)i * H;
         for (int t = 0; t < T; t++) {
             float ui = u[(long)t * I + i], *pt = p + (long)t * H;
             v8 uv = {ui, ui, ui, ui, ui, ui, ui, ui};
             int c = 0;
             for (; c + 8 <= H; c += 8) {
-                v8 acc = load8(pt + c) + uv * load8(w + c);
+                v8 acc = load8(pt + c) + uv * loadw8(w + c);
                 memcpy(pt + c, &acc, sizeof acc);
             }
-            for (; c < H; c++) pt[c] += ui * w[c];
+            for (; c < H; c++) pt[c] += ui * wf(w[c]);
         }
     }
     #pragma omp for schedule(static)
     for (int c = 0; c < H; c++) {
         for (int t = 0; t < T; t++) {
-            float sum = b ? b[c] : 0.0f;
+            float sum = b ? wf(b[c]) : 0.0f;
             for (int j = 0; j < threads; j++) sum += m->partial[((long)j * MAX_TOKENS + t) * H + c];
             y[(long)t * H + c] = sum;
         }
@@ -189,8 +231,8 @@ int dart_forward(const Model *m, const int *tokens, int T, int start, float *log
     float *x = m->x, *h = m->h, *q = m->q, *k = m->kv, *v = m->kv + (long)T * KN, *attn = m->attn, *a = m->a;
     float *u = m->u, *y = m->y;
     for (int t = 0; t < T; t++) {
-        const float *row = m->embed + (long)tokens[t] * H;
-        for (int i = 0; i < H; i++) x[(long)t * H + i] = row[i] * m->embed_scale;
+        const wt *row = m->embed + (long)tokens[t] * H;
+        for (int i = 0; i < H; i++) x[(long)t * H + i] = wf(row[i]) * m->embed_scale;
     }
     if (threads > m->max_threads) threads = m->max_threads;
     omp_set_num_threads(threads);

@@ -6,7 +6,9 @@ them, and PyTorch's matrix-vector products reach about half the memory bandwidth
 kernel runs the whole step in one call and streams every weight at the speed of memory, so the time saved by
 reading fewer FFN weights shows in the step time.
 
-The build takes about a second and is cached (`dartprune.compiled`); `DARTPRUNE_KERNEL=0` turns it off.
+It is built for float32 weights and, separately, for bfloat16 ones (widened to float32 as they are read: half the
+bytes of float32, where PyTorch's bfloat16 matmuls on a CPU without native bfloat16 are slower than its float32
+ones). The build takes about a second each and is cached (`dartprune.compiled`); `DARTPRUNE_KERNEL=0` turns it off.
 """
 from __future__ import annotations
 
@@ -42,18 +44,21 @@ class _Model(ctypes.Structure):
                 + [(name, _P) for name in ("x", "h", "a", "q", "kv", "attn", "u", "y", "scores", "partial")])
 
 
-_LIBRARY: ctypes.CDLL | None = None
-_FAILED: str | None = None
+# the build of kernel.c for each weight dtype it runs (activations and the cache are float32 in both)
+WEIGHT_DTYPES: dict[torch.dtype, tuple[str, ...]] = {torch.float32: (), torch.bfloat16: ("WEIGHT_BF16",)}
+_LIBRARIES: dict[torch.dtype, ctypes.CDLL] = {}
+_FAILED: dict[torch.dtype, str] = {}
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first use; None (with a warning, once) if it cannot be built."""
-    global _LIBRARY, _FAILED
-    if _LIBRARY is not None or _FAILED is not None:
-        return _LIBRARY
-    lib = build(SOURCE, "step")
+def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
+    """The compiled kernel for weights of `dtype`, building it on first use; None (with a warning, once) if it
+    cannot be built."""
+    if dtype in _LIBRARIES or dtype in _FAILED:
+        return _LIBRARIES.get(dtype)
+    lib = build(SOURCE, "step" if dtype == torch.float32 else f"step_{str(dtype).removeprefix('torch.')}",
+                WEIGHT_DTYPES[dtype])
     if isinstance(lib, str):
-        _FAILED = lib
+        _FAILED[dtype] = lib
         if not lib.startswith("switched off"):
             warnings.warn(f"dartprune: the compiled decode step is unavailable ({lib}); using the PyTorch step",
                           stacklevel=2)
@@ -65,13 +70,13 @@ def library() -> ctypes.CDLL | None:
     lib.dart_forward.restype = ctypes.c_int
     lib.dart_forward.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int,
                                  _P, _P, ctypes.POINTER(ctypes.c_int), ctypes.c_int, _P, ctypes.c_int]
-    _LIBRARY = lib
+    _LIBRARIES[dtype] = lib
     return lib
 
 
-def unavailable_reason() -> str | None:
-    library()
-    return _FAILED
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    library(dtype)
+    return _FAILED.get(dtype)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -81,8 +86,8 @@ def _ptr(t: torch.Tensor | None):
 def kernel_applies(native) -> str | None:
     """None when the kernel can run this native model's decode steps, else why not."""
     d = native.decoder
-    if native.device.type != "cpu" or native.dtype != torch.float32:
-        return "it runs float32 weights on the CPU only"
+    if native.device.type != "cpu" or native.dtype not in WEIGHT_DTYPES:
+        return "it runs float32 or bfloat16 weights on the CPU only"
     parts = native.parts[0]
     if type(parts.act).__name__ not in ACTIVATIONS:
         return f"activation {type(parts.act).__name__} is not compiled in"
@@ -91,6 +96,8 @@ def kernel_applies(native) -> str | None:
     tensors += [t for p in native.parts for t in (p.gate, p.up) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or not d.embed.weight.is_contiguous():
         return "its weights are not contiguous row-major matrices"
+    if any(t.dtype != native.dtype for t in tensors + [d.embed.weight] + [p.down for p in native.parts]):
+        return f"its weights are not all {native.dtype}"
     if not all(p.down.is_contiguous() or p.down.t().is_contiguous() for p in native.parts):
         return "an FFN down projection is neither [hidden, I] nor [I, hidden] contiguous"
     return None
@@ -100,9 +107,9 @@ class KernelStep:
     """The compiled step bound to one `NativeModel` (its weights, cache and rotary tables by pointer)."""
 
     def __init__(self, native):
-        self.lib = library()
+        self.lib = library(native.dtype)
         if self.lib is None:
-            raise RuntimeError(unavailable_reason())
+            raise RuntimeError(unavailable_reason(native.dtype))
         self.native = native
         d = native.decoder
         self.model = _Model()
@@ -114,7 +121,7 @@ class KernelStep:
         m.eps, m.norm_offset, m.attention_scale = d.norm_eps, d.norm_offset, d.attention_scale
         m.attention_softcap = d.attention_softcap or 0.0
         m.final_softcap = d.final_softcap or 0.0
-        m.embed_scale = float(getattr(d.embed, "embed_scale", torch.tensor(1.0)))
+        m.embed_scale = native.embed_scale
         m.embed, m.final_norm, m.lm_head = _ptr(d.embed.weight), _ptr(d.final_norm), _ptr(d.lm_head)
         self.layers = (_Layer * len(d.layers))()
         for i, (layer, parts) in enumerate(zip(d.layers, native.parts)):

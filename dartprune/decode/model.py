@@ -6,8 +6,12 @@ chunk, a new conversation turn); a decode step is the same call with one token, 
 `dartprune.decode.kernel` when it is available. The model's own parameters are read in place: nothing is copied,
 and an attached engine's in-place permutation of the FFN neurons is seen as it happens.
 
-Attention runs in float32 whatever the model's dtype (small matmuls in bfloat16 are several times slower on a
-CPU); the equivalence with Hugging Face's forward is tested in float32.
+Attention runs in float32 whatever the model's dtype. On a CPU everything does: a bfloat16 or float16 model's
+weights are widened to float32 as each product reads them (PyTorch's reduced-precision matmuls on a CPU without
+native support are several times slower than its float32 ones: a 256-token prompt of SmolLM2 in bfloat16 took 3.9 s
+against 0.5 s in float32), so such a model computes what its float32 copy computes, and the compiled step, which
+reads bfloat16 weights the same way, agrees with it. The equivalence with Hugging Face's forward is tested in
+float32 and against the float32 copy of a bfloat16 model.
 """
 from __future__ import annotations
 
@@ -100,13 +104,16 @@ class NativeModel:
         self.engine = engine
         self.device = decoder.lm_head.device
         self.dtype = decoder.lm_head.dtype
+        self.compute = torch.float32 if self.device.type == "cpu" else self.dtype    # activations (see above)
+        # Gemma's embedding scale (1 elsewhere), applied in float32 where the model is stored narrower
+        self.embed_scale = float(getattr(decoder.embed, "embed_scale", 1.0))
         self.cache = KVCache(len(decoder.layers), decoder.kv_heads, decoder.head_dim, capacity, self.device)
         self._rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_length = 0
         self._windows = {layer.window for layer in decoder.layers}      # None: full causal attention
         self.monitored = {layer: j for j, layer in enumerate(engine.monitored)} if engine is not None else {}
         self.kernel = None
-        if kernel and kernel_applies(self) is None and library() is not None:
+        if kernel and kernel_applies(self) is None and library(self.dtype) is not None:
             self.kernel = KernelStep(self)
 
     # ----------------------------------------------------------------- sequence
@@ -164,7 +171,7 @@ class NativeModel:
         if last_only:
             x = x[-1:]
         d = self.decoder
-        logits = F.linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
+        logits = self._linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
         if d.final_softcap is not None:
             logits = torch.tanh(logits / d.final_softcap) * d.final_softcap
         if engine is not None:
@@ -179,7 +186,7 @@ class NativeModel:
         # attention masks of this forward, one per window, shared by the layers (one token needs none unless windowed)
         masks = {window: self._mask(start, tokens, window) for window in self._windows
                  if tokens > 1 or window is not None}
-        x = d.embed(ids)                                                     # [T, H], model dtype
+        x = self._embed(ids)                                                 # [T, H]
         for i, layer in enumerate(d.layers):
             cos, sin = (t[start:start + tokens] for t in tables[layer.rope])
             a = self._attention(i, layer, rms_norm(x, layer.input_norm, d.norm_eps, d.norm_offset), cos, sin, start,
@@ -218,9 +225,9 @@ class NativeModel:
     def _dense_ffn(self, i: int, h: torch.Tensor, x: torch.Tensor, layer: DecoderLayer, step) -> torch.Tensor:
         """The full FFN, reported to the engine when it traces (u, and the residual x and block output f)."""
         parts = self.parts[i]
-        pre = F.linear(h, parts.up, parts.up_bias)
-        u = parts.act(F.linear(h, parts.gate)) * pre if parts.gated else parts.act(pre)
-        y = F.linear(u, parts.down, parts.down_bias)
+        pre = self._linear(h, parts.up, parts.up_bias)
+        u = parts.act(self._linear(h, parts.gate)) * pre if parts.gated else parts.act(pre)
+        y = self._linear(u, parts.down, parts.down_bias)
         d = self.decoder
         if layer.post_ffn_norm is not None:
             y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
@@ -233,9 +240,9 @@ class NativeModel:
                    start: int, mask: torch.Tensor | None) -> torch.Tensor:
         d = self.decoder
         tokens = h.shape[0]
-        q = F.linear(h, layer.q, layer.q_bias).view(tokens, d.heads, d.head_dim)
-        k = F.linear(h, layer.k, layer.k_bias).view(tokens, d.kv_heads, d.head_dim)
-        v = F.linear(h, layer.v, layer.v_bias).view(tokens, d.kv_heads, d.head_dim)
+        q = self._linear(h, layer.q, layer.q_bias).view(tokens, d.heads, d.head_dim)
+        k = self._linear(h, layer.k, layer.k_bias).view(tokens, d.kv_heads, d.head_dim)
+        v = self._linear(h, layer.v, layer.v_bias).view(tokens, d.kv_heads, d.head_dim)
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, d.norm_eps, d.norm_offset)
             k = rms_norm(k, layer.k_norm, d.norm_eps, d.norm_offset)
@@ -258,7 +265,22 @@ class NativeModel:
                 scores += mask
         out = torch.bmm(scores.softmax(-1), cache_v[:, :end])                          # [kv, group * T, hd]
         out = out.view(d.heads, tokens, d.head_dim).transpose(0, 1).reshape(tokens, d.heads * d.head_dim)
-        return F.linear(out.to(self.dtype), layer.o, layer.o_bias)
+        return self._linear(out.to(self.compute), layer.o, layer.o_bias)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of `ids` in the compute dtype (the model's own module where that is its dtype)."""
+        if self.compute == self.dtype:
+            return self.decoder.embed(ids)
+        return F.embedding(ids, self.decoder.embed.weight).to(self.compute) * self.embed_scale
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ b) in x's dtype, the weight widened to it where it is stored narrower (a copy per call, read
+        once: a memory pass that costs far less than a bfloat16 matmul on a CPU)."""
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
+        return F.linear(x, weight, bias)
 
     def _mask(self, start: int, tokens: int, window: int | None) -> torch.Tensor:
         """[group * tokens, start + tokens] float32 added to the scores: 0 where query i (position start + i, in each

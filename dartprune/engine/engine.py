@@ -103,9 +103,13 @@ def _unit(scores: torch.Tensor) -> torch.Tensor:
 
 
 class Engine:
-    """DART over one model. Build it once per model and configuration; it keeps one sequence at a time."""
+    """DART over one model. Build it once per model and configuration; it keeps one sequence at a time.
 
-    def __init__(self, model: nn.Module, config: DartConfig):
+    widened: the loop that drives it computes in float32 on a CPU whatever the weights' dtype (dartprune's native
+    loop does), so the weights take the layout that suits float32 in bfloat16 and float16 too (`neuron_major_pays`).
+    """
+
+    def __init__(self, model: nn.Module, config: DartConfig, widened: bool = False):
         if getattr(model, "dartprune_handle", None) is not None:       # its FFNs are taps now; its engine owns them
             raise RuntimeError("dartprune is already attached to this model; detach that handle first")
         self.model = model
@@ -131,7 +135,7 @@ class Engine:
         # that, so they are views of the layout in use
         self._offloaded = {i for i, p in enumerate(parts) if offloaded(p)}
         self._relaid = [weight for i, layer in enumerate(self.layers) if self.prunes and i not in self._offloaded
-                        for weight, rows in transposed_parameters(layer, parts[i]) if to_neuron_major(weight, rows)]
+                        for weight, rows in transposed_parameters(layer, parts[i]) if to_neuron_major(weight, rows, widened)]
         self.parts = [self.adapter.ffn_parts(layer) for layer in self.layers] if self._relaid else parts
         if self.prunes and config.path == "compact" and not self.per_token:     # the path that swaps in place
             swap_library()                    # built (or found in the cache) now, not in the first prompt

@@ -37,7 +37,7 @@ class Ring:
     def write_all_x(self, xs: torch.Tensor) -> None:
         """xs: [layers, batch, tokens, hidden] FFN inputs of every layer (a decode loop that has them at once)."""
         take = self.slots.numel()
-        self.x.index_copy_(2, self.slots.to(self.x.device), xs[:, :, -take:])
+        self.x.index_copy_(2, self.slots.to(self.x.device), xs[:, :, -take:].to(self.x.dtype))
 
     def write_a(self, j: int, a: torch.Tensor) -> None:
         self.a[j].index_copy_(1, self.slots.to(self.a.device), a[:, -self.slots.numel():].float().to(self.a.device))

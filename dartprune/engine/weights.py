@@ -10,9 +10,10 @@ A prefix of the columns of a row-major [hidden, I] down projection is a strided 
 the speed of memory on the CPUs measured here; so while an engine prunes, each FFN weight stored that way is laid
 out neuron-major instead (the same parameter, its storage transposed: `to_neuron_major`; the down projection of
 most families, GPT-2's up projection), and put back when the engine closes. Values never change; Hugging Face's
-own forward reads either layout. Not in bfloat16 or float16 on a CPU (`neuron_major_pays`): there PyTorch's
-matmul over that layout is about 5x slower than over the row-major one, whose strided prefix runs at full speed;
-those weights stay row-major and their neurons move as columns.
+own forward reads either layout. Not in bfloat16 or float16 on a CPU when PyTorch multiplies in that dtype (a
+Hugging Face forward; `neuron_major_pays`): there its matmul over that layout is about 5x slower than over the
+row-major one, whose strided prefix runs at full speed; those weights stay row-major and their neurons move as
+columns. The native loop widens such weights to float32 as it reads them, and its engine lays them out neuron-major.
 
 Scores and kept sets are always in neuron ids (the original order); `order[p]` is the id of the neuron now at
 position p (int32: for Llama-3.1-8B shapes the orders of all layers are 1.8 MB).
@@ -226,28 +227,32 @@ class PrefixFFN:
         """u of every neuron for the few inputs x ([tokens, hidden]) of a re-trace, by position ([tokens, I]).
         In float32 computed as W x^T: for a ring's 16 tokens about a sixth faster than x W^T on a CPU. The values
         are the same as x W^T's at 16 tokens here; at some other counts (2-11 here) they can differ in the last
-        bits. Where the neuron-major layout does not pay (bfloat16, float16 on a CPU), x W^T is the faster form
-        (2.0 against 3.1 ms per projection at SmolLM2's shapes)."""
-        if not neuron_major_pays(self.parts.up):
-            return activations(self.parts, x)
-        p, xt = self.parts, x.t()
+        bits. In bfloat16 and float16 on a CPU the weights are widened to float32 first and the product is x W^T:
+        PyTorch's reduced-precision matmul is the slow part there (2.0 ms per projection at SmolLM2's shapes and 16
+        tokens, where widening takes 0.07 ms and the float32 product 0.9)."""
+        p = self.parts
+        if p.up.device.type == "cpu" and p.up.dtype in (torch.bfloat16, torch.float16):
+            return activations(p, x.float())
+        xt = x.t()
         pre = torch.mm(p.up, xt) if p.up_bias is None else torch.addmm(p.up_bias[:, None], p.up, xt)
         u = p.act(torch.mm(p.gate, xt)).mul_(pre) if p.gated else p.act(pre)
         return u.t().contiguous()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The FFN over the kept prefix. Two or three 2-D matmuls: every op is paid once per layer and token."""
+        """The FFN over the kept prefix. Two or three 2-D matmuls: every op is paid once per layer and token. In
+        x's dtype (the prefix widened to it where x is wider: the native loop computes in float32 on a CPU)."""
         flat = x.reshape(-1, x.shape[-1])
-        act = self.parts.act
-        if self.gate_t is not None:
-            u = act(torch.mm(flat, self.gate_t))
-            u.mul_(torch.mm(flat, self.up_t))
-        elif self.up_bias is not None:
-            u = act(torch.addmm(self.up_bias, flat, self.up_t))
+        act, dtype = self.parts.act, flat.dtype
+        gate, up, up_bias = (in_dtype(t, dtype) for t in (self.gate_t, self.up_t, self.up_bias))
+        if gate is not None:
+            u = act(torch.mm(flat, gate))
+            u.mul_(torch.mm(flat, up))
+        elif up_bias is not None:
+            u = act(torch.addmm(up_bias, flat, up))
         else:
-            u = act(torch.mm(flat, self.up_t))
-        bias = self.parts.down_bias
-        y = torch.mm(u, self.down_t) if bias is None else torch.addmm(bias, u, self.down_t)
+            u = act(torch.mm(flat, up))
+        down, bias = in_dtype(self.down_t, dtype), in_dtype(self.parts.down_bias, dtype)
+        y = torch.mm(u, down) if bias is None else torch.addmm(bias, u, down)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -340,20 +345,24 @@ def own_pages(tensor: torch.Tensor) -> None:
     flat[-1:] = flat[-1:].clone()                 # the last page, where the tensor does not start on a page
 
 
-def neuron_major_pays(weight: torch.Tensor) -> bool:
-    """Whether a pruned prefix of `weight` runs faster laid out neuron-major. Not in bfloat16 or float16 on a CPU:
-    there PyTorch's matmul over a weight stored that way takes a path about 5x slower than over the row-major
-    layout (dense as well as a prefix; measured on SmolLM2's shapes, where a row-major prefix of half the columns
-    runs in 0.6x the dense time and the neuron-major one in 2.5x)."""
-    return weight.device.type != "cpu" or weight.dtype in (torch.float32, torch.float64)
+def neuron_major_pays(weight: torch.Tensor, widened: bool = False) -> bool:
+    """Whether a pruned prefix of `weight` runs faster laid out neuron-major. Not in bfloat16 or float16 on a CPU
+    when PyTorch multiplies in that dtype: its matmul over a weight stored that way takes a path about 5x slower
+    than over the row-major layout (dense as well as a prefix; measured on SmolLM2's shapes, where a row-major prefix
+    of half the columns runs in 0.6x the dense time and the neuron-major one in 2.5x). `widened`: the reader widens
+    the weights to float32 first (the native loop and its compiled step), where it pays as in float32 (SmolLM2,
+    bfloat16, compiled step: 10.9 against 12.8 ms per token at sparsity 0.5, 9.6 against 11.1 at 0.7)."""
+    return widened or weight.device.type != "cpu" or weight.dtype in (torch.float32, torch.float64)
 
 
-def to_neuron_major(weight: nn.Parameter, rows: torch.Tensor) -> bool:
+def to_neuron_major(weight: nn.Parameter, rows: torch.Tensor, widened: bool = False) -> bool:
     """Lay out `weight`, the contiguous 2-D parameter behind `rows` (an FFN weight as one row per neuron: gate or up
     [I, hidden], or the down projection's transpose), so that each neuron's row is contiguous; True if it was
     changed (`to_row_major` undoes it). Changed where `rows` is the parameter's transpose (a [hidden, I] down
-    projection in most families, GPT-2's Conv1D up projection, stored [hidden, I]) and the layout pays."""
-    if weight.dim() != 2 or not weight.is_contiguous() or rows.is_contiguous() or not neuron_major_pays(weight):
+    projection in most families, GPT-2's Conv1D up projection, stored [hidden, I]) and the layout pays
+    (`neuron_major_pays`)."""
+    if weight.dim() != 2 or not weight.is_contiguous() or rows.is_contiguous() or \
+            not neuron_major_pays(weight, widened):
         return False
     weight.data = weight.data.t().contiguous().t()
     return True
@@ -377,13 +386,21 @@ def to_row_major(weight: nn.Parameter) -> None:
     weight.data = weight.data.contiguous()
 
 
+def in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` in `dtype`: itself, or a copy where it is stored in another (bfloat16 weights read by a float32
+    computation)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def activations(parts: FFNParts, x: torch.Tensor) -> torch.Tensor:
-    """u for inputs x with the full weights (in the weights' current neuron order)."""
-    pre = F.linear(x, parts.up, parts.up_bias)
-    return parts.act(F.linear(x, parts.gate)) * pre if parts.gated else parts.act(pre)
+    """u for inputs x with the full weights (in the weights' current neuron order), in x's dtype."""
+    pre = F.linear(x, in_dtype(parts.up, x.dtype), in_dtype(parts.up_bias, x.dtype))
+    return parts.act(F.linear(x, in_dtype(parts.gate, x.dtype))) * pre if parts.gated else parts.act(pre)
 
 
 def masked_ffn(parts: FFNParts, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Reference path: the dense FFN with the activations of pruned neurons multiplied by 0 (no mask: dense)."""
+    """Reference path: the dense FFN with the activations of pruned neurons multiplied by 0 (no mask: dense), in
+    x's dtype."""
     u = activations(parts, x)
-    return F.linear(u if mask is None else u * mask, parts.down, parts.down_bias)
+    down, bias = in_dtype(parts.down, x.dtype), in_dtype(parts.down_bias, x.dtype)
+    return F.linear(u if mask is None else u * mask, down, bias)
