@@ -42,7 +42,8 @@ class Recording:
 @torch.no_grad()
 def record(model, sequences, prefix: int, sparsity: float, layers: list[int], chunk: int) -> list[Recording]:
     """Signals of `layers` for every sequence under DART's prompt mask (the monitor never fires)."""
-    engine = Engine(model, DartConfig(sparsity=sparsity, detector="none", monitored_layers=tuple(layers)))
+    config = DartConfig(sparsity=sparsity, detector="none", monitored_layers=tuple(layers))
+    engine = Engine(model, config, widened=True)
     native = NativeModel(model, engine)
     recorder = AttentionRecorder(engine)
     out = []

@@ -68,7 +68,8 @@ def record(model, sequences, prefix: int, sparsity: float, chunk: int) -> list[R
     count = model.config.num_hidden_layers
     layers = {name: monitored_layer_indices((depth,), count)[0] for name, depth in DEPTHS.items()}
     watched = sorted(set(layers.values()))
-    engine = Engine(model, DartConfig(sparsity=sparsity, detector="none", monitored_layers=tuple(watched)))
+    config = DartConfig(sparsity=sparsity, detector="none", monitored_layers=tuple(watched))
+    engine = Engine(model, config, widened=True)
     native = NativeModel(model, engine)
     recorder = AttentionRecorder(engine)
     out = []

@@ -34,7 +34,7 @@ from dartprune.evaluation.report import interval_text  # noqa: E402
 def score(model, sequences, prefix: int, config: DartConfig | None, retrace_at) -> list[dict]:
     """Per sequence: mean NLL before and after the switch (or over a control). `retrace_at(seq)` gives the
     positions (tokens fed) after which a re-trace is forced."""
-    engine = Engine(model, config) if config is not None else None
+    engine = Engine(model, config, widened=True) if config is not None else None
     native = NativeModel(model, engine)
     rows = []
     try:

@@ -55,7 +55,7 @@ def time_llamacpp(llm, ids: list[int], new_tokens: int) -> tuple[float, float]:
 def time_native(model, config: DartConfig | None, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(time to first token, mean time per later token) of greedy decoding; the engine (one prunes a model at a
     time) lives for this run only."""
-    engine = Engine(model, config) if config is not None else None
+    engine = Engine(model, config, widened=True) if config is not None else None
     try:
         native = NativeModel(model, engine)
         native.reserve(ids.numel() + new_tokens)

@@ -39,7 +39,7 @@ GATE_MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2)
 def record(model, sequences, prefix: int, sparsity: float) -> list[dict]:
     """Per sequence: [2, layers, later tokens] (dropped energy share, relative output error) under the prompt's
     masks, and the default monitor's signal (attention output of the last layer, prompt tokens included)."""
-    engine = Engine(model, DartConfig(sparsity=sparsity, detector="none"))
+    engine = Engine(model, DartConfig(sparsity=sparsity, detector="none"), widened=True)
     native = NativeModel(model, engine, kernel=False)      # every pruned forward goes through `engine.ffn`
     captured: dict[int, list[torch.Tensor]] = {}
     attention: list[torch.Tensor] = []

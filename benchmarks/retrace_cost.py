@@ -32,7 +32,7 @@ model, _, ids = timing_setup({model!r}, {threads}, {prompt}, {text!r})
 model = model.to(getattr(torch, {dtype!r}))
 out = {{}}
 for sparsity in (0.5, 0.7):
-    engine = Engine(model, DartConfig(sparsity=sparsity))
+    engine = Engine(model, DartConfig(sparsity=sparsity), widened=True)
     native = NativeModel(model, engine)
     token, tokens, seconds = int(native.forward(ids, last_only=True)[-1].argmax()), [], []
     for _ in range({retraces}):

@@ -41,7 +41,7 @@ def main() -> None:
              "compiled / PyTorch |", "|---|---|---|---|---|---|---|"]
     dense = NativeModel(model)
     for sparsity in (0.5, 0.7):
-        engine = Engine(model, DartConfig(sparsity=sparsity))
+        engine = Engine(model, DartConfig(sparsity=sparsity), widened=True)
         pruned = NativeModel(model, engine)
         runs = {"dense": (dense, True), "compiled": (pruned, True), "pytorch": (pruned, False)}
         times: dict[str, list[float]] = {name: [] for name in runs}
