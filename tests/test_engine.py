@@ -643,6 +643,26 @@ def test_own_pages_keeps_every_value_and_layout():
 
 
 
+@pytest.mark.parametrize("layout", ["row-major", "neuron-major", "column prefix"])
+@pytest.mark.parametrize("block_bytes", [1 << 20, 4 * 4 * 37, 1])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_over_narrower_weights_equals_the_widened_product_in_any_block_size(layout, block_bytes, with_bias):
+    """Widening in blocks (of rows, or of input columns where the weight is stored transposed) gives x W^T + b of
+    the widened weight; same-dtype weights go straight to F.linear."""
+    from dartprune.engine.weights import linear
+    torch.manual_seed(0)
+    stored = {"row-major": torch.randn(96, 40), "neuron-major": torch.randn(40, 96).t(),
+              "column prefix": torch.randn(96, 64)[:, :40]}[layout].bfloat16()
+    bias = torch.randn(96).bfloat16() if with_bias else None
+    x = torch.randn(2, 5, 40)
+    want = torch.nn.functional.linear(x, stored.float(), None if bias is None else bias.float())
+    got = linear(x, stored, bias, block_bytes=block_bytes)
+    assert got.dtype == torch.float32 and got.shape == (2, 5, 96)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    same = stored.float()
+    assert torch.equal(linear(x, same, None, block_bytes=1), torch.nn.functional.linear(x, same))
+
+
 @pytest.mark.parametrize("path, faulted", [("compact", True), ("mask", False)])
 def test_an_engine_that_swaps_in_place_faults_in_every_ffn_weight_once(monkeypatch, path, faulted):
     import dartprune.engine.engine as engine_module

@@ -7,9 +7,9 @@ chunk, a new conversation turn); a decode step is the same call with one token, 
 and an attached engine's in-place permutation of the FFN neurons is seen as it happens.
 
 Attention runs in float32 whatever the model's dtype. On a CPU everything does: a bfloat16 or float16 model's
-weights are widened to float32 as each product reads them (PyTorch's reduced-precision matmuls on a CPU without
-native support are several times slower than its float32 ones: a 256-token prompt of SmolLM2 in bfloat16 took 3.9 s
-against 0.5 s in float32), so such a model computes what its float32 copy computes, and the compiled step, which
+weights are widened to float32 as each product reads them, a block at a time (`linear`; PyTorch's
+reduced-precision matmuls on a CPU without native support are several times slower than its float32 ones: a
+256-token prompt of SmolLM2 in bfloat16 took 3.9 s against 0.5 s in float32), so such a model computes what its float32 copy computes, and the compiled step, which
 reads bfloat16 weights the same way, agrees with it. The equivalence with Hugging Face's forward is tested in
 float32 and against the float32 copy of a bfloat16 model.
 """
@@ -24,6 +24,7 @@ from torch import nn
 from dartprune.architectures import Decoder, DecoderLayer, FFNParts, get_adapter
 from dartprune.decode.kernel import KernelStep, kernel_applies, library
 from dartprune.engine import Engine
+from dartprune.engine.weights import linear
 from dartprune.methods import METHODS
 
 
@@ -171,7 +172,7 @@ class NativeModel:
         if last_only:
             x = x[-1:]
         d = self.decoder
-        logits = self._linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
+        logits = linear(rms_norm(x, d.final_norm, d.norm_eps, d.norm_offset), d.lm_head).float()
         if d.final_softcap is not None:
             logits = torch.tanh(logits / d.final_softcap) * d.final_softcap
         if engine is not None:
@@ -225,9 +226,9 @@ class NativeModel:
     def _dense_ffn(self, i: int, h: torch.Tensor, x: torch.Tensor, layer: DecoderLayer, step) -> torch.Tensor:
         """The full FFN, reported to the engine when it traces (u, and the residual x and block output f)."""
         parts = self.parts[i]
-        pre = self._linear(h, parts.up, parts.up_bias)
-        u = parts.act(self._linear(h, parts.gate)) * pre if parts.gated else parts.act(pre)
-        y = self._linear(u, parts.down, parts.down_bias)
+        pre = linear(h, parts.up, parts.up_bias)
+        u = parts.act(linear(h, parts.gate)) * pre if parts.gated else parts.act(pre)
+        y = linear(u, parts.down, parts.down_bias)
         d = self.decoder
         if layer.post_ffn_norm is not None:
             y = rms_norm(y, layer.post_ffn_norm, d.norm_eps, d.norm_offset)
@@ -240,9 +241,9 @@ class NativeModel:
                    start: int, mask: torch.Tensor | None) -> torch.Tensor:
         d = self.decoder
         tokens = h.shape[0]
-        q = self._linear(h, layer.q, layer.q_bias).view(tokens, d.heads, d.head_dim)
-        k = self._linear(h, layer.k, layer.k_bias).view(tokens, d.kv_heads, d.head_dim)
-        v = self._linear(h, layer.v, layer.v_bias).view(tokens, d.kv_heads, d.head_dim)
+        q = linear(h, layer.q, layer.q_bias).view(tokens, d.heads, d.head_dim)
+        k = linear(h, layer.k, layer.k_bias).view(tokens, d.kv_heads, d.head_dim)
+        v = linear(h, layer.v, layer.v_bias).view(tokens, d.kv_heads, d.head_dim)
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, d.norm_eps, d.norm_offset)
             k = rms_norm(k, layer.k_norm, d.norm_eps, d.norm_offset)
@@ -265,22 +266,13 @@ class NativeModel:
                 scores += mask
         out = torch.bmm(scores.softmax(-1), cache_v[:, :end])                          # [kv, group * T, hd]
         out = out.view(d.heads, tokens, d.head_dim).transpose(0, 1).reshape(tokens, d.heads * d.head_dim)
-        return self._linear(out.to(self.compute), layer.o, layer.o_bias)
+        return linear(out.to(self.compute), layer.o, layer.o_bias)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The input embeddings of `ids` in the compute dtype (the model's own module where that is its dtype)."""
         if self.compute == self.dtype:
             return self.decoder.embed(ids)
         return F.embedding(ids, self.decoder.embed.weight).to(self.compute) * self.embed_scale
-
-    @staticmethod
-    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ b) in x's dtype, the weight widened to it where it is stored narrower (a copy per call, read
-        once: a memory pass that costs far less than a bfloat16 matmul on a CPU)."""
-        if weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
-            bias = bias.to(x.dtype) if bias is not None else None
-        return F.linear(x, weight, bias)
 
     def _mask(self, start: int, tokens: int, window: int | None) -> torch.Tensor:
         """[group * tokens, start + tokens] float32 added to the scores: 0 where query i (position start + i, in each
