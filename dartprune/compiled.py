@@ -9,6 +9,7 @@ the compiler and the CPU's flags (it is built with `-march=native`). `DARTPRUNE_
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -20,12 +21,18 @@ from pathlib import Path
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-def _cpu_signature() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux's /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def _cpu_signature() -> str:
+    return " ".join(sorted(cpu_flags())) or platform.processor()
 
 
 def cache_dir() -> Path:

@@ -121,6 +121,31 @@ def test_in_reduced_precision_every_ffn_weight_keeps_its_layout_and_moves_throug
     assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("flags, native", [(frozenset(), False), (frozenset({"avx2"}), False),
+                                           (frozenset({"avx512_bf16"}), True), (frozenset({"amx_bf16"}), True)])
+def test_a_retrace_multiplies_in_bfloat16_only_on_a_cpu_with_the_instructions_for_it(monkeypatch, flags, native):
+    """A re-trace's activations of bfloat16 weights: on a CPU with AVX-512 BF16 or AMX, PyTorch's bfloat16 product
+    (W x^T of the input rounded to bfloat16); elsewhere the weights widened to float32 (x W^T). Float16 always
+    widens."""
+    from dartprune.engine import weights
+    monkeypatch.setattr(weights, "cpu_flags", lambda: flags)
+    assert weights.native_reduced_matmul(torch.bfloat16) == native
+    assert not weights.native_reduced_matmul(torch.float16) and not weights.native_reduced_matmul(torch.float32)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    parts = get_adapter(model).ffn_parts(get_adapter(model).layers()[0])
+    prefix = PrefixFFN(parts)
+    x = torch.randn(16, parts.up.shape[1], generator=torch.Generator().manual_seed(0))
+    got = prefix.activations(x)
+    if native:
+        xb = x.bfloat16().t()
+        want = (parts.act(torch.mm(parts.gate, xb)) * torch.mm(parts.up, xb)).t()
+        assert got.dtype == torch.bfloat16
+    else:
+        want = activations(dataclasses.replace(parts, gate=parts.gate.float(), up=parts.up.float()), x)
+        assert got.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
 def test_a_refused_attach_leaves_the_model_as_it_was():
     """Settings found wrong only against the model (a monitored layer it does not have) are refused before any
     weight is laid out anew; the model can then be attached and detached as usual."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dartprune.architectures import FFNParts
-from dartprune.compiled import build
+from dartprune.compiled import build, cpu_flags
 
 SWAP_SOURCE = Path(__file__).with_name("swap.c")
 _swap_library: ctypes.CDLL | str | None = None       # built on first use; a string says why it cannot be
@@ -62,6 +62,13 @@ def swap_library() -> ctypes.CDLL | None:
                                                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             _swap_library.dart_unpermute_cols.restype = ctypes.c_int
     return None if isinstance(_swap_library, str) or not _swap_enabled else _swap_library
+
+
+def native_reduced_matmul(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's matmul in `dtype` runs on this CPU's own instructions, so that it beats widening the
+    weights to float32: bfloat16 where the CPU has AVX-512 BF16 or AMX. Elsewhere it is emulated and several
+    times slower than float32 (measured on AVX2); float16 is not known to pay on any CPU measured here."""
+    return dtype == torch.bfloat16 and not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 class PrefixFFN:
@@ -227,12 +234,16 @@ class PrefixFFN:
         """u of every neuron for the few inputs x ([tokens, hidden]) of a re-trace, by position ([tokens, I]).
         In float32 computed as W x^T: for a ring's 16 tokens about a sixth faster than x W^T on a CPU. The values
         are the same as x W^T's at 16 tokens here; at some other counts (2-11 here) they can differ in the last
-        bits. In bfloat16 and float16 on a CPU the weights are widened to float32 first and the product is x W^T:
-        PyTorch's reduced-precision matmul is the slow part there (2.0 ms per projection at SmolLM2's shapes and 16
-        tokens, where widening takes 0.07 ms and the float32 product 0.9)."""
+        bits. In bfloat16 and float16 on a CPU without the instructions for it (`native_reduced_matmul`) the weights
+        are widened to float32 first and the product is x W^T: PyTorch's reduced-precision matmul is the slow part
+        there (2.0 ms per projection at SmolLM2's shapes and 16 tokens on an AVX2 CPU, where widening takes 0.07 ms
+        and the float32 product 0.9). Where the CPU has them the product stays in the weights' dtype (0.05 ms
+        against 0.28 widened on an AVX-512 BF16 CPU); the scores then come from bfloat16 activations."""
         p = self.parts
         if p.up.device.type == "cpu" and p.up.dtype in (torch.bfloat16, torch.float16):
-            return activations(p, x.float())
+            if not native_reduced_matmul(p.up.dtype):
+                return activations(p, x.float())
+            x = x.to(p.up.dtype)
         xt = x.t()
         pre = torch.mm(p.up, xt) if p.up_bias is None else torch.addmm(p.up_bias[:, None], p.up, xt)
         u = p.act(torch.mm(p.gate, xt)).mul_(pre) if p.gated else p.act(pre)
