@@ -75,6 +75,8 @@ class DartLM(HFLM):
         self.dart_stats: list = []
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """lm-eval's hook for scoring tokenised requests (the abstract method of its `TemplateLM` that every model
+        implements, HFLM included), replaced to score each request under the context-only rule."""
         results = []
         for (context, continuation), ctx, cont in progress(requests, "dartprune loglikelihood",
                                                            disable=disable_tqdm or None):
