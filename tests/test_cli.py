@@ -34,6 +34,9 @@ def test_generate_dense_reads_stdin_and_prompt_file(capsys, monkeypatch, tmp_pat
     code, out_file, _ = run_cli(["generate", "--prompt-file", str(prompt), "--method", "dense",
                                  "--max-new-tokens", "8", "--no-stream"], capsys)
     assert code == 0 and out_file == out_stdin and out_file.strip()
+    code, out_option, _ = run_cli(["generate", "-p", "Once upon a time", "--method", "dense", "--max-new-tokens", "8",
+                                   "--no-stream"], capsys)
+    assert code == 0 and out_option == out_stdin
 
 
 def test_generate_chat_and_trace_plot(capsys, tmp_path):
@@ -59,6 +62,8 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
     (["generate", "hi", "--method", "dart", "--calibration-file", "x.safetensors"], "takes none"),
     (["generate", "hi", "--trace-plot", "trace.xyz"], "cannot write a plot to trace.xyz"),
     (["generate", "hi", "--prompt-file", "README.md"], "not both"),
+    (["generate", "hi", "--prompt", "hello"], "give the prompt once"),
+    (["generate", "--prompt", "hi", "--prompt-file", "README.md"], "give the prompt once"),
     (["generate", "hi", "--method", "static", "--trace-plot", "x.png"], "does not run (dart does)"),
     (["generate", "hi", "--sparsity", "0", "--compare-dense"], "dart at sparsity 0 prunes nothing"),
     (["generate", "caf\udce9"], "the prompt is not valid Unicode"),      # a Latin-1 byte on a UTF-8 argv
@@ -69,6 +74,14 @@ def test_generate_chat_and_trace_plot(capsys, tmp_path):
 def test_generate_rejects_bad_input_before_loading(capsys, argv, message):
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and message in err
+
+
+def test_an_abbreviated_option_is_an_error_not_another_option(capsys):
+    """`--prompt-f` is not taken for `--prompt-file` (nor `--max-new` for `--max-new-tokens`): argparse would
+    otherwise complete an abbreviation silently."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "hi", "--max-new", "4"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --max-new" in capsys.readouterr().err
 
 
 def test_generate_rejects_prompt_longer_than_context(capsys, tmp_path):

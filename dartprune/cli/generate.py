@@ -18,8 +18,9 @@ DEFAULT_SPARSITY = 0.5      # what generate and chat prune without --sparsity
 
 def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     p = add_parser("generate", help="generate text from a prompt, dense or pruned",
-                              description="Generate a continuation of PROMPT (or --prompt-file, or stdin).")
+                              description="Generate a continuation of PROMPT (or --prompt, --prompt-file, or stdin).")
     p.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted reads stdin")
+    p.add_argument("-p", "--prompt", dest="prompt_option", metavar="PROMPT", help="the prompt (as the argument)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder or Hugging Face id")
     p.add_argument("--method", default="dart", choices=sorted(METHODS))
@@ -48,19 +49,22 @@ def register(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def read_prompt(args: argparse.Namespace) -> str:
+    given = args.prompt if args.prompt_option is None else args.prompt_option
+    if args.prompt_option is not None and (args.prompt is not None or args.prompt_file):
+        raise ValueError("give the prompt once: as an argument, with --prompt or with --prompt-file")
     if args.prompt_file:
-        if args.prompt not in (None, "-"):
+        if given not in (None, "-"):
             raise ValueError("give the prompt as an argument or with --prompt-file, not both")
         with open(args.prompt_file, encoding="utf-8") as f:
             prompt = f.read()
-    elif args.prompt is None or args.prompt == "-":
+    elif given is None or given == "-":
         if sys.stdin is None or sys.stdin.isatty():
-            raise ValueError("no prompt: give it as an argument, with --prompt-file, or on stdin")
+            raise ValueError("no prompt: give it as an argument, with --prompt or --prompt-file, or on stdin")
         prompt = sys.stdin.read()
         if prompt.endswith("\n"):        # `echo text |` adds one; the same text as an argument has none
             prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1]
     else:
-        prompt = args.prompt
+        prompt = given
     if not check_text(prompt, "the prompt").strip():
         raise ValueError("the prompt is empty")
     return prompt

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -9,10 +10,12 @@ SUBCOMMANDS = ("generate", "chat", "serve", "models", "eval", "bench", "calibrat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dartprune", description=__doc__.splitlines()[0].replace("`", ""))
+    parser = argparse.ArgumentParser(prog="dartprune", allow_abbrev=False, description=__doc__.splitlines()[0].replace("`", ""))
     subparsers = parser.add_subparsers(dest="command", required=True)
+    # no abbreviated options: `--prompt` must not silently become `--prompt-file`
+    add_parser = functools.partial(subparsers.add_parser, allow_abbrev=False)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"dartprune.cli.{name}").register(subparsers.add_parser)
+        importlib.import_module(f"dartprune.cli.{name}").register(add_parser)
     return parser
 
 
