@@ -7,7 +7,6 @@ moving back alternates between the compiled routine and PyTorch's copies (odd re
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import publish, timing_setup  # noqa: E402
+from dartprune.benchmarks import publish, script_parser, timing_setup  # noqa: E402
 from dartprune.decode.generate import Generator, SamplingParams  # noqa: E402
 from dartprune.engine.weights import set_compiled_swap, swap_library  # noqa: E402
 
@@ -25,10 +24,8 @@ THREADS, PROMPT_TOKENS, NEW_TOKENS, TEXT = 2, 256, 16, "gutenberg:austen-emma"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, tokenizer, ids = timing_setup(args.model, THREADS, PROMPT_TOKENS, TEXT)
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)

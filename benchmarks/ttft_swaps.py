@@ -6,7 +6,6 @@ sequence ends before the next (as `generate` ends it).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import publish, timing_setup  # noqa: E402
+from dartprune.benchmarks import publish, script_parser, timing_setup  # noqa: E402
 from dartprune.benchmarks.speed import time_prompt  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
 from dartprune.engine import Engine  # noqa: E402
@@ -25,10 +24,8 @@ THREADS, PROMPT_TOKENS, TEXT = 2, 256, "wikitext2"     # the prompt of `dartprun
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if swap_library() is None:
         raise SystemExit("the compiled swap cannot be built here: nothing to compare")

@@ -6,7 +6,6 @@ round runs both in alternating order, dense and DART at 0.5.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dartprune.decode.model as native_model  # noqa: E402
 import dartprune.engine.weights as engine_weights  # noqa: E402
 from dartprune import DartConfig  # noqa: E402
-from dartprune.benchmarks import publish  # noqa: E402
+from dartprune.benchmarks import publish, script_parser  # noqa: E402
 from dartprune.benchmarks.speed import make_prompt, time_prompt  # noqa: E402
 from dartprune.data import load_text  # noqa: E402
 from dartprune.decode.model import NativeModel  # noqa: E402
@@ -41,10 +40,8 @@ def use(linear) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     model, tokenizer = load_model(args.model, dtype="bfloat16")

@@ -50,14 +50,20 @@ def run_in_checkout(source: Path, code: str) -> dict:
     return json.loads(lines[-1])
 
 
-def checkouts_parser(description: str, repeats: int) -> argparse.ArgumentParser:
-    """The options of the scripts that compare checkouts, one fresh process each (`run_in_checkout`)."""
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark script has: the model and the markdown file to write."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def checkouts_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the scripts that compare checkouts, one fresh process each (`run_in_checkout`)."""
+    parser = script_parser(description)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--source", type=Path, action="append",
                         help="checkout(s) whose dartprune to run (default: this one); give several to compare")
-    parser.add_argument("--out", type=Path)
     return parser
 
 
