@@ -77,8 +77,8 @@ def test_generate_rejects_bad_input_before_loading(capsys, argv, message):
 
 
 def test_an_abbreviated_option_is_an_error_not_another_option(capsys):
-    """`--prompt-f` is not taken for `--prompt-file` (nor `--max-new` for `--max-new-tokens`): argparse would
-    otherwise complete an abbreviation silently."""
+    """`--max-new` is not taken for `--max-new-tokens` (nor `--prompt` for `--prompt-file` before `-p/--prompt`
+    existed): argparse would otherwise complete an abbreviation silently."""
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "hi", "--max-new", "4"])
     assert exit_.value.code == 2 and "unrecognized arguments: --max-new" in capsys.readouterr().err

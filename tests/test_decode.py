@@ -366,6 +366,22 @@ def test_bfloat16_model_computes_what_its_float32_copy_does(family, kernel):
     assert (native_logits(native, ids, 5, chunk=4) - reference).abs().max() <= 1e-4
 
 
+def test_the_compiled_step_refuses_a_model_whose_tensors_are_not_all_of_its_dtype():
+    """The bfloat16 build reads every tensor it is handed as bfloat16: a float32 bias (or norm) beside bfloat16
+    weights would be read as garbage, so such a model runs the PyTorch step, whose logits stay right. A dtype with no
+    build says so instead of failing."""
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    attention = model.model.layers[1].self_attn
+    attention.k_proj.bias.data = attention.k_proj.bias.data.float()
+    native = NativeModel(model)
+    assert native.kernel is None and "not all torch.bfloat16" in kernel_module.kernel_applies(native)
+    reference = NativeModel(model, kernel=False)
+    ids = random_ids(1, 12, seed=2)[0]
+    assert torch.equal(native_logits(native, ids, 4), native_logits(reference, ids, 4))
+    assert kernel_module.library(torch.float16) is None
+    assert "no build for torch.float16" in kernel_module.unavailable_reason(torch.float16)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text"])
 def test_compiled_bfloat16_step_equals_the_float32_step_on_the_same_weights(family):
     """Widening a bfloat16 weight is exact, and both builds of the step run the same float32 sums in the same

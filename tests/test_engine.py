@@ -677,7 +677,8 @@ def test_linear_over_narrower_weights_equals_the_widened_product_in_any_block_si
     from dartprune.engine.weights import linear
     torch.manual_seed(0)
     stored = {"row-major": torch.randn(96, 40), "neuron-major": torch.randn(40, 96).t(),
-              "column prefix": torch.randn(96, 64)[:, :40]}[layout].bfloat16()
+              "column prefix": torch.randn(96, 64)}[layout].bfloat16()[:, :40]
+    assert stored.is_contiguous() == (layout == "row-major") and stored.t().is_contiguous() == (layout == "neuron-major")
     bias = torch.randn(96).bfloat16() if with_bias else None
     x = torch.randn(2, 5, 40)
     want = torch.nn.functional.linear(x, stored.float(), None if bias is None else bias.float())

@@ -10,7 +10,8 @@ SUBCOMMANDS = ("generate", "chat", "serve", "models", "eval", "bench", "calibrat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dartprune", allow_abbrev=False, description=__doc__.splitlines()[0].replace("`", ""))
+    parser = argparse.ArgumentParser(prog="dartprune", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0].replace("`", ""))
     subparsers = parser.add_subparsers(dest="command", required=True)
     # no abbreviated options: `--prompt` must not silently become `--prompt-file`
     add_parser = functools.partial(subparsers.add_parser, allow_abbrev=False)

@@ -55,6 +55,9 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
     cannot be built."""
     if dtype in _LIBRARIES or dtype in _FAILED:
         return _LIBRARIES.get(dtype)
+    if dtype not in WEIGHT_DTYPES:
+        _FAILED[dtype] = f"no build for {dtype} weights (float32 and bfloat16 only)"
+        return None
     lib = build(SOURCE, "step" if dtype == torch.float32 else f"step_{str(dtype).removeprefix('torch.')}",
                 WEIGHT_DTYPES[dtype])
     if isinstance(lib, str):
@@ -96,7 +99,11 @@ def kernel_applies(native) -> str | None:
     tensors += [t for p in native.parts for t in (p.gate, p.up) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or not d.embed.weight.is_contiguous():
         return "its weights are not contiguous row-major matrices"
-    if any(t.dtype != native.dtype for t in tensors + [d.embed.weight] + [p.down for p in native.parts]):
+    optional = [t for layer in d.layers for t in (layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias, layer.q_norm,
+                                                  layer.k_norm, layer.post_attention_norm, layer.post_ffn_norm)]
+    optional += [t for p in native.parts for t in (p.up_bias, p.down_bias)]
+    every = tensors + [d.embed.weight] + [p.down for p in native.parts] + [t for t in optional if t is not None]
+    if any(t.dtype != native.dtype for t in every):
         return f"its weights are not all {native.dtype}"
     if not all(p.down.is_contiguous() or p.down.t().is_contiguous() for p in native.parts):
         return "an FFN down projection is neither [hidden, I] nor [I, hidden] contiguous"

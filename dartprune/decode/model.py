@@ -9,7 +9,8 @@ and an attached engine's in-place permutation of the FFN neurons is seen as it h
 Attention runs in float32 whatever the model's dtype. On a CPU everything does: a bfloat16 or float16 model's
 weights are widened to float32 as each product reads them, a block at a time (`linear`; PyTorch's
 reduced-precision matmuls on a CPU without native support are several times slower than its float32 ones: a
-256-token prompt of SmolLM2 in bfloat16 took 3.9 s against 0.5 s in float32), so such a model computes what its float32 copy computes, and the compiled step, which
+256-token prompt of SmolLM2 in bfloat16 took 3.9 s against 0.5 s in float32), so such a model computes what its
+float32 copy computes (up to the summation order of a product widened in blocks), and the compiled step, which
 reads bfloat16 weights the same way, agrees with it. The equivalence with Hugging Face's forward is tested in
 float32 and against the float32 copy of a bfloat16 model.
 """
@@ -105,7 +106,8 @@ class NativeModel:
         self.engine = engine
         self.device = decoder.lm_head.device
         self.dtype = decoder.lm_head.dtype
-        self.compute = torch.float32 if self.device.type == "cpu" else self.dtype    # activations (see above)
+        reduced = self.dtype in (torch.bfloat16, torch.float16)
+        self.compute = torch.float32 if self.device.type == "cpu" and reduced else self.dtype  # activations (above)
         # Gemma's embedding scale (1 elsewhere), applied in float32 where the model is stored narrower
         self.embed_scale = float(getattr(decoder.embed, "embed_scale", 1.0))
         self.cache = KVCache(len(decoder.layers), decoder.kv_heads, decoder.head_dim, capacity, self.device)

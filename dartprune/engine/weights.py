@@ -251,10 +251,17 @@ class PrefixFFN:
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The FFN over the kept prefix. Two or three 2-D matmuls: every op is paid once per layer and token. In
-        x's dtype (the prefix widened to it where x is wider: the native loop computes in float32 on a CPU)."""
+        x's dtype (the prefix widened to it a block at a time where x is wider: the native loop computes in float32
+        on a CPU)."""
         flat = x.reshape(-1, x.shape[-1])
         act, dtype = self.parts.act, flat.dtype
-        gate, up, up_bias = (in_dtype(t, dtype) for t in (self.gate_t, self.up_t, self.up_bias))
+        if self.up_t.dtype != dtype:
+            p, k = self.parts, self.k
+            pre = linear(flat, p.up[:k], self.up_bias)
+            u = act(linear(flat, p.gate[:k])).mul_(pre) if p.gated else act(pre)
+            y = linear(u, p.down[:, :k], p.down_bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        gate, up, up_bias = self.gate_t, self.up_t, self.up_bias
         if gate is not None:
             u = act(torch.mm(flat, gate))
             u.mul_(torch.mm(flat, up))
@@ -262,7 +269,7 @@ class PrefixFFN:
             u = act(torch.addmm(up_bias, flat, up))
         else:
             u = act(torch.mm(flat, up))
-        down, bias = in_dtype(self.down_t, dtype), in_dtype(self.parts.down_bias, dtype)
+        down, bias = self.down_t, self.parts.down_bias
         y = torch.mm(u, down) if bias is None else torch.addmm(bias, u, down)
         return y.view(*x.shape[:-1], y.shape[-1])
 
