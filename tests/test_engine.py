@@ -121,14 +121,17 @@ def test_in_reduced_precision_every_ffn_weight_keeps_its_layout_and_moves_throug
     assert_untouched(model, before)
 
 
-@pytest.mark.parametrize("flags, native", [(frozenset(), False), (frozenset({"avx2"}), False),
-                                           (frozenset({"avx512_bf16"}), True), (frozenset({"amx_bf16"}), True)])
-def test_a_retrace_multiplies_in_bfloat16_only_on_a_cpu_with_the_instructions_for_it(monkeypatch, flags, native):
-    """A re-trace's activations of bfloat16 weights: on a CPU with AVX-512 BF16 or AMX, PyTorch's bfloat16 product
-    (W x^T of the input rounded to bfloat16); elsewhere the weights widened to float32 (x W^T). Float16 always
-    widens."""
+@pytest.mark.parametrize("flags, onednn, native", [
+    (frozenset(), True, False), (frozenset({"avx2"}), True, False), (frozenset({"avx512_bf16"}), True, True),
+    (frozenset({"amx_bf16"}), True, True), (frozenset({"avx512_bf16"}), False, False)])
+def test_a_retrace_multiplies_in_bfloat16_only_on_a_cpu_with_the_instructions_for_it(monkeypatch, flags, onednn,
+                                                                                    native):
+    """A re-trace's activations of bfloat16 weights: on a CPU with AVX-512 BF16 or AMX and a PyTorch with oneDNN,
+    PyTorch's bfloat16 product (W x^T of the input rounded to bfloat16); elsewhere the weights widened to float32
+    (x W^T). Float16 always widens."""
     from dartprune.engine import weights
     monkeypatch.setattr(weights, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
     assert weights.native_reduced_matmul(torch.bfloat16) == native
     assert not weights.native_reduced_matmul(torch.float16) and not weights.native_reduced_matmul(torch.float32)
     model = tiny_model("llama", dtype=torch.bfloat16)

@@ -66,9 +66,11 @@ def swap_library() -> ctypes.CDLL | None:
 
 def native_reduced_matmul(dtype: torch.dtype) -> bool:
     """Whether PyTorch's matmul in `dtype` runs on this CPU's own instructions, so that it beats widening the
-    weights to float32: bfloat16 where the CPU has AVX-512 BF16 or AMX. Elsewhere it is emulated and several
-    times slower than float32 (measured on AVX2); float16 is not known to pay on any CPU measured here."""
-    return dtype == torch.bfloat16 and not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
+    weights to float32: bfloat16 where the CPU has AVX-512 BF16 or AMX and PyTorch has oneDNN, which uses them.
+    Elsewhere it is emulated and slower than widening (measured on AVX2); float16 is not known to pay on any CPU
+    measured here."""
+    return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"}))
 
 
 class PrefixFFN:
