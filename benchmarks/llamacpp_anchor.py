@@ -8,10 +8,12 @@ dequantised to float32, so the F32 file and dartprune's float32 model hold the s
 
     pip install llama-cpp-python
     python benchmarks/llamacpp_anchor.py --out benchmarks/results/speed/llamacpp_anchor.md
+    python benchmarks/llamacpp_anchor.py --dtypes float32,bfloat16 --out benchmarks/results/speed/llamacpp_anchor_avx512.md
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -77,8 +79,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text", default="gutenberg:austen-emma")
+    parser.add_argument("--dtypes", default="float32",
+                        help="dartprune's weights, comma-separated: float32, bfloat16 (the float32 model narrowed)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16"}:
+        parser.error(f"--dtypes takes float32 and bfloat16, not {args.dtypes!r}")
     import llama_cpp
     model, tokenizer, ids = timing_setup("smollm2-135m", args.threads, args.prompt_len, args.text)
     for param in model.parameters():
@@ -93,11 +100,14 @@ def main() -> None:
             llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
                                   n_threads_batch=args.threads, verbose=False)
             runners[name] = lambda llm=llm: time_llamacpp(llm, ids.tolist(), args.new_tokens)
-        runners["dartprune native, dense, float32"] = lambda: time_native(model, None, ids, args.new_tokens)
-        for method, sparsity in (("dart", 0.5), ("static", 0.5), ("dart", 0.7)):
-            runners[f"dartprune native, {method} {sparsity:g}, float32"] = (
-                lambda config=DartConfig(method=method, sparsity=sparsity): time_native(model, config, ids,
-                                                                                        args.new_tokens))
+        for dtype in dtypes:
+            weights = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
+            runners[f"dartprune native, dense, {dtype}"] = (
+                lambda weights=weights: time_native(weights, None, ids, args.new_tokens))
+            for method, sparsity in (("dart", 0.5), ("static", 0.5), ("dart", 0.7)):
+                runners[f"dartprune native, {method} {sparsity:g}, {dtype}"] = (
+                    lambda weights=weights, config=DartConfig(method=method, sparsity=sparsity):
+                    time_native(weights, config, ids, args.new_tokens))
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for name, run in runners.items():
             run()                                   # warm-up
