@@ -25,7 +25,7 @@ from torch import nn
 from dartprune.architectures import Decoder, DecoderLayer, FFNParts, get_adapter
 from dartprune.decode.kernel import KernelStep, kernel_applies, library
 from dartprune.engine import Engine
-from dartprune.engine.weights import linear
+from dartprune.engine.weights import activations, linear
 from dartprune.methods import METHODS
 
 
@@ -228,8 +228,7 @@ class NativeModel:
     def _dense_ffn(self, i: int, h: torch.Tensor, x: torch.Tensor, layer: DecoderLayer, step) -> torch.Tensor:
         """The full FFN, reported to the engine when it traces (u, and the residual x and block output f)."""
         parts = self.parts[i]
-        pre = linear(h, parts.up, parts.up_bias)
-        u = parts.act(linear(h, parts.gate)) * pre if parts.gated else parts.act(pre)
+        u = activations(parts, h)
         y = linear(u, parts.down, parts.down_bias)
         d = self.decoder
         if layer.post_ffn_norm is not None:

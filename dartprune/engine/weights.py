@@ -21,6 +21,7 @@ position p (int32: for Llama-3.1-8B shapes the orders of all layers are 1.8 MB).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -259,9 +260,9 @@ class PrefixFFN:
         act, dtype = self.parts.act, flat.dtype
         if self.up_t.dtype != dtype:
             p, k = self.parts, self.k
-            pre = linear(flat, p.up[:k], self.up_bias)
-            u = act(linear(flat, p.gate[:k])).mul_(pre) if p.gated else act(pre)
-            y = linear(u, p.down[:, :k], p.down_bias)
+            prefix = dataclasses.replace(p, gate=None if p.gate is None else p.gate[:k], up=p.up[:k],
+                                         up_bias=self.up_bias, down=p.down[:, :k])
+            y = masked_ffn(prefix, flat, None)
             return y.view(*x.shape[:-1], y.shape[-1])
         gate, up, up_bias = self.gate_t, self.up_t, self.up_bias
         if gate is not None:
