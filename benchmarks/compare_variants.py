@@ -10,14 +10,13 @@ default, from the `details.jsonl` files the runs wrote (one or several: the same
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dartprune.benchmarks import publish  # noqa: E402
-from dartprune.evaluation.drift import PARTS  # noqa: E402
+from dartprune.evaluation.drift import PARTS, read_details  # noqa: E402
 from dartprune.evaluation.intervals import bootstrap, ratio_of_geomeans  # noqa: E402
 
 
@@ -28,21 +27,10 @@ def main() -> None:
     parser.add_argument("--details", type=Path, nargs="+", required=True)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    records: dict[tuple[str, float], dict[tuple[str, int], dict]] = {}
-    seen: dict[tuple[str, float], int] = {}
-    for index, path in enumerate(args.details):
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            key = (r["method"], r["sparsity"])
-            if r["method"] in (args.method, args.against) and seen.setdefault(key, index) != index:
-                raise SystemExit(f"{r['method']} at sparsity {r['sparsity']} is in two of the files given "
-                                 f"({args.details[seen[key]]} and {path}): give each run once")
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            runs = records.setdefault((r["method"], r["sparsity"]), {})
-            # details files made before controls were numbered name two controls of one source alike: the n-th of
-            # a name pairs with the n-th
-            runs[(r["name"], sum(name == r["name"] for name, _ in runs))] = r
+    try:
+        records = read_details(args.details, {args.method, args.against})
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     lines = [f"# {args.method} against {args.against}, paired", "",
              f"`{' '.join(sys.argv)}`", "", "Ratio of geometric-mean perplexities (below 1: "
              f"{args.method} is better), bootstrap 95% interval over the sequences.", "",

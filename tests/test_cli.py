@@ -170,8 +170,11 @@ def test_summary_labels_and_plurals():
     assert dense.summary() == "dense (no pruning)"
     one = SequenceStats(method="dart", sparsity=0.5, tokens=10, prompt_tokens=5, keep_counts=[2],
                         intermediate_sizes=[4], retraces=[RetraceRecord(7, 0.01, [1])], executed_sparsity=0.25,
-                        overhead_flops={"retrace": 17.355}, dense_flops=100.0)
+                        work_sparsity=0.25, overhead_flops={"retrace": 17.355}, dense_flops=100.0)
     assert "| 1 re-trace |" in one.summary() and "overhead 17% of dense FLOPs" in one.summary()
     assert "dart at sparsity 0.50" in one.summary() and "more FFN work" not in one.summary()
-    one.executed_sparsity = -0.5
+    assert "| executed 25.0% |" in one.summary()
+    one.work_sparsity = 0.2
+    assert "| executed 25.0%, 20.0% counting re-trace scoring |" in one.summary()
+    one.executed_sparsity = one.work_sparsity = -0.5
     assert "| executed -50.0% (more FFN work than dense) |" in one.summary()

@@ -825,6 +825,29 @@ def test_executed_sparsity_counts_the_dense_prefill():
     assert stats.retrace_count == 0 and stats.overhead_fraction > 0
 
 
+@pytest.mark.parametrize("family,share", [("llama", 2 / 3), ("gpt2", 1 / 2)])
+def test_work_sparsity_counts_each_retrace_scoring_exactly(family, share):
+    """A re-trace from the ring computes the gate and up products of every neuron over the ring's tokens: two of
+    a gated neuron's three products, one of two without a gate."""
+    model = tiny_model(family)
+    with dartprune.attach(model, DartConfig(sparsity=0.5, ring_size=6, **HAIR_TRIGGER)) as handle:
+        model.generate(random_ids(1, 20, seed=2), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        stats = handle.stats()[0]
+    assert stats.retrace_count >= 1
+    expected = stats.executed_sparsity - stats.retrace_count * 6 * share / stats.tokens
+    assert stats.work_sparsity == pytest.approx(expected, abs=1e-12)
+    assert f"{stats.work_sparsity:.1%} counting re-trace scoring" in stats.summary()
+
+
+def test_work_sparsity_equals_executed_without_ring_scoring():
+    model = tiny_model("llama")
+    config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=4, **HAIR_TRIGGER)
+    with dartprune.attach(model, config) as handle:
+        model.generate(random_ids(1, 20, seed=2), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        stats = handle.stats()[0]
+    assert stats.retrace_count >= 1 and stats.work_sparsity == stats.executed_sparsity
+
+
 def test_dense_steps_retrace_mode_runs_dense_then_rebuilds():
     model = tiny_model("llama")
     config = DartConfig(sparsity=0.5, retrace="dense-steps", dense_steps=4, **HAIR_TRIGGER)

@@ -25,7 +25,7 @@ from dartprune.data import DataNotFoundError, MCItem, load_mc, load_summaries, l
 from dartprune.evaluation.mc import score_item
 from dartprune.evaluation.conversation import dialogues
 from dartprune.evaluation.generation import repetition, rouge_vs_dense
-from dartprune.evaluation.drift import Drift, drift_sequences
+from dartprune.evaluation.drift import Drift, at_executed_sparsity, drift_sequences, read_details
 from dartprune.evaluation.intervals import bootstrap, gap_recovered, ratio_of_geomeans
 from dartprune.evaluation.ppl import Perplexity
 from tests.conftest import MINI
@@ -168,6 +168,35 @@ def test_drift_sequences_pair_every_genre_and_never_reuse_text(tiny):
     # segments of one source are consecutive and never handed out twice
     pieces = [tuple(q.ids[1:28]) for q in sequences if q.genre_a == "recipe"]
     assert len(set(pieces)) == len(pieces)
+
+
+def test_static_at_an_executed_sparsity_interpolates_between_the_bracketing_runs():
+    curve = {0.3: {"executed_sparsity": 0.24, "nll_after": 3.0}, 0.5: {"executed_sparsity": 0.40, "nll_after": 4.0},
+             0.4: {"executed_sparsity": 0.32, "nll_after": 3.2}}
+    assert at_executed_sparsity(curve, 0.28, "nll_after") == pytest.approx(3.1)
+    assert at_executed_sparsity(curve, 0.36, "nll_after") == pytest.approx(3.6)
+    assert at_executed_sparsity(curve, 0.40, "nll_after") == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="outside the runs given"):
+        at_executed_sparsity(curve, 0.2, "nll_after")
+
+
+def test_drift_details_of_several_runs_pair_by_sequence(tmp_path):
+    def write(path, rows):
+        path.write_text("".join(json.dumps({"task": "drift", **r}) + "\n" for r in rows))
+
+    dense = [{"method": "dense", "sparsity": 0.0, "name": "a", "nll_after": 1.0},
+             {"method": "dense", "sparsity": 0.0, "name": "c (control)", "nll_after": 1.5},
+             {"method": "dense", "sparsity": 0.0, "name": "c (control)", "nll_after": 1.6}]
+    write(tmp_path / "one.jsonl", dense + [{"method": "static", "sparsity": 0.5, "name": "a", "nll_after": 2.0}])
+    write(tmp_path / "two.jsonl", dense + [{"method": "static", "sparsity": 0.3, "name": "a", "nll_after": 1.8}])
+    records = read_details([tmp_path / "one.jsonl", tmp_path / "two.jsonl"], {"dense", "static"})
+    assert sorted(records) == [("dense", 0.0), ("static", 0.3), ("static", 0.5)]
+    assert [r["nll_after"] for r in records[("dense", 0.0)].values()] == [1.0, 1.5, 1.6]
+    assert records[("dense", 0.0)][("c (control)", 1)]["nll_after"] == 1.6      # the n-th of a name
+    assert list(read_details([tmp_path / "one.jsonl"], {"static"})) == [("static", 0.5)]
+    write(tmp_path / "three.jsonl", [{**dense[0], "nll_after": 1.1}])
+    with pytest.raises(ValueError, match="dense at sparsity 0 is in two of the files given with different"):
+        read_details([tmp_path / "one.jsonl", tmp_path / "three.jsonl"], {"dense"})
 
 
 def test_drift_metrics_count_false_retraces_and_detection_exactly():
@@ -805,8 +834,10 @@ def test_compare_variants_pairs_two_methods_by_sequence_and_occurrence(tmp_path)
     # a's rows reversed: its "same text" in order of occurrence is (5.0, 1.0), b's (1.5, 4.0)
     expected = bootstrap([[5.0, 1.0], [1.5, 4.0]], ratio_of_geomeans)
     assert int(controls[0]) == 2 and controls[1].strip() == f"{expected[0]:.3f} [{expected[1]:.3f}, {expected[2]:.3f}]"
+    other = tmp_path / "other.jsonl"           # another run of a, with other values: which one would it be?
+    other.write_text("\n".join(json.dumps({**r, "nll_after": r["nll_after"] + 1}) for r in a_rows))
     again = subprocess.run([sys.executable, str(script), "--method", "a", "--against", "b", "--details", str(details),
-                            str(details)], capture_output=True, text=True)
+                            str(other)], capture_output=True, text=True)
     assert again.returncode != 0 and "give each run once" in again.stderr
 
 

@@ -31,6 +31,13 @@ def retrace_flops(tokens: int, sizes: list[int], hidden: int, gated: bool) -> fl
     return tokens * sum(size * (2.0 * hidden * (2 if gated else 1) + 5.0) for size in sizes)
 
 
+def retrace_neurons(tokens: int, sizes: list[int], gated: bool) -> float:
+    """Scoring `tokens` buffered tokens counted in neuron executions (one neuron's products for one token): each
+    neuron's gate and up products, two of a gated neuron's three (one of two without a gate). This is what a
+    re-trace from the ring weighs against executed sparsity, next to a re-trace that runs tokens dense."""
+    return tokens * sum(sizes) * (2 / 3 if gated else 1 / 2)
+
+
 def state_bytes(sizes: list[int], hidden: int, ring_size: int, monitored: int, window: int,
                 weight_bytes: int, ring: bool) -> dict[str, int]:
     """One sequence's DART state by part: the ring buffer (FFN inputs in the model's dtype, monitored attention

@@ -93,6 +93,7 @@ class _Row:
     retraces: list[RetraceRecord] = field(default_factory=list)
     neurons_total: float = 0.0
     neurons_executed: float = 0.0
+    neurons_scored: float = 0.0    # re-trace scoring from the ring, in neuron executions (costs.retrace_neurons)
     flops: dict[str, float] = field(default_factory=lambda: {"tracing": 0.0, "monitoring": 0.0, "retrace": 0.0})
     dense_flops: float = 0.0
 
@@ -647,6 +648,7 @@ class Engine:
         self._blend_into(row, fresh, self.config.retrace_blend)
         row.retrace_changed.update(self._apply_layers(b, layers))
         row.flops["retrace"] += costs.retrace_flops(tokens, [self.sizes[i] for i in layers], self.hidden, self.gated)
+        row.neurons_scored += costs.retrace_neurons(tokens, [self.sizes[i] for i in layers], self.gated)
         row.retrace_seconds += time.perf_counter() - start
         if not row.pending:
             if self.monitored:
@@ -685,5 +687,7 @@ class Engine:
             prompt_tokens=row.prompt_tokens, keep_counts=list(keep), intermediate_sizes=list(self.sizes),
             retraces=list(row.retraces), windows=list(row.drift.records),
             executed_sparsity=1 - row.neurons_executed / row.neurons_total if row.neurons_total else 0.0,
+            work_sparsity=1 - (row.neurons_executed + row.neurons_scored) / row.neurons_total
+            if row.neurons_total else 0.0,
             state_bytes=state["total"] if self.prunes else 0, overhead_flops=dict(row.flops),
             dense_flops=row.dense_flops, retrace_seconds=sum(r.seconds for r in row.retraces))

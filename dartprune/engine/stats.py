@@ -35,6 +35,7 @@ class SequenceStats:
     retraces: list[RetraceRecord] = field(default_factory=list)
     windows: list[WindowRecord] = field(default_factory=list)
     executed_sparsity: float = 0.0
+    work_sparsity: float = 0.0      # executed sparsity with re-trace scoring counted as neuron executions
     state_bytes: int = 0
     overhead_flops: dict[str, float] = field(default_factory=dict)
     dense_flops: float = 0.0
@@ -75,6 +76,8 @@ class SequenceStats:
         retraces = f"{self.retrace_count} re-trace{'' if self.retrace_count == 1 else 's'}"
         # below 0 where dense passes outweigh the pruned ones (prune_prefill's tracing pass on a short reply)
         more = " (more FFN work than dense)" if self.executed_sparsity < 0 else ""
+        if self.work_sparsity < self.executed_sparsity - 5e-4:
+            more += f", {self.work_sparsity:.1%} counting re-trace scoring"
         return (f"{self.method} at sparsity {self.sparsity:.2f} | executed {self.executed_sparsity:.1%}{more} | "
                 f"{retraces} | state {self.state_bytes / 1e6:.2f} MB | "
                 f"overhead {100 * self.overhead_fraction:.2g}% of dense FLOPs")

@@ -15,6 +15,7 @@ same sequences, with bootstrap intervals (`comparisons`).
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -225,6 +226,7 @@ class Drift(ReadsGenres, Task):
                 "scored_before": split, "scored_all": int(nll.numel()),
                 "false_retraces": len(false), "first_after": after[0] if after else None,
                 "triggers": triggers, "executed_sparsity": stats.executed_sparsity,
+                "work_sparsity": stats.work_sparsity,
                 "retraces": stats.retrace_count})
             if len(self.traces) < 6 and spec.method == "dart" and seq.kind == "switch":
                 self.traces[(seq.name, spec.name, spec.sparsity)] = stats
@@ -232,6 +234,7 @@ class Drift(ReadsGenres, Task):
         self.details += [{"task": self.name, "method": spec.name, "sparsity": spec.sparsity, **r} for r in records]
         return [self.result(spec, self.settings.drift_split, self.metrics(records), len(records), self.prefix,
                             {"executed_sparsity": mean([r["executed_sparsity"] for r in records]),
+                             "work_sparsity": mean([r["work_sparsity"] for r in records]),
                              "retraces_mean": mean([r["retraces"] for r in records]), "sequences": len(records)},
                             time.perf_counter() - started, segment=self.sequences[0].switch - self.prefix)]
 
@@ -271,3 +274,42 @@ class Drift(ReadsGenres, Task):
         switches = {seq.name: seq.switch for seq in self.sequences}
         return plot_drift_traces(self.traces, switches, out)
 
+
+
+def read_details(paths, methods) -> dict[tuple[str, float], dict[tuple[str, int], dict]]:
+    """The drift records of `methods` (labels as in the runs: "static", "dart[retrace=dense-steps]") in one or
+    several `details.jsonl` files (runs over the same sequences): (method, sparsity) -> (sequence name, n-th of
+    that name) -> record. Details files made before controls were numbered name two controls of one source alike:
+    the n-th of a name pairs with the n-th. A method at a sparsity found in two of the files must have the same
+    records in both (dense, run once by every evaluation); otherwise it is refused: which run would it be?"""
+    records: dict[tuple[str, float], dict[tuple[str, int], dict]] = {}
+    origin: dict[tuple[str, float], str] = {}
+    for path in paths:
+        found: dict[tuple[str, float], dict[tuple[str, int], dict]] = {}
+        for line in open(path, encoding="utf-8").read().splitlines():
+            r = json.loads(line)
+            if r.get("task", "drift") == "drift" and r["method"] in methods:
+                runs = found.setdefault((r["method"], r["sparsity"]), {})
+                runs[(r["name"], sum(name == r["name"] for name, _ in runs))] = r
+        for key, runs in found.items():
+            if key in records and records[key] != runs:
+                raise ValueError(f"{key[0]} at sparsity {key[1]:g} is in two of the files given with different "
+                                 f"records ({origin[key]} and {path}): give each run once")
+            records.setdefault(key, runs)
+            origin.setdefault(key, str(path))
+    return records
+
+
+def at_executed_sparsity(curve: dict[float, dict], executed: float, key: str) -> float:
+    """A method's per-sequence value `key` (a mean NLL) at executed sparsity `executed`, interpolated linearly
+    between the two runs of `curve` (nominal sparsity -> that method's record of the same sequence) whose executed
+    sparsities bracket it: how a method that runs some tokens dense is compared with the static mask at the same
+    executed sparsity."""
+    points = sorted((r["executed_sparsity"], r[key]) for r in curve.values())
+    if not points:
+        raise ValueError("no runs to interpolate between")
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= executed <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (executed - x0) / (x1 - x0)
+    raise ValueError(f"executed sparsity {executed:.4f} is outside the runs given "
+                     f"({points[0][0]:.4f} to {points[-1][0]:.4f}): add a run at a lower or higher sparsity")
