@@ -194,7 +194,10 @@ def test_drift_details_of_several_runs_pair_by_sequence(tmp_path):
     assert [r["nll_after"] for r in records[("dense", 0.0)].values()] == [1.0, 1.5, 1.6]
     assert records[("dense", 0.0)][("c (control)", 1)]["nll_after"] == 1.6      # the n-th of a name
     assert list(read_details([tmp_path / "one.jsonl"], {"static"})) == [("static", 0.5)]
-    write(tmp_path / "three.jsonl", [{**dense[0], "nll_after": 1.1}])
+    write(tmp_path / "later.jsonl", [{**dense[0], "work_sparsity": 0.0}] + dense[1:])    # a field added since
+    assert read_details([tmp_path / "one.jsonl", tmp_path / "later.jsonl"], {"dense"})[("dense", 0.0)] == \
+        records[("dense", 0.0)]
+    write(tmp_path / "three.jsonl", [{**dense[0], "nll_after": 1.1}] + dense[1:])
     with pytest.raises(ValueError, match="dense at sparsity 0 is in two of the files given with different"):
         read_details([tmp_path / "one.jsonl", tmp_path / "three.jsonl"], {"dense"})
 

@@ -281,7 +281,8 @@ def read_details(paths, methods) -> dict[tuple[str, float], dict[tuple[str, int]
     several `details.jsonl` files (runs over the same sequences): (method, sparsity) -> (sequence name, n-th of
     that name) -> record. Details files made before controls were numbered name two controls of one source alike:
     the n-th of a name pairs with the n-th. A method at a sparsity found in two of the files must have the same
-    records in both (dense, run once by every evaluation); otherwise it is refused: which run would it be?"""
+    records in both (dense, run once by every evaluation; fields that one of them lacks, recorded by a later
+    version, are not compared); otherwise it is refused: which run would it be?"""
     records: dict[tuple[str, float], dict[tuple[str, int], dict]] = {}
     origin: dict[tuple[str, float], str] = {}
     for path in paths:
@@ -292,12 +293,17 @@ def read_details(paths, methods) -> dict[tuple[str, float], dict[tuple[str, int]
                 runs = found.setdefault((r["method"], r["sparsity"]), {})
                 runs[(r["name"], sum(name == r["name"] for name, _ in runs))] = r
         for key, runs in found.items():
-            if key in records and records[key] != runs:
+            if key in records and not same_records(records[key], runs):
                 raise ValueError(f"{key[0]} at sparsity {key[1]:g} is in two of the files given with different "
                                  f"records ({origin[key]} and {path}): give each run once")
             records.setdefault(key, runs)
             origin.setdefault(key, str(path))
     return records
+
+
+def same_records(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict]) -> bool:
+    """The same sequences with the same values in every field both runs recorded."""
+    return a.keys() == b.keys() and all(a[n][k] == b[n][k] for n in a for k in a[n].keys() & b[n].keys())
 
 
 def at_executed_sparsity(curve: dict[float, dict], executed: float, key: str) -> float:
