@@ -40,7 +40,11 @@ def main() -> None:
                         help="a method label as the runs wrote it (repeat for several)")
     parser.add_argument("--details", type=Path, nargs="+", required=True,
                         help="details.jsonl files of drift runs over the same sequences")
-    parser.add_argument("--plot", type=Path, help="a PNG of perplexity against executed sparsity")
+    parser.add_argument("--retrace-tokens", type=float,
+                        help="also compare at equal decode time, a re-trace from the ring taking the time of this "
+                        "many tokens of the full FFN (its measured wall time over the FFN's share of a dense step)")
+    parser.add_argument("--plot", type=Path, help="a PNG of perplexity against executed sparsity (a method that "
+                        "scores a ring also at its work sparsity: hollow marker)")
     args = parser.parse_args()
     try:
         records = read_details(args.details, {"dense", "static", *args.method})
@@ -54,7 +58,9 @@ def main() -> None:
     lines = ["# The static mask's quality against executed sparsity, and DART on it", "",
              f"`{' '.join(sys.argv)}`", "",
              "Geometric-mean perplexity over the sequences; executed sparsity over the whole sequence (the traced "
-             "prompt runs dense in every method); re-traces per sequence.", "",
+             "prompt runs dense in every method); work sparsity the same with each re-trace's scoring of the ring "
+             "counted as the neuron-evaluations it does (its gate and up products over the buffered tokens); "
+             "re-traces per sequence.", "",
              "| method | sparsity | executed sparsity | work sparsity | ppl before switch | ppl after switch | "
              "ppl controls | re-traces |", "|---|---|---|---|---|---|---|---|"]
     for method, sparsity in rows:
@@ -68,7 +74,13 @@ def main() -> None:
               "same executed sparsity and at the same work sparsity (static interpolated at each sequence's "
               "executed or work sparsity). Ratio of geometric-mean perplexities, below 1: the method is better.",
               "", "| method | sparsity | part | sequences | vs static, same nominal sparsity | "
-              "vs static, same executed sparsity | vs static, same work sparsity |", "|---|---|---|---|---|---|---|"]
+              "vs static, same executed sparsity | vs static, same work sparsity |"
+              + (f" vs static, same time (a re-trace = {args.retrace_tokens:g} FFN tokens) |"
+                 if args.retrace_tokens else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if args.retrace_tokens else "")]
+    measures = {"executed": lambda m, r: r["executed_sparsity"], "work": work_sparsity}
+    if args.retrace_tokens:
+        measures["time"] = lambda m, r: time_sparsity(m, r, args.retrace_tokens)
     for method, sparsity in rows:
         if method in ("dense", "static"):
             continue
@@ -77,17 +89,21 @@ def main() -> None:
             names = sorted(n for n, r in runs.items() if r["kind"] == kind and all(n in c for c in curve.values()))
             mine = [runs[n][key] for n in names]
             nominal = interval(mine, [curve[sparsity][n][key] for n in names]) if sparsity in curve else "-"
-            equal = {}
-            for measure in ("executed_sparsity", "work_sparsity"):
-                targets = [runs[n]["executed_sparsity"] if measure == "executed_sparsity" else
-                           work_sparsity(method, runs[n]) for n in names]
-                equal[measure] = "-" if any(math.isnan(t) for t in targets) else interval(mine, [
-                    at_executed_sparsity({s: c[n] for s, c in curve.items()}, t, key) for n, t in zip(names, targets)])
-            lines.append(f"| {method} | {sparsity:g} | {part} | {len(names)} | {nominal} | "
-                         f"{equal['executed_sparsity']} | {equal['work_sparsity']} |")
+            cells = [nominal]
+            for measure in measures.values():
+                targets = [measure(method, runs[n]) for n in names]
+                cells.append("-" if any(math.isnan(t) for t in targets) else interval(mine, [
+                    at_executed_sparsity({s: c[n] for s, c in curve.items()}, t, key) for n, t in zip(names, targets)]))
+            lines.append(f"| {method} | {sparsity:g} | {part} | {len(names)} | " + " | ".join(cells) + " |")
     publish(lines, args.out)
     if args.plot:
         plot(records, rows, args.plot)
+
+
+def scores_ring(label: str) -> bool:
+    """Whether the method re-traces by scoring a ring buffer (the dense-steps re-trace runs tokens dense instead)."""
+    name, _, settings = parse_method(label)
+    return get_method(name).follows_drift and settings.get("retrace", DartConfig.retrace) == "buffer"
 
 
 def work_sparsity(label: str, record: dict) -> float:
@@ -95,9 +111,15 @@ def work_sparsity(label: str, record: dict) -> float:
     where the method scores no ring buffer, else unknown (NaN)."""
     if "work_sparsity" in record:
         return record["work_sparsity"]
-    name, _, settings = parse_method(label)
-    scores_ring = get_method(name).follows_drift and settings.get("retrace", DartConfig.retrace) == "buffer"
-    return math.nan if scores_ring else record["executed_sparsity"]
+    return math.nan if scores_ring(label) else record["executed_sparsity"]
+
+
+def time_sparsity(label: str, record: dict, retrace_tokens: float) -> float:
+    """Executed sparsity with each re-trace from the ring counted as `retrace_tokens` tokens of the full FFN (the
+    sequence feeds all its tokens but the last)."""
+    if not scores_ring(label):
+        return record["executed_sparsity"]
+    return record["executed_sparsity"] - record["retraces"] * retrace_tokens / (record["tokens"] - 1)
 
 
 def interval(mine: list[float], theirs: list[float]) -> str:
@@ -116,10 +138,15 @@ def plot(records: dict, rows: list[tuple[str, float]], path: Path) -> None:
             if method in ("dense", "static"):
                 continue
             runs = records[(method, sparsity)]
-            ax.scatter(mean([r["executed_sparsity"] for r in runs.values()]), part_ppl(runs, key, kind), s=40,
-                       label=f"{method} at {sparsity:g}")
+            ppl = part_ppl(runs, key, kind)
+            executed = mean([r["executed_sparsity"] for r in runs.values()])
+            work = mean([work_sparsity(method, r) for r in runs.values()])
+            dot = ax.scatter(executed, ppl, s=40, label=f"{method} at {sparsity:g}")
+            if not math.isnan(work) and work < executed - 1e-3:     # the same run placed at its work sparsity
+                ax.plot([work, executed], [ppl, ppl], ls=":", color=dot.get_facecolor()[0])
+                ax.scatter(work, ppl, s=40, facecolors="none", edgecolors=dot.get_facecolor()[0])
         ax.set_yscale("log")
-        ax.set_xlabel("executed sparsity")
+        ax.set_xlabel("executed sparsity (hollow: work sparsity)")
         ax.set_title(part)
     axes[0].set_ylabel("perplexity (geometric mean)")
     axes[-1].legend(fontsize=6, loc="upper left")
