@@ -462,6 +462,34 @@ def test_layer_importance_is_the_documented_formula(variant):
     assert torch.all(layer_importance(h, torch.zeros_like(f), valid, variant) == 0)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_budgets_come_from_each_rows_prompt_importance(batch):
+    """The engine reduces every layer's importance at the end of the prompt's forward: the same budgets as
+    layer_importance over the residual entering each FFN block and the block's output, per row."""
+    model = tiny_model("llama")
+    ids = random_ids(batch, 12, seed=5)
+    h, f = {}, {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda m, args, out, i=i: h.__setitem__(i, args[0].detach().clone())))
+        hooks.append(layer.mlp.register_forward_hook(lambda m, args, out, i=i: f.__setitem__(i, out.detach().clone())))
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    valid = torch.ones(batch, 12, dtype=torch.bool)
+    importance = torch.stack([layer_importance(h[i], f[i], valid) for i in range(LAYERS)], dim=1)  # [batch, layers]
+    config = DartConfig(sparsity=0.6)
+    with dartprune.attach(model, config) as handle:
+        with torch.no_grad():
+            model(ids)
+        stats = handle.stats()
+    for b in range(batch):
+        assert stats[b].keep_counts == keep_counts(pruning_ratios(importance[b], 0.6, config), [INTERMEDIATE] * LAYERS)
+    assert len(set(stats[0].keep_counts)) > 1
+
+
 def test_uniform_allocation_and_zero_sparsity():
     ratios = pruning_ratios(torch.rand(8), 0.4, DartConfig(allocation="uniform"))
     assert torch.all(ratios == 0.4)

@@ -9,18 +9,23 @@ from dartprune.engine.config import DartConfig
 _EPS = 1e-12
 
 
-def layer_importance(h: torch.Tensor, f: torch.Tensor, valid: torch.Tensor, variant: str = "residual") -> torch.Tensor:
-    """S_l per row: mean over valid tokens of (1 - cos(h, h + f)) * |f| / |h|.
+def importance_terms(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """The per-token dot products S_l is made of, [3, batch, tokens] in float32: <h, h>, <f, f>, <h, f>.
 
-    h, f: [batch, tokens, hidden] (residual entering the FFN block, FFN output); valid: [batch, tokens] bool.
-    variant "ffn-vs-input" compares h with f alone (the authors' code).
-    """
+    h, f: [batch, tokens, hidden] (residual entering the FFN block, FFN output). Three dot products instead of
+    cosine_similarity's normalised copies, and the rest of S_l left to `importance_from_terms`, which a prompt's
+    forward runs once over every layer's terms: this is on the way to every prompt's first token."""
     h = h.float()
     f = f.float()
-    # three per-token dot products instead of cosine_similarity's normalised copies: this runs on every layer of
-    # every prompt, on the way to its first token. |h + f|^2 = hh + 2 hf + ff loses precision only where the FFN
-    # output nearly cancels the residual stream (|h + f| << |h|), which a residual block does not do in practice
-    hh, ff, hf = (h * h).sum(dim=-1), (f * f).sum(dim=-1), (h * f).sum(dim=-1)
+    return torch.stack(((h * h).sum(dim=-1), (f * f).sum(dim=-1), (h * f).sum(dim=-1)))
+
+
+def importance_from_terms(terms: torch.Tensor, valid: torch.Tensor, variant: str = "residual") -> torch.Tensor:
+    """S_l per row from `importance_terms` ([..., 3, batch, tokens] -> [..., batch]): the mean over valid tokens
+    ([batch, tokens] bool) of (1 - cos(h, h + f)) * |f| / |h|. Variant "ffn-vs-input" compares h with f alone (the
+    authors' code). |h + f|^2 = hh + 2 hf + ff loses precision only where the FFN output nearly cancels the
+    residual stream (|h + f| << |h|), which a residual block does not do in practice."""
+    hh, ff, hf = terms.unbind(dim=-3)
     h_norm = hh.sqrt()
     if variant == "residual":         # <h, h + f> and |h + f|
         dot, other_norm = hh + hf, (hh + 2 * hf + ff).clamp_min(0).sqrt()
@@ -29,7 +34,12 @@ def layer_importance(h: torch.Tensor, f: torch.Tensor, valid: torch.Tensor, vari
     cos = dot / (h_norm.clamp_min(_EPS) * other_norm.clamp_min(_EPS))
     ratio = ff.sqrt() / h_norm.clamp_min(_EPS)
     per_token = (1.0 - cos) * ratio * valid
-    return per_token.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
+    return per_token.sum(dim=-1) / valid.sum(dim=-1).clamp_min(1)
+
+
+def layer_importance(h: torch.Tensor, f: torch.Tensor, valid: torch.Tensor, variant: str = "residual") -> torch.Tensor:
+    """S_l per row ([batch]) of one layer: h, f [batch, tokens, hidden], valid [batch, tokens] bool."""
+    return importance_from_terms(importance_terms(h, f), valid, variant)
 
 
 def depth_protection(num_layers: int, config: DartConfig) -> torch.Tensor:
