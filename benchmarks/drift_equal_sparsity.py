@@ -54,6 +54,9 @@ def main() -> None:
     if len(curve) < 2:
         raise SystemExit("the files given hold fewer than two static runs: no curve to compare against")
     rows = [("dense", 0.0)] * (("dense", 0.0) in records) + [("static", s) for s in sorted(curve)]
+    missing = [m for m in args.method if not any(k[0] == m for k in records)]
+    if missing:
+        raise SystemExit(f"no records of {missing} in the files given")
     rows += sorted(k for k in records if k[0] in args.method)
     lines = ["# The static mask's quality against executed sparsity, and DART on it", "",
              f"`{' '.join(sys.argv)}`", "",
@@ -87,13 +90,14 @@ def main() -> None:
         runs = records[(method, sparsity)]
         for part, key, kind in PARTS:
             names = sorted(n for n, r in runs.items() if r["kind"] == kind and all(n in c for c in curve.values()))
+            if not names:
+                continue
             mine = [runs[n][key] for n in names]
             nominal = interval(mine, [curve[sparsity][n][key] for n in names]) if sparsity in curve else "-"
             cells = [nominal]
             for measure in measures.values():
                 targets = [measure(method, runs[n]) for n in names]
-                cells.append("-" if any(math.isnan(t) for t in targets) else interval(mine, [
-                    at_executed_sparsity({s: c[n] for s, c in curve.items()}, t, key) for n, t in zip(names, targets)]))
+                cells.append("-" if any(math.isnan(t) for t in targets) else static_at(mine, curve, names, targets, key))
             lines.append(f"| {method} | {sparsity:g} | {part} | {len(names)} | " + " | ".join(cells) + " |")
     publish(lines, args.out)
     if args.plot:
@@ -104,6 +108,15 @@ def scores_ring(label: str) -> bool:
     """Whether the method re-traces by scoring a ring buffer (the dense-steps re-trace runs tokens dense instead)."""
     name, _, settings = parse_method(label)
     return get_method(name).follows_drift and settings.get("retrace", DartConfig.retrace) == "buffer"
+
+
+def static_at(mine: list[float], curve: dict, names: list, targets: list[float], key: str) -> str:
+    """The method against static interpolated at each sequence's target sparsity, or why not."""
+    try:
+        theirs = [at_executed_sparsity({s: c[n] for s, c in curve.items()}, t, key) for n, t in zip(names, targets)]
+    except ValueError:
+        return "outside the static runs"
+    return interval(mine, theirs)
 
 
 def work_sparsity(label: str, record: dict) -> float:
@@ -117,7 +130,8 @@ def work_sparsity(label: str, record: dict) -> float:
 def time_sparsity(label: str, record: dict, retrace_tokens: float) -> float:
     """Executed sparsity with each re-trace from the ring counted as `retrace_tokens` tokens of the full FFN (the
     sequence feeds all its tokens but the last)."""
-    if not scores_ring(label):
+    ring = record["work_sparsity"] < record["executed_sparsity"] if "work_sparsity" in record else scores_ring(label)
+    if not ring:
         return record["executed_sparsity"]
     return record["executed_sparsity"] - record["retraces"] * retrace_tokens / (record["tokens"] - 1)
 

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 
 import pytest
@@ -174,6 +175,7 @@ def test_summary_labels_and_plurals():
     assert "| 1 re-trace |" in one.summary() and "overhead 17% of dense FLOPs" in one.summary()
     assert "dart at sparsity 0.50" in one.summary() and "more FFN work" not in one.summary()
     assert "| executed 25.0% |" in one.summary()
+    assert dataclasses.replace(one, work_sparsity=None).work_sparsity == 0.25      # stats made without it
     one.work_sparsity = 0.2
     assert "| executed 25.0%, 20.0% counting re-trace scoring |" in one.summary()
     one.executed_sparsity = one.work_sparsity = -0.5

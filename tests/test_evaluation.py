@@ -178,6 +178,9 @@ def test_static_at_an_executed_sparsity_interpolates_between_the_bracketing_runs
     assert at_executed_sparsity(curve, 0.40, "nll_after") == pytest.approx(4.0)
     with pytest.raises(ValueError, match="outside the runs given"):
         at_executed_sparsity(curve, 0.2, "nll_after")
+    assert at_executed_sparsity({0.5: curve[0.5]}, 0.40, "nll_after") == 4.0          # one run, on its point
+    twice = {**curve, 0.51: {"executed_sparsity": 0.40, "nll_after": 5.0}}
+    assert at_executed_sparsity(twice, 0.40, "nll_after") == pytest.approx(4.5)      # two runs at one point
 
 
 def test_drift_details_of_several_runs_pair_by_sequence(tmp_path):

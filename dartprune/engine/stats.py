@@ -35,11 +35,15 @@ class SequenceStats:
     retraces: list[RetraceRecord] = field(default_factory=list)
     windows: list[WindowRecord] = field(default_factory=list)
     executed_sparsity: float = 0.0
-    work_sparsity: float = 0.0      # executed sparsity with re-trace scoring counted as neuron executions
+    work_sparsity: float | None = None   # executed sparsity with re-trace scoring counted (None: no scoring)
     state_bytes: int = 0
     overhead_flops: dict[str, float] = field(default_factory=dict)
     dense_flops: float = 0.0
     retrace_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.work_sparsity is None:
+            self.work_sparsity = self.executed_sparsity
 
     @property
     def retrace_count(self) -> int:

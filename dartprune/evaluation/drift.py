@@ -20,6 +20,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from dartprune.data import BOOK_START, DataNotFoundError, load_summaries, load_text
 from dartprune.evaluation.core import PROTOCOL_TEACHER_FORCED, MethodSpec, needs_bos_every_window, progress
@@ -287,7 +288,7 @@ def read_details(paths, methods) -> dict[tuple[str, float], dict[tuple[str, int]
     origin: dict[tuple[str, float], str] = {}
     for path in paths:
         found: dict[tuple[str, float], dict[tuple[str, int], dict]] = {}
-        for line in open(path, encoding="utf-8").read().splitlines():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
             if r.get("task", "drift") == "drift" and r["method"] in methods:
                 runs = found.setdefault((r["method"], r["sparsity"]), {})
@@ -314,8 +315,11 @@ def at_executed_sparsity(curve: dict[float, dict], executed: float, key: str) ->
     points = sorted((r["executed_sparsity"], r[key]) for r in curve.values())
     if not points:
         raise ValueError("no runs to interpolate between")
+    for x, y in points:
+        if x == executed:
+            return statistics.mean(y2 for x2, y2 in points if x2 == x)
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= executed <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (executed - x0) / (x1 - x0)
+        if x0 < executed < x1:
+            return y0 + (y1 - y0) * (executed - x0) / (x1 - x0)
     raise ValueError(f"executed sparsity {executed:.4f} is outside the runs given "
                      f"({points[0][0]:.4f} to {points[-1][0]:.4f}): add a run at a lower or higher sparsity")
