@@ -369,7 +369,6 @@ class Engine:
             for b, row in enumerate(self.rows):
                 if self._traced[b]:
                     row.trace.importance[i] = row.trace.importance.get(i, 0.0) + per_row[b] * self._traced[b]
-        self._terms = {}
 
     def retrace(self, row: int = 0, now: bool = True) -> RetraceRecord | None:
         """Re-trace row `row` from its ring buffer as the monitor would: every layer at once (`now`, returning the
@@ -660,8 +659,9 @@ class Engine:
             fresh[i] = self._trace_scores(i, sumsq)
         self._blend_into(row, fresh, self.config.retrace_blend)
         row.retrace_changed.update(self._apply_layers(b, layers))
-        row.flops["retrace"] += costs.retrace_flops(tokens, [self.sizes[i] for i in layers], self.hidden, self.gated)
-        row.neurons_scored += costs.retrace_neurons(tokens, [self.sizes[i] for i in layers], self.gated)
+        sizes = [self.sizes[i] for i in layers]
+        row.flops["retrace"] += costs.retrace_flops(tokens, sizes, self.hidden, self.gated)
+        row.neurons_scored += costs.retrace_neurons(tokens, sizes, self.gated)
         row.retrace_seconds += time.perf_counter() - start
         if not row.pending:
             if self.monitored:

@@ -276,7 +276,6 @@ class Drift(ReadsGenres, Task):
         return plot_drift_traces(self.traces, switches, out)
 
 
-
 def read_details(paths, methods) -> dict[tuple[str, float], dict[tuple[str, int], dict]]:
     """The drift records of `methods` (labels as in the runs: "static", "dart[retrace=dense-steps]") in one or
     several `details.jsonl` files (runs over the same sequences): (method, sparsity) -> (sequence name, n-th of
